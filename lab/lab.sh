@@ -1,0 +1,530 @@
+#!/usr/bin/env bash
+# lab/lab.sh — two real Linux NAT4s in network namespaces, for N4.
+#
+#   host-a 192.168.1.101 ── nat-a ──┐                ┌── nat-b ── host-b 192.168.0.112
+#          192.168.1.0/24  198.51.100.3 ── router ── 203.0.113.12   192.168.0.0/24
+#                                            │
+#                                     server 192.0.2.2
+#
+# Run as root.  `lab.sh help` prints the interface; lab/README.md explains it.
+# Nothing here touches the root namespace's network: every link is created inside the lab's
+# own namespaces, every sysctl is set inside them, and `down` deletes them.
+set -euo pipefail
+
+LAB_HOME=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$LAB_HOME/.." && pwd)
+LAB_RUN_DIR=${LAB_RUN_DIR:-/run/n4-lab}
+ROLES="server router nat-a nat-b host-a host-b"
+
+# Fixed addresses (TEST-NET-1/2/3 on the "internet", RFC 1918 behind the NATs).
+IP_SERVER=192.0.2.2        IP_ROUTER_S=192.0.2.1
+IP_NAT_A=198.51.100.3      IP_ROUTER_A=198.51.100.1
+IP_NAT_B=203.0.113.12      IP_ROUTER_B=203.0.113.1
+IP_A=192.168.1.101         IP_NAT_A_LAN=192.168.1.1
+IP_B=192.168.0.112         IP_NAT_B_LAN=192.168.0.1
+SINK_PORTS=40000-59999     # background flows go to server:$SINK_PORTS (dropped there, silently)
+
+usage() {
+  cat <<'EOF'
+lab/lab.sh — real-kernel NAT lab for N4 (run as root)
+
+  lab.sh up [OPTIONS]              build a lab; print its env file (KEY=VALUE lines) on stdout;
+                                   the lab lives until `lab.sh down NAME`
+  lab.sh down NAME|ENVFILE|all     tear a lab down (all: every n4l-* namespace on this machine)
+  lab.sh exec [NAME] ROLE CMD...   run CMD inside ROLE's namespace (NAME may be left out when
+                                   LAB_NAME is set, e.g. inside `run`)
+  lab.sh run [OPTIONS] -- CMD...   up, run CMD (on the host, with the LAB_* variables exported),
+                                   down (always); exits with CMD's status
+  lab.sh demo [OPTIONS]            build n4, punch through two NATs, send a line each way, tear down
+  lab.sh selftest                  prove the lab: port sequences, filtering, delay, load, a punch
+  lab.sh list                      list labs (namespaces) present on this machine
+
+ROLES: server router nat-a nat-b host-a host-b   (aliases: a = host-a, b = host-b)
+
+OPTIONS (each also settable by the environment variable shown; options win):
+  --nat KIND        LAB_NAT        sequential (default) | random | preserving, both NATs
+  --nat-a KIND      LAB_NAT_A      this NAT only (default: --nat)
+  --nat-b KIND      LAB_NAT_B
+  --delay MS        LAB_DELAY_MS   one-way delay the WAN router adds to every packet it forwards
+                                   (RTT host<->server and host<->host = 2*MS); default 0
+  --load RATE       LAB_LOAD       background new UDP flows per second behind EACH NAT; default 0
+  --load-a RATE     LAB_LOAD_A     behind nat-a only (default: --load)
+  --load-b RATE     LAB_LOAD_B
+  --port-base P     LAB_PORT_BASE  first external port of the NATs' pool; default 20000
+  --port-count N    LAB_PORT_COUNT pool size; default 10000 (ports wrap inside the pool)
+  --port-step K     LAB_PORT_STEP  sequential step; default 1
+  --seed N          LAB_SEED       seed of the background-load generators; default 1
+  --keep            LAB_KEEP=1     `run`/`demo`: leave the lab up afterwards (print its name)
+
+Exported to CMD by `run` and written to the env file by `up`:
+  LAB_NAME LAB_DIR LAB_ENV LAB_SH
+  LAB_NS_SERVER LAB_NS_ROUTER LAB_NS_NAT_A LAB_NS_NAT_B LAB_NS_A LAB_NS_B
+  LAB_IP_SERVER=192.0.2.2 LAB_IP_NAT_A=198.51.100.3 LAB_IP_NAT_B=203.0.113.12
+  LAB_IP_A=192.168.1.101 LAB_IP_B=192.168.0.112
+  LAB_NAT_A LAB_NAT_B LAB_DELAY_MS LAB_LOAD_A LAB_LOAD_B LAB_PORT_BASE LAB_PORT_COUNT LAB_PORT_STEP
+EOF
+}
+
+log() { printf 'lab: %s\n' "$*" >&2; }
+die() { printf 'lab: error: %s\n' "$*" >&2; exit 1; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "must run as root (network namespaces, nftables)"; }
+
+ensure_tools() {
+  local missing=()
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v nft >/dev/null || missing+=(nftables)
+  command -v iptables >/dev/null || missing+=(iptables)
+  command -v python3 >/dev/null || missing+=(python3)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >&2 ||
+      { DEBIAN_FRONTEND=noninteractive apt-get update >&2 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >&2; } ||
+      die "could not install ${missing[*]}"
+  fi
+  PY=$(python3 -c 'import sys; print(sys.executable)')
+}
+
+# ---------------------------------------------------------------------------------- options
+parse_opts() {
+  NAT=${LAB_NAT:-sequential}
+  NAT_A=${LAB_NAT_A:-} NAT_B=${LAB_NAT_B:-}
+  DELAY_MS=${LAB_DELAY_MS:-0}
+  LOAD=${LAB_LOAD:-0}
+  LOAD_A=${LAB_LOAD_A:-} LOAD_B=${LAB_LOAD_B:-}
+  PORT_BASE=${LAB_PORT_BASE:-20000}
+  PORT_COUNT=${LAB_PORT_COUNT:-10000}
+  PORT_STEP=${LAB_PORT_STEP:-1}
+  SEED=${LAB_SEED:-1}
+  KEEP=${LAB_KEEP:-0}
+  REST=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --nat) NAT=$2; shift 2 ;;
+      --nat-a) NAT_A=$2; shift 2 ;;
+      --nat-b) NAT_B=$2; shift 2 ;;
+      --delay) DELAY_MS=$2; shift 2 ;;
+      --load) LOAD=$2; shift 2 ;;
+      --load-a) LOAD_A=$2; shift 2 ;;
+      --load-b) LOAD_B=$2; shift 2 ;;
+      --port-base) PORT_BASE=$2; shift 2 ;;
+      --port-count) PORT_COUNT=$2; shift 2 ;;
+      --port-step) PORT_STEP=$2; shift 2 ;;
+      --seed) SEED=$2; shift 2 ;;
+      --keep) KEEP=1; shift ;;
+      --) shift; REST=("$@"); break ;;
+      -h|--help) usage; exit 0 ;;
+      *) die "unknown option $1 (see lab.sh help)" ;;
+    esac
+  done
+  NAT_A=${NAT_A:-$NAT} NAT_B=${NAT_B:-$NAT}
+  LOAD_A=${LOAD_A:-$LOAD} LOAD_B=${LOAD_B:-$LOAD}
+  local k
+  for k in "$NAT_A" "$NAT_B"; do
+    case $k in sequential|random|preserving) ;; *) die "unknown NAT kind '$k'" ;; esac
+  done
+  [[ $DELAY_MS =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--delay wants milliseconds, got '$DELAY_MS'"
+  [[ $LOAD_A =~ ^[0-9]+([.][0-9]+)?$ && $LOAD_B =~ ^[0-9]+([.][0-9]+)?$ ]] ||
+    die "--load wants flows per second"
+  [[ $PORT_BASE =~ ^[0-9]+$ && $PORT_COUNT =~ ^[0-9]+$ && $PORT_STEP =~ ^[0-9]+$ ]] ||
+    die "port options want integers"
+  [ "$PORT_COUNT" -ge 1 ] && [ "$PORT_STEP" -ge 1 ] && [ "$PORT_BASE" -ge 1 ] &&
+    [ $((PORT_BASE + (PORT_COUNT - 1) * PORT_STEP)) -le 65535 ] ||
+    die "port pool $PORT_BASE + ($PORT_COUNT-1)*$PORT_STEP leaves 1..65535"
+}
+
+# ---------------------------------------------------------------------------------- naming
+ns_of() { # NAME ROLE -> namespace
+  local role=$2
+  case $role in a) role=host-a ;; b) role=host-b ;; esac
+  case " $ROLES " in *" $role "*) ;; *) die "unknown role '$2' (roles: $ROLES)" ;; esac
+  printf '%s-%s' "$1" "$role"
+}
+
+resolve_name() { # NAME | ENVFILE | LAB_NAME -> NAME
+  local x=${1:-${LAB_NAME:-}}
+  [ -n "$x" ] || die "which lab? give its NAME (see lab.sh list)"
+  if [ -f "$x" ]; then x=$(sed -n 's/^LAB_NAME=//p' "$x"); fi
+  x=${x%/}; x=${x##*/}
+  [[ $x =~ ^n4l-[0-9a-z]+$ ]] || die "'$x' is not a lab name (n4l-…)"
+  printf '%s' "$x"
+}
+
+new_name() {
+  local id
+  while :; do
+    id=$(printf '%x%02x' $$ $((RANDOM % 256)))
+    [ -e "/run/netns/n4l-$id-server" ] || [ -e "$LAB_RUN_DIR/n4l-$id" ] || break
+  done
+  printf 'n4l-%s' "$id"
+}
+
+# ---------------------------------------------------------------------------------- NAT rules
+nat_rules() { # KIND EXT_IP -> nft ruleset for a NAT box (wan = outside, lan = inside)
+  local kind=$1 ext=$2 snat i sep=""
+  case $kind in
+    sequential|random)
+      # The counter/random number must go through a map: `numgen inc mod N offset BASE` puts a
+      # host-endian number in the port register and the ports come out byte-swapped.
+      local gen=inc; [ "$kind" = random ] && gen=random
+      snat="snat ip to $ext : numgen $gen mod $PORT_COUNT map {"
+      local map=""
+      for ((i = 0; i < PORT_COUNT; i++)); do
+        map+="$sep$i : $((PORT_BASE + i * PORT_STEP))"; sep=", "
+      done
+      snat+=" $map }"
+      ;;
+    preserving)
+      # Plain SNAT keeps the source port whenever the resulting tuple is free.
+      snat="snat ip to $ext"
+      ;;
+  esac
+  cat <<EOF
+table ip n4lab {
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "wan" meta l4proto udp $snat
+    oifname "wan" masquerade
+  }
+  # Address-and-port-dependent filtering: an inbound UDP datagram that matches no mapping
+  # (conntrack state new) is dropped before it can create any state.
+  chain filter_in {
+    type filter hook prerouting priority -150; policy accept;
+    iifname "wan" meta l4proto udp ct state new counter drop
+  }
+}
+EOF
+}
+
+# ---------------------------------------------------------------------------------- up / down
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+start_bg() { # NS LOGFILE PIDFILE CMD... : a detached process inside NS
+  local ns=$1 logf=$2 pidf=$3; shift 3
+  ip netns exec "$ns" setsid "$@" >"$logf" 2>&1 </dev/null &
+  echo $! >"$pidf"
+}
+
+lab_up() { # NAME; uses the parsed options; sets DIR
+  NAME=$1
+  DIR=$LAB_RUN_DIR/$NAME
+  mkdir -p "$DIR"
+  local S R NA NB HA HB
+  S=$(ns_of "$NAME" server) R=$(ns_of "$NAME" router)
+  NA=$(ns_of "$NAME" nat-a) NB=$(ns_of "$NAME" nat-b)
+  HA=$(ns_of "$NAME" host-a) HB=$(ns_of "$NAME" host-b)
+  log "building $NAME (nat-a $NAT_A, nat-b $NAT_B, delay ${DELAY_MS} ms, load $LOAD_A/$LOAD_B per s)"
+  local ns
+  for ns in "$S" "$R" "$NA" "$NB" "$HA" "$HB"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+  done
+  # Links, each created directly inside its namespaces (never in the root namespace).
+  ip -n "$S" link add eth0 type veth peer name s0 netns "$R"
+  ip -n "$NA" link add wan type veth peer name a0 netns "$R"
+  ip -n "$NB" link add wan type veth peer name b0 netns "$R"
+  ip -n "$HA" link add eth0 type veth peer name lan netns "$NA"
+  ip -n "$HB" link add eth0 type veth peer name lan netns "$NB"
+
+  ip -n "$S" addr add $IP_SERVER/24 dev eth0
+  ip -n "$R" addr add $IP_ROUTER_S/24 dev s0
+  ip -n "$R" addr add $IP_ROUTER_A/24 dev a0
+  ip -n "$R" addr add $IP_ROUTER_B/24 dev b0
+  ip -n "$NA" addr add $IP_NAT_A/24 dev wan
+  ip -n "$NA" addr add $IP_NAT_A_LAN/24 dev lan
+  ip -n "$NB" addr add $IP_NAT_B/24 dev wan
+  ip -n "$NB" addr add $IP_NAT_B_LAN/24 dev lan
+  ip -n "$HA" addr add $IP_A/24 dev eth0
+  ip -n "$HB" addr add $IP_B/24 dev eth0
+  local dev
+  for dev in "$S eth0" "$R s0" "$R a0" "$R b0" "$NA wan" "$NA lan" "$NB wan" "$NB lan" \
+             "$HA eth0" "$HB eth0"; do
+    set -- $dev
+    ip -n "$1" link set "$2" up
+  done
+  ip -n "$S" route add default via $IP_ROUTER_S
+  ip -n "$NA" route add default via $IP_ROUTER_A
+  ip -n "$NB" route add default via $IP_ROUTER_B
+  ip -n "$HA" route add default via $IP_NAT_A_LAN
+  ip -n "$HB" route add default via $IP_NAT_B_LAN
+  for ns in "$R" "$NA" "$NB"; do
+    nsx "$ns" sysctl -qw net.ipv4.ip_forward=1
+  done
+
+  nat_rules "$NAT_A" $IP_NAT_A >"$DIR/nat-a.nft"
+  nat_rules "$NAT_B" $IP_NAT_B >"$DIR/nat-b.nft"
+  nsx "$NA" nft -f "$DIR/nat-a.nft"
+  nsx "$NB" nft -f "$DIR/nat-b.nft"
+  # The server silently drops the background flows (no ICMP storm back through the NATs).
+  nsx "$S" nft -f - <<EOF
+table ip n4lab {
+  chain input {
+    type filter hook input priority 0; policy accept;
+    udp dport $SINK_PORTS drop
+  }
+}
+EOF
+
+  if [ "$DELAY_MS" != 0 ]; then
+    start_bg "$R" "$DIR/delay.log" "$DIR/delay.pid" \
+      "$PY" "$LAB_HOME/n4-lab-delay.py" --ready-file "$DIR/delay.ready" "0:$DELAY_MS"
+    local i
+    for ((i = 0; i < 100; i++)); do
+      [ -s "$DIR/delay.ready" ] && break
+      kill -0 "$(cat "$DIR/delay.pid")" 2>/dev/null || break
+      sleep 0.05
+    done
+    [ -s "$DIR/delay.ready" ] || die "delay program did not start: $(cat "$DIR/delay.log")"
+    # No --queue-bypass: if the delay program dies, the WAN goes dark (loud, not silently fast).
+    nsx "$R" iptables -w -A FORWARD -j NFQUEUE --queue-num 0
+  fi
+  if [ "$LOAD_A" != 0 ]; then
+    start_bg "$HA" "$DIR/load-a.log" "$DIR/load-a.pid" "$PY" "$LAB_HOME/n4-lab-load.py" \
+      --rate "$LOAD_A" --dest $IP_SERVER --ports $SINK_PORTS --seed "$SEED"
+  fi
+  if [ "$LOAD_B" != 0 ]; then
+    start_bg "$HB" "$DIR/load-b.log" "$DIR/load-b.pid" "$PY" "$LAB_HOME/n4-lab-load.py" \
+      --rate "$LOAD_B" --dest $IP_SERVER --ports $SINK_PORTS --seed "$((SEED + 1))"
+  fi
+
+  cat >"$DIR/env" <<EOF
+LAB_NAME=$NAME
+LAB_DIR=$DIR
+LAB_ENV=$DIR/env
+LAB_SH=$LAB_HOME/lab.sh
+LAB_NS_SERVER=$S
+LAB_NS_ROUTER=$R
+LAB_NS_NAT_A=$NA
+LAB_NS_NAT_B=$NB
+LAB_NS_A=$HA
+LAB_NS_B=$HB
+LAB_IP_SERVER=$IP_SERVER
+LAB_IP_NAT_A=$IP_NAT_A
+LAB_IP_NAT_B=$IP_NAT_B
+LAB_IP_A=$IP_A
+LAB_IP_B=$IP_B
+LAB_NAT_A=$NAT_A
+LAB_NAT_B=$NAT_B
+LAB_DELAY_MS=$DELAY_MS
+LAB_LOAD_A=$LOAD_A
+LAB_LOAD_B=$LOAD_B
+LAB_PORT_BASE=$PORT_BASE
+LAB_PORT_COUNT=$PORT_COUNT
+LAB_PORT_STEP=$PORT_STEP
+EOF
+  # Reachability check: both NATs reach the server through the router.
+  nsx "$HA" "$PY" "$LAB_HOME/n4-lab-udp.py" ping --to $IP_SERVER --timeout 3 >/dev/null ||
+    die "host-a cannot reach the server"
+  nsx "$HB" "$PY" "$LAB_HOME/n4-lab-udp.py" ping --to $IP_SERVER --timeout 3 >/dev/null ||
+    die "host-b cannot reach the server"
+  log "up: $NAME (env file $DIR/env)"
+}
+
+lab_down() { # NAME
+  local name=$1 role ns pid pids i
+  for role in $ROLES; do
+    ns=$name-$role
+    [ -e "/run/netns/$ns" ] || continue
+    # Only processes living inside this lab's namespaces: the ones the lab (or its user) started.
+    pids=$(ip netns pids "$ns" 2>/dev/null || true)
+    if [ -n "$pids" ]; then
+      kill -TERM $pids 2>/dev/null || true
+      for ((i = 0; i < 20; i++)); do
+        pids=$(ip netns pids "$ns" 2>/dev/null || true)
+        [ -z "$pids" ] && break
+        sleep 0.05
+      done
+      [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
+    fi
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  if [ -d "$LAB_RUN_DIR/$name" ]; then rm -rf "${LAB_RUN_DIR:?}/$name"; fi
+}
+
+# Tear-down on every exit path of `run`, `demo`, `selftest`.
+CLEANUP_NAMES=()
+cleanup() {
+  local rc=$? n
+  trap - EXIT INT TERM
+  for n in "${CLEANUP_NAMES[@]}"; do
+    if [ "${KEEP:-0}" = 1 ] && [ "$rc" = 0 ]; then
+      log "kept $n (lab.sh down $n)"
+    else
+      lab_down "$n"
+    fi
+  done
+  exit "$rc"
+}
+trap_cleanup() { trap cleanup EXIT; trap 'exit 130' INT; trap 'exit 143' TERM; }
+
+up_registered() { # lab_up, registered for tear-down first (so a half-built lab goes too)
+  NAME=$(new_name)
+  CLEANUP_NAMES+=("$NAME")
+  lab_up "$NAME"
+}
+
+export_env() { # DIR/env -> exported variables
+  local k v
+  while IFS='=' read -r k v; do export "$k=$v"; done <"$1"
+}
+
+# ---------------------------------------------------------------------------------- demo
+build_n4() {
+  if [ -n "${LAB_N4:-}" ]; then N4=$LAB_N4; [ -x "$N4" ] || die "LAB_N4=$N4 is not executable"; return; fi
+  command -v cargo >/dev/null || die "cargo not found (install Rust, or set LAB_N4=/path/to/n4)"
+  log "building n4 (cargo build --release -p n4-mio --bin n4)"
+  (cd "$REPO" && cargo build --release -p n4-mio --bin n4 >&2) || die "cargo build failed"
+  local target=${CARGO_TARGET_DIR:-$REPO/target}
+  N4=$target/release/n4
+  [ -x "$N4" ] || die "no binary at $N4"
+}
+
+wait_for() { # SECONDS FILE PATTERN [PID]: 0 when PATTERN shows up in FILE
+  local deadline=$((SECONDS + $1)) file=$2 pat=$3 pid=${4:-}
+  while [ $SECONDS -lt $deadline ]; do
+    grep -q -- "$pat" "$file" 2>/dev/null && return 0
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+      grep -q -- "$pat" "$file" 2>/dev/null && return 0
+      return 1
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+nc_line() { grep -o '> nc -u -p [0-9]* [0-9.]* [0-9]*' "$1" | tail -n1; }
+
+cmd_demo() {
+  parse_opts "$@"
+  need_root; ensure_tools
+  build_n4
+  trap_cleanup
+  up_registered
+  local S=$NAME-server HA=$NAME-host-a HB=$NAME-host-b
+  local srv=$DIR/server.log ca=$DIR/client-a.log cb=$DIR/client-b.log
+  echo "== lab $NAME: server $IP_SERVER, nat-a $IP_NAT_A ($NAT_A), nat-b $IP_NAT_B ($NAT_B)," \
+    "one-way delay ${DELAY_MS} ms, load $LOAD_A/$LOAD_B flows/s"
+  echo "== [server] n4 -s"
+  nsx "$S" "$N4" -s >"$srv" 2>&1 &
+  local spid=$!
+  local i
+  for ((i = 0; i < 50; i++)); do
+    nsx "$S" ss -Hltn 'sport = :1721' | grep -q . && break
+    sleep 0.1
+  done
+  echo "== [host-a $IP_A] n4 -c -h $IP_SERVER -b 30000"
+  echo "== [host-b $IP_B] n4 -c -h $IP_SERVER -b 31000"
+  local t0=$SECONDS
+  nsx "$HA" "$N4" -c -h $IP_SERVER -b 30000 >"$ca" 2>&1 &
+  local apid=$!
+  nsx "$HB" "$N4" -c -h $IP_SERVER -b 31000 >"$cb" 2>&1 &
+  local bpid=$!
+  local ok=1
+  wait_for 60 "$ca" '\[ WIN \]' $apid || ok=0
+  wait_for $((60 - (SECONDS - t0) + 1)) "$cb" '\[ WIN \]' $bpid || ok=0
+  echo "== host-a log"; sed 's/^/  a| /' "$ca"
+  echo "== host-b log"; sed 's/^/  b| /' "$cb"
+  if [ $ok = 0 ]; then
+    echo "== server log"; sed 's/^/  s| /' "$srv"
+    die "no [ WIN ] on both sides within 60 s"
+  fi
+  local la lb
+  la=$(nc_line "$ca") lb=$(nc_line "$cb")
+  [ -n "$la" ] && [ -n "$lb" ] || die "no '> nc -u -p …' line in a client log"
+  echo "== both sides: [ WIN ]"
+  # The clients exit after WIN (v1 default); wait for them so their local ports are free.
+  for ((i = 0; i < 100; i++)); do
+    kill -0 $apid 2>/dev/null || kill -0 $bpid 2>/dev/null || break
+    sleep 0.1
+  done
+  kill $apid $bpid 2>/dev/null || true
+  set -- $la; local a_local=$4 a_ip=$5 a_port=$6
+  set -- $lb; local b_local=$4 b_ip=$5 b_port=$6
+  echo "== through the hole: host-a :$a_local -> $a_ip:$a_port, host-b :$b_local -> $b_ip:$b_port"
+  nsx "$HB" "$PY" "$LAB_HOME/n4-lab-udp.py" line --answer --bind "$b_local" \
+    --to "$b_ip:$b_port" --text "hello A, this is B (via the hole)" --timeout 10 >"$DIR/line-b.log" 2>&1 &
+  local lpid=$!
+  sleep 0.3
+  local rc=0
+  nsx "$HA" "$PY" "$LAB_HOME/n4-lab-udp.py" line --bind "$a_local" \
+    --to "$a_ip:$a_port" --text "hello B, this is A (via the hole)" --timeout 8 >"$DIR/line-a.log" 2>&1 || rc=1
+  wait $lpid || rc=1
+  sed 's/^/  host-a| /' "$DIR/line-a.log"
+  sed 's/^/  host-b| /' "$DIR/line-b.log"
+  kill $spid 2>/dev/null || true
+  [ $rc = 0 ] || die "the line did not cross the hole both ways"
+  echo "== demo OK: punched through two $NAT_A/$NAT_B NATs; a line crossed each way"
+}
+
+# ---------------------------------------------------------------------------------- commands
+cmd_up() {
+  parse_opts "$@"
+  need_root; ensure_tools
+  NAME=$(new_name)
+  # The lab outlives `up`, unless `up` fails half-way: then it goes.
+  trap 'rc=$?; [ $rc = 0 ] || lab_down "$NAME"; exit $rc' EXIT
+  trap 'exit 130' INT; trap 'exit 143' TERM
+  lab_up "$NAME"
+  cat "$DIR/env"
+}
+
+cmd_run() {
+  parse_opts "$@"
+  [ ${#REST[@]} -gt 0 ] || die "usage: lab.sh run [OPTIONS] -- CMD..."
+  need_root; ensure_tools
+  trap_cleanup
+  up_registered
+  export_env "$DIR/env"
+  local rc=0
+  "${REST[@]}" || rc=$?
+  exit $rc
+}
+
+cmd_exec() {
+  local name
+  if [ $# -ge 1 ] && [ -n "${LAB_NAME:-}" ] && { case " $ROLES a b " in *" $1 "*) true ;; *) false ;; esac; }; then
+    name=$LAB_NAME
+  else
+    name=$(resolve_name "${1:-}"); shift
+  fi
+  [ $# -ge 2 ] || die "usage: lab.sh exec [NAME] ROLE CMD..."
+  local ns; ns=$(ns_of "$name" "$1"); shift
+  [ -e "/run/netns/$ns" ] || die "no namespace $ns"
+  [ -f "$LAB_RUN_DIR/$name/env" ] && export_env "$LAB_RUN_DIR/$name/env"
+  exec ip netns exec "$ns" "$@"
+}
+
+cmd_down() {
+  need_root
+  [ $# -ge 1 ] || die "usage: lab.sh down NAME|ENVFILE|all"
+  if [ "$1" = all ]; then
+    local n
+    for n in $(ip netns list | awk '{print $1}' | sed -n 's/^\(n4l-[0-9a-z]*\)-server$/\1/p'); do
+      log "down $n"; lab_down "$n"
+    done
+    return
+  fi
+  lab_down "$(resolve_name "$1")"
+}
+
+cmd_list() {
+  ip netns list | awk '{print $1}' | sed -n 's/^\(n4l-[0-9a-z]*\)-server$/\1/p'
+}
+
+main() {
+  local cmd=${1:-help}; [ $# -gt 0 ] && shift
+  case $cmd in
+    up) cmd_up "$@" ;;
+    down) cmd_down "$@" ;;
+    exec) cmd_exec "$@" ;;
+    run) cmd_run "$@" ;;
+    demo) cmd_demo "$@" ;;
+    selftest) exec "$LAB_HOME/selftest.sh" "$@" ;;
+    list) cmd_list ;;
+    help|-h|--help) usage ;;
+    *) usage >&2; exit 2 ;;
+  esac
+}
+
+main "$@"

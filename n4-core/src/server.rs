@@ -1,0 +1,609 @@
+//! The rendezvous server: pairs clients that say HELLO with equal identifiers and tells each the
+//! other's public UDP address.
+//!
+//! Sans-IO: the driver owns the TCP listener and the UDP socket, numbers connections with
+//! [`ConnId`]s and feeds what happens into `handle_*`; then it drains [`Server::poll_output`]
+//! (writes and closes), [`Server::poll_event`] (for logs) and sleeps until
+//! [`Server::poll_timeout`]. `now` must never go backwards. The server never reads a clock and
+//! never opens a socket.
+//!
+//! Where v1 is fragile this one is not: many rooms at once, deadlines for silent connections,
+//! garbage closes only its sender, garbage datagrams are ignored, a partner that leaves closes
+//! the pair instead of hanging it, and per-seat tokens (our extension) attribute EXCHANGEs
+//! exactly even when both clients share one public IP.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::codec::{Ident, Message, StreamDecoder, Token};
+
+/// A TCP connection, numbered by the driver. Ids must not be reused while the server knows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// Server settings. `Default` gives the values in each field's doc.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Only this identifier may take a seat (the original's `-a`). Default: any identifier.
+    pub only_ident: Option<Ident>,
+    /// A connection must complete its HELLO within this. Default 10 s (v1: 60 s, blocking).
+    pub hello_timeout: Duration,
+    /// A seated client waits this long for a partner; `None` waits forever. Default `None`.
+    pub wait_timeout: Option<Duration>,
+    /// After READY, both EXCHANGEs must arrive within this or the pair is closed. Default 10 s.
+    pub exchange_timeout: Duration,
+    /// Open connections in all. Default 100 000.
+    pub max_connections: usize,
+    /// Open connections from one IP address. Default 256.
+    pub max_per_ip: usize,
+    /// Offer our extension (a token in READY). Default `true`; `false` speaks pure v1.
+    pub extensions: bool,
+    /// Seed for the tokens. Default 0; real servers should pass an unpredictable seed.
+    pub rng_seed: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            only_ident: None,
+            hello_timeout: Duration::from_secs(10),
+            wait_timeout: None,
+            exchange_timeout: Duration::from_secs(10),
+            max_connections: 100_000,
+            max_per_ip: 256,
+            extensions: true,
+            rng_seed: 0,
+        }
+    }
+}
+
+/// What the driver must do on a connection.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerOutput {
+    /// Write these 8 bytes on the connection.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The message to write.
+        message: Message,
+    },
+    /// Flush what was written, then close the connection. The server has already forgotten it.
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+}
+
+/// What happened, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// A connection was refused or dropped before it took a seat.
+    Rejected {
+        /// Its remote address.
+        remote: SocketAddr,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// A client took a seat and waits for a partner.
+    Waiting {
+        /// Its remote address.
+        remote: SocketAddr,
+        /// The identifier it asked for.
+        ident: Ident,
+    },
+    /// Two clients were paired and told READY.
+    Paired {
+        /// The identifier.
+        ident: Ident,
+        /// First-seated client's TCP address.
+        first: SocketAddr,
+        /// Second client's TCP address.
+        second: SocketAddr,
+    },
+    /// Both EXCHANGEs arrived; each client got the other's address.
+    Completed {
+        /// The identifier.
+        ident: Ident,
+        /// Public UDP address of the first-seated client.
+        first: SocketAddrV4,
+        /// Public UDP address of the second client.
+        second: SocketAddrV4,
+    },
+    /// A seated or paired client was lost; its partner (if any) was closed too.
+    Abandoned {
+        /// The identifier.
+        ident: Ident,
+        /// Why.
+        reason: AbandonReason,
+    },
+}
+
+/// Why a connection never took a seat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The server holds `max_connections` already.
+    TooManyConnections,
+    /// This IP holds `max_per_ip` already.
+    TooManyFromIp,
+    /// No complete HELLO within `hello_timeout`.
+    HelloTimeout,
+    /// The first message was not a HELLO (or not a message at all).
+    Garbage,
+    /// HELLO with an identifier other than the only one allowed.
+    WrongIdent,
+    /// It closed before saying HELLO.
+    Closed,
+}
+
+/// Why a seated client or a pair was given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbandonReason {
+    /// A client closed its connection.
+    Closed,
+    /// A client sent bytes after HELLO.
+    Garbage,
+    /// Nobody came within `wait_timeout`.
+    WaitTimeout,
+    /// The EXCHANGEs did not both arrive within `exchange_timeout`.
+    ExchangeTimeout,
+}
+
+/// The server's counters, for tests, logs and the load generator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections currently known.
+    pub connections: usize,
+    /// Clients waiting for a partner.
+    pub waiting: usize,
+    /// Pairs between READY and their second EXCHANGE.
+    pub pairing: usize,
+    /// Pairs completed since start.
+    pub completed: u64,
+    /// Datagrams ignored since start (garbage, unknown seat, duplicate).
+    pub ignored_datagrams: u64,
+}
+
+type PairId = u64;
+
+#[derive(Debug)]
+struct Conn {
+    remote: SocketAddr,
+    decoder: StreamDecoder,
+    deadline: Option<Instant>,
+    seat: Seat,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Seat {
+    /// Connected, no HELLO yet.
+    Greeting,
+    /// Said HELLO; no partner yet.
+    Waiting(Ident),
+    /// In a pair.
+    Paired(PairId),
+}
+
+#[derive(Debug)]
+struct Pair {
+    ident: Ident,
+    sides: [Side; 2],
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct Side {
+    conn: ConnId,
+    ip: IpAddr,
+    token: Token,
+    /// The public address its EXCHANGE came from, once known.
+    exchanged: Option<SocketAddrV4>,
+}
+
+/// The rendezvous server state machine. See the module docs for the calling contract.
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    rng: ChaCha8Rng,
+    conns: BTreeMap<ConnId, Conn>,
+    per_ip: BTreeMap<IpAddr, usize>,
+    /// At most one waiting client per identifier: a second one is paired at once.
+    waiting: BTreeMap<Ident, ConnId>,
+    pairs: BTreeMap<PairId, Pair>,
+    /// Pairs by identifier, in pairing order, for attributing v1 EXCHANGEs.
+    pairs_by_ident: BTreeSet<(Ident, PairId)>,
+    tokens: BTreeMap<Token, (PairId, usize)>,
+    /// Connection deadlines (hello, wait) and pair deadlines, earliest first.
+    conn_deadlines: BTreeSet<(Instant, ConnId)>,
+    pair_deadlines: BTreeSet<(Instant, PairId)>,
+    next_pair: PairId,
+    outputs: VecDeque<ServerOutput>,
+    events: VecDeque<ServerEvent>,
+    stats: ServerStats,
+}
+
+impl Server {
+    /// A server with no connections.
+    pub fn new(config: ServerConfig) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(config.rng_seed),
+            config,
+            conns: BTreeMap::new(),
+            per_ip: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            pairs: BTreeMap::new(),
+            pairs_by_ident: BTreeSet::new(),
+            tokens: BTreeMap::new(),
+            conn_deadlines: BTreeSet::new(),
+            pair_deadlines: BTreeSet::new(),
+            next_pair: 0,
+            outputs: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: ServerStats::default(),
+        }
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            connections: self.conns.len(),
+            waiting: self.waiting.len(),
+            pairing: self.pairs.len(),
+            ..self.stats
+        }
+    }
+
+    /// A TCP connection was accepted. It may be closed at once if a limit is reached.
+    pub fn handle_connection_opened(&mut self, now: Instant, conn: ConnId, remote: SocketAddr) {
+        let ip = canonical_ip(remote.ip());
+        let reason = if self.conns.len() >= self.config.max_connections {
+            Some(RejectReason::TooManyConnections)
+        } else if self.per_ip.get(&ip).copied().unwrap_or(0) >= self.config.max_per_ip {
+            Some(RejectReason::TooManyFromIp)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.outputs.push_back(ServerOutput::Close { conn });
+            self.events.push_back(ServerEvent::Rejected { remote, reason });
+            return;
+        }
+        if self.conns.contains_key(&conn) {
+            // A driver bug, not network input: keep the first connection's state intact.
+            return;
+        }
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+        let deadline = now + self.config.hello_timeout;
+        self.conn_deadlines.insert((deadline, conn));
+        self.conns.insert(
+            conn,
+            Conn {
+                remote,
+                decoder: StreamDecoder::default(),
+                deadline: Some(deadline),
+                seat: Seat::Greeting,
+            },
+        );
+    }
+
+    /// Bytes arrived on a connection.
+    pub fn handle_stream_data(&mut self, now: Instant, conn: ConnId, bytes: &[u8]) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let mut messages = [None, None];
+        let mut n = 0;
+        // More than one whole message on a connection is already a protocol violation, so only
+        // the first two are kept: the first to act on, the second to notice the violation.
+        let decoded = c.decoder.feed(bytes, |m| {
+            if n < messages.len() {
+                messages[n] = Some(m);
+            }
+            n += 1;
+        });
+        let seat = c.seat;
+        match (seat, messages[0], n, decoded) {
+            (_, _, 0, Ok(())) => {} // an incomplete message; wait for the rest
+            (Seat::Greeting, Some(Message::Hello(ident)), 1, Ok(())) => {
+                self.on_hello(now, conn, ident)
+            }
+            (Seat::Greeting, _, _, _) => self.reject(conn, RejectReason::Garbage),
+            (Seat::Waiting(_) | Seat::Paired(_), _, _, _) => {
+                self.abandon(conn, AbandonReason::Garbage)
+            }
+        }
+    }
+
+    /// The peer closed the connection (or it failed). The driver closes its side.
+    pub fn handle_connection_closed(&mut self, _now: Instant, conn: ConnId) {
+        match self.conns.get(&conn).map(|c| (c.seat, c.remote)) {
+            None => {}
+            Some((Seat::Greeting, remote)) => {
+                self.forget(conn);
+                self.events.push_back(ServerEvent::Rejected {
+                    remote,
+                    reason: RejectReason::Closed,
+                });
+            }
+            Some(_) => self.abandon(conn, AbandonReason::Closed),
+        }
+    }
+
+    /// A UDP datagram arrived on the server port from `from`. Anything but an EXCHANGE that
+    /// belongs to a seat in a pair is ignored and costs nothing else.
+    pub fn handle_datagram(&mut self, _now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let Some(from) = v4(from) else {
+            self.stats.ignored_datagrams += 1;
+            return;
+        };
+        let seat = match Message::decode(bytes) {
+            Ok(Message::ExchangeToken(token)) => self.tokens.get(&token).map(|&s| (s, true)),
+            Ok(Message::Exchange(ident)) => self.attribute_v1(ident, from).map(|s| (s, false)),
+            _ => None,
+        };
+        match seat {
+            Some(((pair, side), by_token)) => self.on_exchange(pair, side, from, by_token),
+            None => self.stats.ignored_datagrams += 1,
+        }
+    }
+
+    /// Time passed; expires deadlines up to `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, conn)) = self.conn_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.conn_deadlines.pop_first();
+            match self.conns.get(&conn).map(|c| c.seat) {
+                Some(Seat::Greeting) => self.reject(conn, RejectReason::HelloTimeout),
+                Some(Seat::Waiting(_)) => self.abandon(conn, AbandonReason::WaitTimeout),
+                _ => {}
+            }
+        }
+        while let Some(&(at, pair)) = self.pair_deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.pair_deadlines.pop_first();
+            if let Some(conn) = self.pairs.get(&pair).map(|p| p.sides[0].conn) {
+                self.abandon(conn, AbandonReason::ExchangeTimeout);
+            }
+        }
+    }
+
+    /// The next write or close for the driver.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<ServerOutput> {
+        self.outputs.pop_front()
+    }
+
+    /// The next event to log.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] must next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let conn = self.conn_deadlines.first().map(|d| d.0);
+        let pair = self.pair_deadlines.first().map(|d| d.0);
+        conn.into_iter().chain(pair).min()
+    }
+
+    fn on_hello(&mut self, now: Instant, conn: ConnId, ident: Ident) {
+        if self.config.only_ident.is_some_and(|only| only != ident) {
+            self.reject(conn, RejectReason::WrongIdent);
+            return;
+        }
+        self.clear_conn_deadline(conn);
+        let Some(first) = self.waiting.remove(&ident) else {
+            self.waiting.insert(ident, conn);
+            let c = self.conns.get_mut(&conn).expect("conn exists: checked by caller");
+            c.seat = Seat::Waiting(ident);
+            let remote = c.remote;
+            if let Some(wait) = self.config.wait_timeout {
+                let deadline = now + wait;
+                c.deadline = Some(deadline);
+                self.conn_deadlines.insert((deadline, conn));
+            }
+            self.events.push_back(ServerEvent::Waiting { remote, ident });
+            return;
+        };
+        self.clear_conn_deadline(first);
+        let pair = self.next_pair;
+        self.next_pair += 1;
+        let sides = [first, conn].map(|conn| Side {
+            conn,
+            ip: canonical_ip(self.conns[&conn].remote.ip()),
+            token: Token(0),
+            exchanged: None,
+        });
+        let deadline = now + self.config.exchange_timeout;
+        let mut p = Pair {
+            ident,
+            sides,
+            deadline,
+        };
+        for (i, side) in p.sides.iter_mut().enumerate() {
+            side.token = self.fresh_token();
+            self.tokens.insert(side.token, (pair, i));
+            self.conns.get_mut(&side.conn).expect("seated conn exists").seat =
+                Seat::Paired(pair);
+            let token = self.config.extensions.then_some(side.token);
+            self.outputs.push_back(ServerOutput::Send {
+                conn: side.conn,
+                message: Message::Ready(token),
+            });
+        }
+        self.events.push_back(ServerEvent::Paired {
+            ident,
+            first: self.conns[&first].remote,
+            second: self.conns[&conn].remote,
+        });
+        self.pair_deadlines.insert((deadline, pair));
+        self.pairs_by_ident.insert((ident, pair));
+        self.pairs.insert(pair, p);
+    }
+
+    /// v1 rule: the EXCHANGE belongs to the earliest pair with this identifier that has a seat
+    /// whose TCP peer IP equals the datagram's source IP and no EXCHANGE yet, first-seated side
+    /// first. A repeat from an address already attributed in that pair is ignored (v1 clients
+    /// send three), so two v1 clients behind one IP are told apart by arrival order.
+    fn attribute_v1(&self, ident: Ident, from: SocketAddrV4) -> Option<(PairId, usize)> {
+        let ip = IpAddr::V4(*from.ip());
+        for &(_, pair) in self.pairs_by_ident.range((ident, 0)..=(ident, PairId::MAX)) {
+            let sides = &self.pairs[&pair].sides;
+            if sides.iter().any(|s| s.exchanged == Some(from)) {
+                return None;
+            }
+            if let Some(i) = sides.iter().position(|s| s.ip == ip && s.exchanged.is_none()) {
+                return Some((pair, i));
+            }
+        }
+        None
+    }
+
+    fn on_exchange(&mut self, pair_id: PairId, side: usize, from: SocketAddrV4, by_token: bool) {
+        let pair = self.pairs.get_mut(&pair_id).expect("token/ident index is in sync");
+        if pair.sides[side].exchanged.is_some() {
+            self.stats.ignored_datagrams += 1;
+            return;
+        }
+        pair.sides[side].exchanged = Some(from);
+        let (me, other) = (pair.sides[side].conn, pair.sides[1 - side].conn);
+        self.outputs.push_back(ServerOutput::Send {
+            conn: other,
+            message: Message::PeerInfo(from),
+        });
+        if by_token {
+            // Only a client of ours echoes a token, so a v1 client never receives SEEN.
+            self.outputs.push_back(ServerOutput::Send {
+                conn: me,
+                message: Message::Seen(from),
+            });
+        }
+        let [Some(a), Some(b)] = [pair.sides[0].exchanged, pair.sides[1].exchanged] else {
+            return;
+        };
+        let ident = pair.ident;
+        self.close_pair(pair_id);
+        self.stats.completed += 1;
+        self.events.push_back(ServerEvent::Completed {
+            ident,
+            first: a,
+            second: b,
+        });
+    }
+
+    /// Closes both connections of a completed or abandoned pair and drops its indexes.
+    fn close_pair(&mut self, pair_id: PairId) {
+        let Some(pair) = self.pairs.remove(&pair_id) else {
+            return;
+        };
+        self.pairs_by_ident.remove(&(pair.ident, pair_id));
+        self.pair_deadlines.remove(&(pair.deadline, pair_id));
+        for side in &pair.sides {
+            self.tokens.remove(&side.token);
+            if self.forget(side.conn) {
+                self.outputs.push_back(ServerOutput::Close { conn: side.conn });
+            }
+        }
+    }
+
+    /// Closes a connection that never took a seat.
+    fn reject(&mut self, conn: ConnId, reason: RejectReason) {
+        if let Some(remote) = self.conns.get(&conn).map(|c| c.remote) {
+            self.forget(conn);
+            self.outputs.push_back(ServerOutput::Close { conn });
+            self.events.push_back(ServerEvent::Rejected { remote, reason });
+        }
+    }
+
+    /// Gives up a seated connection and, if it was in a pair, closes its partner. The
+    /// connection itself gets a `Close` unless its peer closed it already.
+    fn abandon(&mut self, conn: ConnId, reason: AbandonReason) {
+        let Some(seat) = self.conns.get(&conn).map(|c| c.seat) else {
+            return;
+        };
+        if reason == AbandonReason::Closed {
+            // The driver knows it is closed: forgetting it first suppresses its `Close`.
+            self.forget(conn);
+        }
+        let ident = match seat {
+            Seat::Greeting => return,
+            Seat::Waiting(ident) => {
+                self.waiting.remove(&ident);
+                if self.forget(conn) {
+                    self.outputs.push_back(ServerOutput::Close { conn });
+                }
+                ident
+            }
+            Seat::Paired(pair) => {
+                let ident = self.pairs[&pair].ident;
+                self.close_pair(pair);
+                ident
+            }
+        };
+        self.events
+            .push_back(ServerEvent::Abandoned { ident, reason });
+    }
+
+    /// Drops a connection's own state (not its seat's). Returns whether it was known.
+    fn forget(&mut self, conn: ConnId) -> bool {
+        let Some(c) = self.conns.remove(&conn) else {
+            return false;
+        };
+        if let Some(d) = c.deadline {
+            self.conn_deadlines.remove(&(d, conn));
+        }
+        let ip = canonical_ip(c.remote.ip());
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+        true
+    }
+
+    fn clear_conn_deadline(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if let Some(d) = c.deadline.take() {
+                self.conn_deadlines.remove(&(d, conn));
+            }
+        }
+    }
+
+    fn fresh_token(&mut self) -> Token {
+        loop {
+            let t = Token(self.rng.next_u32());
+            if !self.tokens.contains_key(&t) {
+                return t;
+            }
+        }
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match (canonical_ip(addr.ip()), addr.port()) {
+        (IpAddr::V4(ip), port) => Some(SocketAddrV4::new(ip, port)),
+        _ => None,
+    }
+}
