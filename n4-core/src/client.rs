@@ -204,11 +204,17 @@ enum Phase {
     Connecting,
     AwaitReady,
     AwaitPeerInfo,
-    Punching { peer: SocketAddrV4 },
+    Punching {
+        peer: SocketAddrV4,
+    },
     /// Round lost; the next starts at the deadline.
     Between,
     /// WIN: sending the acknowledgement burst from `slot` to `peer`.
-    Won { slot: usize, peer: SocketAddr, acks_left: u16 },
+    Won {
+        slot: usize,
+        peer: SocketAddr,
+        acks_left: u16,
+    },
     Done,
 }
 
@@ -414,11 +420,7 @@ impl Client {
     }
 
     fn start_round(&mut self, _now: Instant) {
-        if self
-            .config
-            .max_rounds
-            .is_some_and(|max| self.round >= max)
-        {
+        if self.config.max_rounds.is_some_and(|max| self.round >= max) {
             self.phase = Phase::Done;
             self.deadline = None;
             self.events.push_back(Event::GaveUp { rounds: self.round });

@@ -300,7 +300,10 @@ mod tests {
                 Message::PeerInfo(addr("203.0.113.12:5793")),
                 [4, 0, 203, 0, 113, 12, 0x16, 0xa1],
             ),
-            (Message::Punch(Ident::new("ab").unwrap()), *b"\x05\x00ab    "),
+            (
+                Message::Punch(Ident::new("ab").unwrap()),
+                *b"\x05\x00ab    ",
+            ),
             (
                 Message::Seen(addr("198.51.100.3:1801")),
                 [6, 0, 198, 51, 100, 3, 0x07, 0x09],

@@ -274,7 +274,8 @@ impl Server {
         };
         if let Some(reason) = reason {
             self.outputs.push_back(ServerOutput::Close { conn });
-            self.events.push_back(ServerEvent::Rejected { remote, reason });
+            self.events
+                .push_back(ServerEvent::Rejected { remote, reason });
             return;
         }
         if self.conns.contains_key(&conn) {
@@ -408,7 +409,10 @@ impl Server {
         self.clear_conn_deadline(conn);
         let Some(first) = self.waiting.remove(&ident) else {
             self.waiting.insert(ident, conn);
-            let c = self.conns.get_mut(&conn).expect("conn exists: checked by caller");
+            let c = self
+                .conns
+                .get_mut(&conn)
+                .expect("conn exists: checked by caller");
             c.seat = Seat::Waiting(ident);
             let remote = c.remote;
             if let Some(wait) = self.config.wait_timeout {
@@ -416,7 +420,8 @@ impl Server {
                 c.deadline = Some(deadline);
                 self.conn_deadlines.insert((deadline, conn));
             }
-            self.events.push_back(ServerEvent::Waiting { remote, ident });
+            self.events
+                .push_back(ServerEvent::Waiting { remote, ident });
             return;
         };
         self.clear_conn_deadline(first);
@@ -437,8 +442,10 @@ impl Server {
         for (i, side) in p.sides.iter_mut().enumerate() {
             side.token = self.fresh_token();
             self.tokens.insert(side.token, (pair, i));
-            self.conns.get_mut(&side.conn).expect("seated conn exists").seat =
-                Seat::Paired(pair);
+            self.conns
+                .get_mut(&side.conn)
+                .expect("seated conn exists")
+                .seat = Seat::Paired(pair);
             let token = self.config.extensions.then_some(side.token);
             self.outputs.push_back(ServerOutput::Send {
                 conn: side.conn,
@@ -466,7 +473,10 @@ impl Server {
             if sides.iter().any(|s| s.exchanged == Some(from)) {
                 return None;
             }
-            if let Some(i) = sides.iter().position(|s| s.ip == ip && s.exchanged.is_none()) {
+            if let Some(i) = sides
+                .iter()
+                .position(|s| s.ip == ip && s.exchanged.is_none())
+            {
                 return Some((pair, i));
             }
         }
@@ -474,7 +484,10 @@ impl Server {
     }
 
     fn on_exchange(&mut self, pair_id: PairId, side: usize, from: SocketAddrV4, by_token: bool) {
-        let pair = self.pairs.get_mut(&pair_id).expect("token/ident index is in sync");
+        let pair = self
+            .pairs
+            .get_mut(&pair_id)
+            .expect("token/ident index is in sync");
         if pair.sides[side].exchanged.is_some() {
             self.stats.ignored_datagrams += 1;
             return;
@@ -515,7 +528,8 @@ impl Server {
         for side in &pair.sides {
             self.tokens.remove(&side.token);
             if self.forget(side.conn) {
-                self.outputs.push_back(ServerOutput::Close { conn: side.conn });
+                self.outputs
+                    .push_back(ServerOutput::Close { conn: side.conn });
             }
         }
     }
@@ -525,7 +539,8 @@ impl Server {
         if let Some(remote) = self.conns.get(&conn).map(|c| c.remote) {
             self.forget(conn);
             self.outputs.push_back(ServerOutput::Close { conn });
-            self.events.push_back(ServerEvent::Rejected { remote, reason });
+            self.events
+                .push_back(ServerEvent::Rejected { remote, reason });
         }
     }
 

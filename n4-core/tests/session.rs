@@ -1,0 +1,349 @@
+//! Whole sessions in memory: a server and clients, virtual time, no sockets, no NAT.
+
+mod util;
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use n4_core::*;
+use util::World;
+
+fn client(start: u16) -> ClientConfig {
+    ClientConfig {
+        port_start: start,
+        ..ClientConfig::default()
+    }
+}
+
+fn v1_client(start: u16) -> ClientConfig {
+    ClientConfig {
+        extensions: false,
+        ..client(start)
+    }
+}
+
+fn both_won(w: &World, a: usize, b: usize) -> bool {
+    w.won(a).is_some() && w.won(b).is_some()
+}
+
+#[test]
+fn two_clients_win_and_each_learns_the_others_address() {
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let b = w.add_client([203, 0, 113, 12], client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+
+    assert_eq!(w.peer_info(a), vec![w.exchange_addr(b)]);
+    assert_eq!(w.peer_info(b), vec![w.exchange_addr(a)]);
+    // No NAT: b punches a's port 30000 + 20, i.e. a's slot 20; the first punch there comes
+    // from b's slot 0.
+    assert_eq!(
+        w.won(a),
+        Some((20, SocketAddr::from(([203, 0, 113, 12], 31000))))
+    );
+    // Ours talk to ours: the extension was used and the server told each its own mapping.
+    assert!(w.hosts[a].events.contains(&Event::Ready { extended: true }));
+    assert!(w.hosts[a].events.contains(&Event::Seen(w.exchange_addr(a))));
+    // WIN is reported at once; the acknowledgement burst then ends the client.
+    assert!(
+        w.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        w.elapsed()
+    );
+    assert!(w.run_until(Duration::from_secs(5), |w| w
+        .hosts
+        .iter()
+        .all(|h| h.client.is_finished())));
+    assert_eq!(w.hosts[a].events.last(), Some(&Event::Finished));
+}
+
+#[test]
+fn plain_v1_clients_pair_on_our_server_and_ours_on_a_v1_style_server() {
+    // v1 clients ignore the token in READY and send v1 EXCHANGEs.
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], v1_client(30000));
+    let b = w.add_client([203, 0, 113, 12], client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    assert!(w.hosts[a]
+        .events
+        .contains(&Event::Ready { extended: false }));
+    assert!(!w.hosts[a]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Seen(_))));
+
+    // A server without extensions sends all-zero READY: our clients then behave as v1.
+    let mut w = World::new(ServerConfig {
+        extensions: false,
+        ..ServerConfig::default()
+    });
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let b = w.add_client([203, 0, 113, 12], client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    assert!(w.hosts[b]
+        .events
+        .contains(&Event::Ready { extended: false }));
+}
+
+#[test]
+fn many_rooms_pair_at_once() {
+    let mut w = World::new(ServerConfig::default());
+    let idents = ["r0", "r1", "r2", "r3", "r4"];
+    for (i, id) in idents.iter().enumerate() {
+        for side in 0..2u8 {
+            let mut c = client(30000 + 100 * side as u16);
+            c.ident = Ident::new(id).unwrap();
+            w.add_client([10, side, 0, i as u8 + 1], c);
+        }
+    }
+    assert!(w.run_until(Duration::from_secs(5), |w| (0..w.hosts.len())
+        .all(|h| w.won(h).is_some())));
+    for i in 0..idents.len() {
+        let (a, b) = (2 * i, 2 * i + 1);
+        assert_eq!(w.peer_info(a), vec![w.exchange_addr(b)]);
+        assert_eq!(w.peer_info(b), vec![w.exchange_addr(a)]);
+    }
+}
+
+#[test]
+fn silent_connection_is_released_after_the_hello_deadline_while_another_pair_completes() {
+    let mut w = World::new(ServerConfig::default());
+    let silent = w.raw_connect(SocketAddr::from(([192, 0, 2, 99], 5555)));
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let b = w.add_client([203, 0, 113, 12], client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    assert!(!w.raw[&silent].closed, "not yet: the deadline is 10 s");
+    assert_eq!(w.server.stats().connections, 1);
+
+    assert!(w.run_until(Duration::from_secs(11), |w| w.raw[&silent].closed));
+    assert!(w.server_events.contains(&ServerEvent::Rejected {
+        remote: SocketAddr::from(([192, 0, 2, 99], 5555)),
+        reason: RejectReason::HelloTimeout,
+    }));
+    assert_eq!(w.server.stats().connections, 0);
+}
+
+#[test]
+fn garbage_datagrams_during_pairing_do_not_abort_it() {
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], v1_client(30000));
+    let b = w.add_client([203, 0, 113, 12], v1_client(31000));
+    // Run until both are seated, then spray garbage and near-miss messages at the UDP port.
+    assert!(w.run_until(Duration::from_secs(5), |w| w.server.stats().pairing == 1));
+    let attacker = SocketAddr::from(([192, 0, 2, 66], 4444));
+    w.datagram_to_server(attacker, b"garbage!");
+    w.datagram_to_server(attacker, &[0x03]);
+    w.datagram_to_server(attacker, &Message::Exchange(Ident::default()).to_bytes());
+    w.datagram_to_server(attacker, &Message::ExchangeToken(Token(7)).to_bytes());
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    assert_eq!(w.peer_info(a), vec![w.exchange_addr(b)]);
+    assert_eq!(w.peer_info(b), vec![w.exchange_addr(a)]);
+    assert!(w.server.stats().ignored_datagrams >= 4);
+}
+
+#[test]
+fn garbage_connection_is_closed_alone() {
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let junk = w.raw_connect(SocketAddr::from(([192, 0, 2, 66], 80)));
+    w.raw_send(junk, b"GET / HTTP/1.1\r\n\r\n");
+    w.run_for(Duration::from_millis(200));
+    assert!(w.raw[&junk].closed);
+    let b = w.add_client([203, 0, 113, 12], client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+}
+
+#[test]
+fn a_third_client_with_the_same_ident_waits_for_a_fourth_instead_of_breaking_the_pair() {
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([10, 0, 0, 1], client(30000));
+    let b = w.add_client([10, 0, 0, 2], client(30000));
+    w.run_for(Duration::from_millis(60)); // a and b are paired first
+    let c = w.add_client([10, 0, 0, 3], client(30000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    assert_eq!(w.peer_info(a), vec![w.exchange_addr(b)]);
+    assert!(w.peer_info(c).is_empty(), "c waits alone");
+    assert_eq!(w.server.stats().waiting, 1);
+
+    let d = w.add_client([10, 0, 0, 4], client(30000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, c, d)));
+    assert_eq!(w.peer_info(c), vec![w.exchange_addr(d)]);
+    assert_eq!(w.peer_info(d), vec![w.exchange_addr(c)]);
+}
+
+#[test]
+fn wrong_identifier_is_refused_in_single_identifier_mode() {
+    let mut w = World::new(ServerConfig {
+        only_ident: Some(Ident::new("room").unwrap()),
+        ..ServerConfig::default()
+    });
+    let stranger = w.raw_connect(SocketAddr::from(([192, 0, 2, 50], 999)));
+    w.raw_send(stranger, &Message::Hello(Ident::default()).to_bytes());
+    let allowed = w.raw_connect(SocketAddr::from(([192, 0, 2, 51], 999)));
+    w.raw_send(
+        allowed,
+        &Message::Hello(Ident::new("room").unwrap()).to_bytes(),
+    );
+    w.run_for(Duration::from_millis(200));
+    assert!(w.raw[&stranger].closed);
+    assert!(!w.raw[&allowed].closed);
+    assert!(w.server_events.iter().any(|e| matches!(
+        e,
+        ServerEvent::Rejected {
+            reason: RejectReason::WrongIdent,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn clients_behind_one_public_ip_get_each_others_address() {
+    // Ours use the token, so attribution is exact whatever order the EXCHANGEs arrive in.
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let b = w.add_client([198, 51, 100, 3], client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    assert_eq!(w.peer_info(a), vec![w.exchange_addr(b)]);
+    assert_eq!(w.peer_info(b), vec![w.exchange_addr(a)]);
+}
+
+#[test]
+fn two_v1_clients_behind_one_ip_are_told_apart_by_distinct_source_addresses() {
+    // v1 clients send three EXCHANGEs each; repeats from an attributed address are ignored, so
+    // the second client's EXCHANGE is not swallowed by the first's repeats.
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], v1_client(30000));
+    let b = w.add_client([198, 51, 100, 3], v1_client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    assert_eq!(w.peer_info(a), vec![w.exchange_addr(b)]);
+    assert_eq!(w.peer_info(b), vec![w.exchange_addr(a)]);
+}
+
+#[test]
+fn a_partner_leaving_before_peerinfo_closes_the_other_instead_of_hanging_it() {
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let hello = Message::Hello(Ident::default()).to_bytes();
+    let quitter = w.raw_connect(SocketAddr::from(([203, 0, 113, 12], 40000)));
+    w.raw_send(quitter, &hello);
+    assert!(w.run_until(Duration::from_secs(1), |w| w.server.stats().pairing == 1));
+    w.raw_close(quitter);
+    assert!(
+        w.run_until(Duration::from_secs(1), |w| w.hosts[a].events.iter().any(
+            |e| matches!(
+                e,
+                Event::Lose {
+                    reason: LoseReason::ServerClosed,
+                    ..
+                }
+            )
+        ))
+    );
+    // The pair is gone; at most `a`'s retry connection is open.
+    assert!(w.server.stats().connections <= 1);
+    assert_eq!(w.server.stats().pairing, 0);
+}
+
+#[test]
+fn per_ip_and_total_connection_limits_refuse_the_excess() {
+    let mut w = World::new(ServerConfig {
+        max_per_ip: 2,
+        max_connections: 3,
+        ..ServerConfig::default()
+    });
+    let same_ip: Vec<_> = (0..3)
+        .map(|p| w.raw_connect(SocketAddr::from(([192, 0, 2, 7], 1000 + p))))
+        .collect();
+    let other = w.raw_connect(SocketAddr::from(([192, 0, 2, 8], 1000)));
+    let over = w.raw_connect(SocketAddr::from(([192, 0, 2, 9], 1000)));
+    w.run_for(Duration::from_millis(100));
+    let closed: Vec<bool> = same_ip.iter().map(|c| w.raw[c].closed).collect();
+    assert_eq!(closed, vec![false, false, true]);
+    assert!(!w.raw[&other].closed);
+    assert!(w.raw[&over].closed);
+    assert_eq!(w.server.stats().connections, 3);
+}
+
+#[test]
+fn an_unreachable_target_port_is_reported_not_sent() {
+    // The peer's observed port is 65530: 65530 + 20 is not a port.
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let mut high = v1_client(65530);
+    high.port_count = 6;
+    let _b = w.add_client([203, 0, 113, 12], high);
+    assert!(
+        w.run_until(Duration::from_secs(2), |w| w.hosts[a].events.iter().any(
+            |e| matches!(
+                e,
+                Event::Lose {
+                    reason: LoseReason::TargetOutOfRange,
+                    ..
+                }
+            )
+        ))
+    );
+    let peer = SocketAddrV4::new([203, 0, 113, 12].into(), 65530);
+    assert!(w.hosts[a]
+        .events
+        .contains(&Event::PeerInfo { peer, target: None }));
+}
+
+#[test]
+fn lost_rounds_shift_the_window_and_max_rounds_gives_up() {
+    // A partner that never punches: a raw v1 client that says HELLO and EXCHANGE only.
+    let mut w = World::new(ServerConfig::default());
+    let mut cfg = client(30000);
+    cfg.max_rounds = Some(2);
+    cfg.round_timeout = Duration::from_secs(1);
+    let a = w.add_client([198, 51, 100, 3], cfg);
+    let hello = Message::Hello(Ident::default()).to_bytes();
+    let mute_partner = |w: &mut World, port: u16| {
+        let conn = w.raw_connect(SocketAddr::from(([203, 0, 113, 12], port)));
+        w.raw_send(conn, &hello);
+        assert!(w.run_until(Duration::from_secs(2), |w| w.raw[&conn].received.len() >= 8));
+        let from = SocketAddr::from(([203, 0, 113, 12], port));
+        w.datagram_to_server(from, &Message::Exchange(Ident::default()).to_bytes());
+    };
+    mute_partner(&mut w, 5000);
+    assert!(w.run_until(Duration::from_secs(3), |w| w.hosts[a].client.round() == 2));
+    assert_eq!(w.hosts[a].window[0], 30025);
+    mute_partner(&mut w, 5001);
+    assert!(w.run_until(Duration::from_secs(3), |w| w.hosts[a].client.is_finished()));
+    assert_eq!(w.hosts[a].events.last(), Some(&Event::GaveUp { rounds: 2 }));
+}
+
+#[test]
+fn server_deadlines_and_polls_never_go_backwards() {
+    // poll_timeout must be the earliest pending deadline and handle_timeout must clear it.
+    let t0 = Instant::now();
+    let mut s = Server::new(ServerConfig::default());
+    s.handle_connection_opened(t0, ConnId(1), SocketAddr::from(([1, 2, 3, 4], 5)));
+    assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+    s.handle_timeout(t0 + Duration::from_secs(10));
+    assert_eq!(
+        s.poll_output(),
+        Some(ServerOutput::Close { conn: ConnId(1) })
+    );
+    assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn invalid_client_configs_are_refused() {
+    let now = Instant::now();
+    let cfg = |f: fn(&mut ClientConfig)| {
+        let mut c = ClientConfig::default();
+        f(&mut c);
+        Client::new(c, now).err()
+    };
+    assert_eq!(cfg(|c| c.port_count = 0), Some(ConfigError::ZeroCount));
+    assert!(matches!(
+        cfg(|c| c.port_start = 65530),
+        Some(ConfigError::WindowTooHigh { .. })
+    ));
+    assert_eq!(
+        cfg(|c| c.peer_port_offset = 70000),
+        Some(ConfigError::Offset(70000))
+    );
+    assert_eq!(cfg(|_| {}), None);
+}
