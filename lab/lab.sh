@@ -371,7 +371,7 @@ export_env() { # DIR/env -> exported variables
 
 # ---------------------------------------------------------------------------------- demo
 build_n4() {
-  if [ -n "${LAB_N4:-}" ]; then N4=$LAB_N4; [ -x "$N4" ] || die "LAB_N4=$N4 is not executable"; return; fi
+  if [ -n "${LAB_N4:-}" ]; then N4=$(realpath "$LAB_N4"); [ -x "$N4" ] || die "LAB_N4=$N4 is not executable"; return; fi
   command -v cargo >/dev/null || die "cargo not found (install Rust, or set LAB_N4=/path/to/n4)"
   log "building n4 (cargo build --release -p n4-mio --bin n4)"
   (cd "$REPO" && cargo build --release -p n4-mio --bin n4 >&2) || die "cargo build failed"
@@ -439,8 +439,8 @@ cmd_demo() {
     sleep 0.1
   done
   kill $apid $bpid 2>/dev/null || true
-  set -- $la; local a_local=$4 a_ip=$5 a_port=$6
-  set -- $lb; local b_local=$4 b_ip=$5 b_port=$6
+  set -- $la; local a_local=$5 a_ip=$6 a_port=$7
+  set -- $lb; local b_local=$5 b_ip=$6 b_port=$7
   echo "== through the hole: host-a :$a_local -> $a_ip:$a_port, host-b :$b_local -> $b_ip:$b_port"
   nsx "$HB" "$PY" "$LAB_HOME/n4-lab-udp.py" line --answer --bind "$b_local" \
     --to "$b_ip:$b_port" --text "hello A, this is B (via the hole)" --timeout 10 >"$DIR/line-b.log" 2>&1 &
