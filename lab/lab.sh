@@ -344,9 +344,14 @@ lab_down() { # NAME
 
 # Tear-down on every exit path of `run`, `demo`, `selftest`.
 CLEANUP_NAMES=()
+CHILD=
 cleanup() {
   local rc=$? n
   trap - EXIT INT TERM
+  if [ -n "$CHILD" ] && kill -0 "$CHILD" 2>/dev/null; then
+    kill -TERM "$CHILD" 2>/dev/null || true
+    wait "$CHILD" 2>/dev/null || true
+  fi
   for n in "${CLEANUP_NAMES[@]}"; do
     if [ "${KEEP:-0}" = 1 ] && [ "$rc" = 0 ]; then
       log "kept $n (lab.sh down $n)"
@@ -476,8 +481,13 @@ cmd_run() {
   trap_cleanup
   up_registered
   export_env "$DIR/env"
+  # In the background + `wait`, so that a TERM/INT to lab.sh is handled at once (bash defers
+  # traps while a foreground child runs); stdin stays the caller's.  cleanup() stops CHILD.
   local rc=0
-  "${REST[@]}" || rc=$?
+  "${REST[@]}" <&0 &
+  CHILD=$!
+  wait "$CHILD" || rc=$?
+  CHILD=
   exit $rc
 }
 
