@@ -55,6 +55,8 @@ OPTIONS (each also settable by the environment variable shown; options win):
   --port-step K     LAB_PORT_STEP  sequential step; default 1
   --seed N          LAB_SEED       seed of the background-load generators; default 1
   --keep            LAB_KEEP=1     `run`/`demo`: leave the lab up afterwards (print its name)
+  demo only:        LAB_N4=PATH    n4 binary to use instead of building target/release/n4
+                    LAB_N4_SERVER_ARGS, LAB_N4_CLIENT_ARGS   extra arguments for n4 -s / n4 -c
 
 Exported to CMD by `run` and written to the env file by `up`:
   LAB_NAME LAB_DIR LAB_ENV LAB_SH
@@ -410,20 +412,23 @@ cmd_demo() {
   local srv=$DIR/server.log ca=$DIR/client-a.log cb=$DIR/client-b.log
   echo "== lab $NAME: server $IP_SERVER, nat-a $IP_NAT_A ($NAT_A), nat-b $IP_NAT_B ($NAT_B)," \
     "one-way delay ${DELAY_MS} ms, load $LOAD_A/$LOAD_B flows/s"
-  echo "== [server] n4 -s"
-  nsx "$S" "$N4" -s >"$srv" 2>&1 &
+  echo "== [server $IP_SERVER] $N4 -s ${LAB_N4_SERVER_ARGS:-}"
+  # shellcheck disable=SC2086 # word-splitting of the extra args is the point
+  nsx "$S" "$N4" -s ${LAB_N4_SERVER_ARGS:-} >"$srv" 2>&1 &
   local spid=$!
   local i
   for ((i = 0; i < 50; i++)); do
     nsx "$S" ss -Hltn 'sport = :1721' | grep -q . && break
     sleep 0.1
   done
-  echo "== [host-a $IP_A] n4 -c -h $IP_SERVER -b 30000"
-  echo "== [host-b $IP_B] n4 -c -h $IP_SERVER -b 31000"
+  echo "== [host-a $IP_A] n4 -c -h $IP_SERVER -b 30000 ${LAB_N4_CLIENT_ARGS:-}"
+  echo "== [host-b $IP_B] n4 -c -h $IP_SERVER -b 31000 ${LAB_N4_CLIENT_ARGS:-}"
   local t0=$SECONDS
-  nsx "$HA" "$N4" -c -h $IP_SERVER -b 30000 >"$ca" 2>&1 &
+  # shellcheck disable=SC2086
+  nsx "$HA" "$N4" -c -h $IP_SERVER -b 30000 ${LAB_N4_CLIENT_ARGS:-} >"$ca" 2>&1 &
   local apid=$!
-  nsx "$HB" "$N4" -c -h $IP_SERVER -b 31000 >"$cb" 2>&1 &
+  # shellcheck disable=SC2086
+  nsx "$HB" "$N4" -c -h $IP_SERVER -b 31000 ${LAB_N4_CLIENT_ARGS:-} >"$cb" 2>&1 &
   local bpid=$!
   local ok=1
   wait_for 60 "$ca" '\[ WIN \]' $apid || ok=0
@@ -437,7 +442,7 @@ cmd_demo() {
   local la lb
   la=$(nc_line "$ca") lb=$(nc_line "$cb")
   [ -n "$la" ] && [ -n "$lb" ] || die "no '> nc -u -p …' line in a client log"
-  echo "== both sides: [ WIN ]"
+  echo "== both sides: [ WIN ] (seen $((SECONDS - t0)) s after the clients started)"
   # The clients exit after WIN (v1 default); wait for them so their local ports are free.
   for ((i = 0; i < 100; i++)); do
     kill -0 $apid 2>/dev/null || kill -0 $bpid 2>/dev/null || break

@@ -14,6 +14,7 @@ PY=$(python3 -c 'import sys; print(sys.executable)')
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 pass() { printf 'PASS %-11s %s\n' "$CHECK" "$*"; }
 fail() { printf 'FAIL %-11s %s\n' "$CHECK" "$*"; exit 1; }
+fail_soft() { printf 'FAIL %-11s %s\n' "$CHECK" "$*"; }
 
 # Ports the server sees for N probes from ROLE-namespace, each from a fresh socket.
 # usage: observed_ports NS N [INTERVAL] [BIND]  -> space-separated ports on stdout
@@ -176,11 +177,22 @@ if [ "${1:-}" = _in_lab ]; then # internal: run inside `lab.sh run`
   exit 0
 fi
 
-ALL="sequential filtering punch random preserving delay delay0 load"
+ALL="sequential filtering punch random preserving delay delay0 load demo-ref"
 checks=${*:-$ALL}
 failed=0
 for c in $checks; do
   opts=()
+  if [ "$c" = demo-ref ]; then
+    # The demo path end to end, with the Python model of the original v1 tool as `n4`.
+    echo "== demo-ref (LAB_N4=n4-ref.py lab.sh demo)"
+    if LAB_N4=$HERE/n4-ref.py "$LAB" demo >"${TMPDIR:-/tmp}/n4-lab-demo-ref.log" 2>&1; then
+      grep -E 'WIN \]|RECV' "${TMPDIR:-/tmp}/n4-lab-demo-ref.log" | sed 's/^/  /'
+      CHECK=demo-ref pass "demo with the v1 model: WIN both sides, a line each way"
+    else
+      sed 's/^/  /' "${TMPDIR:-/tmp}/n4-lab-demo-ref.log"; CHECK=demo-ref fail_soft; failed=1
+    fi
+    continue
+  fi
   case $c in
     sequential|filtering|punch) ;;
     random) opts=(--nat random) ;;
