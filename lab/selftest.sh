@@ -189,7 +189,7 @@ for c in $checks; do
       grep -E 'WIN \]|RECV' "${TMPDIR:-/tmp}/n4-lab-demo-ref.log" | sed 's/^/  /'
       CHECK=demo-ref pass "demo with the v1 model: WIN both sides, a line each way"
     else
-      sed 's/^/  /' "${TMPDIR:-/tmp}/n4-lab-demo-ref.log"; CHECK=demo-ref fail_soft; failed=1
+      sed 's/^/  /' "${TMPDIR:-/tmp}/n4-lab-demo-ref.log"; CHECK=demo-ref fail_soft "the demo failed (log above)"; failed=1
     fi
     continue
   fi
