@@ -1,1 +1,95 @@
-//! placeholder
+//! A thin mio event loop around `n4-core`'s machines, and the pieces of the `n4` binary.
+//!
+//! One thread per role: [`run_server`] owns a TCP listener and a UDP socket and drives
+//! [`n4_core::Server`]; [`run_client`] owns the window of UDP sockets and the TCP connection
+//! and drives [`n4_core::Client`]. The loops only bind, move bytes and read the clock; every
+//! protocol decision is the core's.
+//!
+//! # Design decisions
+//! - The drivers follow the core's calling contract literally: after every input, drain
+//!   commands (client) or outputs (server) first, then datagrams, then events; sleep until the
+//!   earliest `poll_timeout()`. `Instant::now()` is read here and nowhere in the core.
+//! - Logs are the original's words (` <= Hello `, `[ WIN ]`, …) so scripts that grep keep
+//!   working; the machine-readable result is `--json` on stdout.
+//! - SIGINT/SIGTERM arrive through `signal-hook-mio` as a poll event, so shutdown is an
+//!   ordinary branch of the loop, not a handler racing it.
+#![warn(missing_docs, unreachable_pub)]
+
+mod client;
+mod log;
+mod server;
+mod sockets;
+
+pub use client::{run_client, AfterWin, ClientOptions, ClientOutcome, WinReport, KEEPALIVE};
+pub use log::init_logging;
+pub use server::{run_server, ServerOptions};
+
+use std::io;
+use std::net::SocketAddr;
+
+/// Process exit codes of the `n4` binary.
+pub mod exit {
+    /// WIN (client), or a clean stop (server, or a client after WIN with `--keepalive`/`--forward`).
+    pub const WIN: i32 = 0;
+    /// The client gave up (`--rounds`) without a WIN.
+    pub const GAVE_UP: i32 = 1;
+    /// Bad flags or flag values.
+    pub const USAGE: i32 = 2;
+    /// A network error: server unreachable, port in use, name not resolved.
+    pub const NETWORK: i32 = 3;
+    /// Stopped by SIGINT/SIGTERM before a WIN.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// What stops a driver before it could do its job. Every variant is a network-side problem
+/// (exit code [`exit::NETWORK`]); bad flags are caught before a driver starts.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server host name did not resolve to an IPv4 address.
+    #[error("cannot resolve server host {host:?}: {reason}")]
+    Resolve {
+        /// The name given.
+        host: String,
+        /// Why.
+        reason: String,
+    },
+    /// The TCP connection to the server failed.
+    #[error("cannot connect to server {addr}: {reason}")]
+    Unreachable {
+        /// Server address.
+        addr: SocketAddr,
+        /// Why (the OS error, or a timeout).
+        reason: String,
+    },
+    /// A listening socket could not be bound (typically: port in use).
+    #[error("cannot listen on {proto} {addr}: {source}")]
+    Listen {
+        /// `TCP` or `UDP`.
+        proto: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Not one UDP source port of the window could be bound.
+    #[error("cannot bind any UDP source port in {first}-{last}: {source}")]
+    NoWindow {
+        /// First port of the window.
+        first: u16,
+        /// Last port of the window.
+        last: u16,
+        /// The last OS error.
+        source: io::Error,
+    },
+    /// The local socket for `--forward` could not be bound.
+    #[error("cannot bind the forwarding socket on {addr}: {source}")]
+    ForwardBind {
+        /// Address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The poller itself failed (or signals could not be registered).
+    #[error("event loop: {0}")]
+    Poll(#[from] io::Error),
+}

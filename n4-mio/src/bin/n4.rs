@@ -1,0 +1,433 @@
+//! `n4`: UDP hole punching between two hosts behind port-incrementing NATs — a drop-in for the
+//! original `n4.py` (same flags, defaults, wire protocol and log lines), and more.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use n4_core::{ClientConfig, Ident, ServerConfig};
+use n4_mio::{
+    exit, init_logging, run_client, run_server, AfterWin, ClientOptions, ClientOutcome, Error,
+    ServerOptions,
+};
+use tracing::{error, Level};
+
+const AFTER_HELP: &str = "\
+Examples:
+  n4 -s                              server on TCP+UDP port 1721
+  n4 -c -h 192.0.2.2                 client: punch, print [ WIN ] and the nc line, exit
+  n4 -c -h 192.0.2.2 --json          ... and print the result as one JSON object on stdout
+  n4 -c -h 192.0.2.2 --forward 127.0.0.1:51820
+                                     keep the hole and relay it to a local UDP program
+
+Identifier: v1's server served only its -a identifier (default n4n4n4). This server serves
+any identifier, one room per identifier, unless -a is given: then only that one.
+
+Exit codes:
+  0    WIN (client); clean stop on Ctrl-C/SIGTERM (server, or client after WIN)
+  1    gave up after --rounds rounds without WIN
+  2    bad flags or flag values
+  3    network error: server unreachable, port in use, host not resolved
+  130  stopped by Ctrl-C/SIGTERM before WIN";
+
+/// UDP hole punching between two hosts behind port-incrementing NATs (NAT4 <-> NAT4).
+#[derive(Parser, Debug)]
+#[command(
+    name = "n4",
+    version,
+    disable_help_flag = true,
+    after_help = AFTER_HELP,
+    max_term_width = 100
+)]
+struct Cli {
+    /// Print help
+    #[arg(long, action = ArgAction::Help)]
+    help: Option<bool>,
+
+    /// Identifier, at most 6 ASCII characters [default: n4n4n4; server: any unless given]
+    #[arg(short = 'a', long = "ident", value_name = "IDENT")]
+    ident: Option<String>,
+
+    /// Log more (-v: debug, -vv: trace); RUST_LOG overrides
+    #[arg(short = 'v', long, action = ArgAction::Count)]
+    verbose: u8,
+
+    /// Log only warnings and errors
+    #[arg(short = 'q', long, conflicts_with = "verbose")]
+    quiet: bool,
+
+    /// Run in server mode
+    #[arg(short = 's', long, help_heading = "Server", conflicts_with = "client")]
+    server: bool,
+
+    /// TCP and UDP port to listen on
+    #[arg(
+        short = 'l',
+        long,
+        value_name = "PORT",
+        default_value_t = 1721,
+        help_heading = "Server"
+    )]
+    listen: u16,
+
+    /// A connection must say HELLO within this
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "10",
+        help_heading = "Server"
+    )]
+    hello_timeout: f64,
+
+    /// A seated client waits this long for a partner [default: forever]
+    #[arg(long, value_name = "SECS", help_heading = "Server")]
+    wait_timeout: Option<f64>,
+
+    /// After READY, both EXCHANGEs must arrive within this
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "10",
+        help_heading = "Server"
+    )]
+    exchange_timeout: f64,
+
+    /// Open connections in all
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100_000,
+        help_heading = "Server"
+    )]
+    max_conns: usize,
+
+    /// Open connections from one IP address
+    #[arg(long, value_name = "N", default_value_t = 256, help_heading = "Server")]
+    max_per_ip: usize,
+
+    /// Speak pure v1: no token in READY (server), ignore one (client)
+    #[arg(long)]
+    no_ext: bool,
+
+    /// Run in client mode
+    #[arg(short = 'c', long, help_heading = "Client")]
+    client: bool,
+
+    /// Hostname of the N4 server (required with -c)
+    #[arg(short = 'h', long, value_name = "HOST", help_heading = "Client")]
+    host: Option<String>,
+
+    /// Port of the N4 server
+    #[arg(
+        short = 'p',
+        long,
+        value_name = "PORT",
+        default_value_t = 1721,
+        help_heading = "Client"
+    )]
+    port: u16,
+
+    /// Source port start (0: ephemeral ports)
+    #[arg(
+        short = 'b',
+        long,
+        value_name = "PORT",
+        default_value_t = 30000,
+        help_heading = "Client"
+    )]
+    start: u16,
+
+    /// Source port count
+    #[arg(
+        short = 'n',
+        long,
+        value_name = "COUNT",
+        default_value_t = 25,
+        help_heading = "Client"
+    )]
+    count: u16,
+
+    /// Peer port offset
+    #[arg(
+        short = 'o',
+        long,
+        value_name = "OFFSET",
+        default_value_t = 20,
+        allow_negative_numbers = true,
+        help_heading = "Client"
+    )]
+    offset: i32,
+
+    /// Accept the peer's punch from an IP other than the one the server gave
+    #[arg(short = 'x', long, help_heading = "Client")]
+    any_ip: bool,
+
+    /// Give up after N rounds (exit 1) [default: never]
+    #[arg(long, value_name = "N", help_heading = "Client")]
+    rounds: Option<u32>,
+
+    /// How long a round waits for the peer's punch
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "10",
+        help_heading = "Client"
+    )]
+    round_timeout: f64,
+
+    /// On WIN, print one JSON object on stdout: local_port, peer, round, elapsed_ms, strategy
+    #[arg(long, help_heading = "Client")]
+    json: bool,
+
+    /// After WIN, keep the hole open with a keepalive to the peer every SECS until Ctrl-C
+    #[arg(
+        long,
+        value_name = "SECS",
+        num_args = 0..=1,
+        default_missing_value = "15",
+        help_heading = "Client"
+    )]
+    keepalive: Option<f64>,
+
+    /// After WIN, relay between the peer and the local UDP program at HOST:PORT until Ctrl-C
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Client")]
+    forward: Option<String>,
+
+    /// Local address of the relay socket the local program talks to [default: port 0 on
+    /// 127.0.0.1 for a loopback --forward target, else on 0.0.0.0]
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        requires = "forward",
+        help_heading = "Client"
+    )]
+    forward_bind: Option<SocketAddr>,
+}
+
+/// A usage error: one line on stderr, exit 2.
+struct Usage(String);
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // clap's first line says what is wrong; its usage and tips follow on more lines.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("n4: {first} (see --help)");
+            return code(exit::USAGE);
+        }
+    };
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => Level::WARN,
+        (false, 0) => Level::INFO,
+        (false, 1) => Level::DEBUG,
+        (false, _) => Level::TRACE,
+    };
+    match run(cli, level) {
+        Ok(c) => code(c),
+        Err(Failure::Usage(Usage(msg))) => {
+            eprintln!("n4: error: {msg}");
+            code(exit::USAGE)
+        }
+        Err(Failure::Network(e)) => {
+            error!("{e}");
+            code(exit::NETWORK)
+        }
+    }
+}
+
+enum Failure {
+    Usage(Usage),
+    Network(Error),
+}
+
+impl From<Usage> for Failure {
+    fn from(u: Usage) -> Self {
+        Self::Usage(u)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Self::Network(e)
+    }
+}
+
+fn code(c: i32) -> ExitCode {
+    ExitCode::from(c as u8)
+}
+
+fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
+    match (cli.server, cli.client) {
+        (true, _) => {
+            let options = server_options(&cli)?;
+            init_logging(level);
+            run_server(options)?;
+            Ok(exit::WIN)
+        }
+        (false, true) => {
+            let options = client_options(&cli)?;
+            init_logging(level);
+            Ok(match run_client(options)? {
+                ClientOutcome::Won(_) => exit::WIN,
+                ClientOutcome::GaveUp { rounds } => {
+                    error!("Gave up after {rounds} rounds without a punch from the peer");
+                    exit::GAVE_UP
+                }
+                ClientOutcome::Interrupted => exit::INTERRUPTED,
+            })
+        }
+        (false, false) => Err(Usage("choose a mode: -s (server) or -c (client)".into()).into()),
+    }
+}
+
+fn ident(cli: &Cli) -> Result<Option<Ident>, Usage> {
+    cli.ident
+        .as_deref()
+        .map(|s| Ident::new(s).map_err(|e| Usage(format!("-a {s:?}: {e}"))))
+        .transpose()
+}
+
+fn secs(flag: &str, v: f64) -> Result<Duration, Usage> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| Usage(format!("{flag} {v}: must be a positive number of seconds")))
+}
+
+fn server_options(cli: &Cli) -> Result<ServerOptions, Usage> {
+    if cli.max_conns == 0 || cli.max_per_ip == 0 {
+        return Err(Usage(
+            "--max-conns and --max-per-ip must be at least 1".into(),
+        ));
+    }
+    let config = ServerConfig {
+        only_ident: ident(cli)?,
+        hello_timeout: secs("--hello-timeout", cli.hello_timeout)?,
+        wait_timeout: cli
+            .wait_timeout
+            .map(|v| secs("--wait-timeout", v))
+            .transpose()?,
+        exchange_timeout: secs("--exchange-timeout", cli.exchange_timeout)?,
+        max_connections: cli.max_conns,
+        max_per_ip: cli.max_per_ip,
+        extensions: !cli.no_ext,
+        rng_seed: random_seed(),
+    };
+    Ok(ServerOptions {
+        listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, cli.listen)),
+        config,
+    })
+}
+
+fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
+    let Some(host) = cli.host.as_deref() else {
+        return Err(Usage("client mode needs the server: -h HOST".into()).into());
+    };
+    if cli.port == 0 {
+        return Err(Usage("-p 0: the server port must be 1-65535".into()).into());
+    }
+    if cli.count == 0 {
+        return Err(Usage("-n 0: the source port count must be at least 1".into()).into());
+    }
+    let last = u32::from(cli.start) + u32::from(cli.count) - 1;
+    if cli.start != 0 && last > 65535 {
+        return Err(Usage(format!(
+            "-b {} -n {}: source ports would run to {last}, past 65535",
+            cli.start, cli.count
+        ))
+        .into());
+    }
+    if cli.offset.unsigned_abs() >= 65535 {
+        return Err(Usage(format!(
+            "-o {}: peer port + offset would always be outside 1-65535",
+            cli.offset
+        ))
+        .into());
+    }
+    if cli.rounds == Some(0) {
+        return Err(Usage("--rounds 0: at least one round is needed".into()).into());
+    }
+    let round_timeout = secs("--round-timeout", cli.round_timeout)?;
+    let keepalive = cli.keepalive.map(|v| secs("--keepalive", v)).transpose()?;
+    let after_win = match (&cli.forward, keepalive) {
+        (Some(target), keepalive) => {
+            let to = resolve_any(target)
+                .map_err(|reason| Usage(format!("--forward {target:?}: {reason}")))?;
+            let bind = cli.forward_bind.unwrap_or_else(|| {
+                let ip = match to.ip() {
+                    IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    IpAddr::V6(ip) if ip.is_loopback() => IpAddr::V6(ip),
+                    IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                };
+                SocketAddr::new(ip, 0)
+            });
+            AfterWin::Forward {
+                to,
+                bind,
+                keepalive: keepalive.unwrap_or(Duration::from_secs(15)),
+            }
+        }
+        (None, Some(interval)) => AfterWin::KeepAlive { interval },
+        (None, None) => AfterWin::Exit,
+    };
+    let server = resolve_v4(host, cli.port)?;
+    let config = ClientConfig {
+        ident: ident(cli)?.unwrap_or_default(),
+        server,
+        port_start: cli.start,
+        port_count: cli.count,
+        peer_port_offset: cli.offset,
+        accept_any_ip: cli.any_ip,
+        round_timeout,
+        max_rounds: cli.rounds,
+        extensions: !cli.no_ext,
+        ..ClientConfig::default()
+    };
+    Ok(ClientOptions {
+        config,
+        after_win,
+        json: cli.json,
+        connect_timeout: round_timeout,
+    })
+}
+
+/// The server's IPv4 address (the v1 wire format carries IPv4 only).
+fn resolve_v4(host: &str, port: u16) -> Result<SocketAddrV4, Error> {
+    let failed = |reason: String| Error::Resolve {
+        host: host.to_string(),
+        reason,
+    };
+    let addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| failed(e.to_string()))?;
+    addrs
+        .filter_map(|a| match a {
+            SocketAddr::V4(v4) => Some(v4),
+            SocketAddr::V6(_) => None,
+        })
+        .next()
+        .ok_or_else(|| failed("no IPv4 address".into()))
+}
+
+fn resolve_any(target: &str) -> Result<SocketAddr, String> {
+    let mut addrs = target.to_socket_addrs().map_err(|e| e.to_string())?;
+    addrs.next().ok_or_else(|| "no address".into())
+}
+
+/// Seed for the server's tokens: std's `RandomState` keys come from the OS RNG.
+fn random_seed() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}

@@ -1,0 +1,687 @@
+//! The client's event loop: the window of UDP sockets and the TCP connection, one thread,
+//! driving [`n4_core::Client`]; after WIN, optionally keeping the hole (keepalive) or relaying
+//! it to a local UDP program (forward).
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpStream, UdpSocket};
+use mio::{Events, Interest, Poll, Token};
+use n4_core::{Client, ClientConfig, Command, Event, LoseReason, Message};
+use serde::Serialize;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use tracing::{debug, info, warn};
+
+use crate::{sockets, Error};
+
+const SIGNALS: Token = Token(0);
+const TCP: Token = Token(1);
+const FORWARD: Token = Token(2);
+/// Window slot `i` has token `WINDOW_BASE + i`.
+const WINDOW_BASE: usize = 16;
+
+/// The keepalive datagram sent to the peer after WIN with `--keepalive`/`--forward`: 8 bytes,
+/// command byte 0x00 (no v1 command), `"N4KA"`, two zero bytes. It is never equal to a PUNCH,
+/// and a peer in `--forward` mode does not pass it to its local program.
+pub const KEEPALIVE: [u8; 8] = [0x00, 0x00, b'N', b'4', b'K', b'A', 0x00, 0x00];
+
+/// What to do once the hole is open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AfterWin {
+    /// Like the original: send the acknowledgement burst, print the `nc` hint, exit.
+    Exit,
+    /// Keep the winning socket and send [`KEEPALIVE`] to the peer every `interval` until
+    /// SIGINT/SIGTERM.
+    KeepAlive {
+        /// Spacing of keepalives.
+        interval: Duration,
+    },
+    /// Keep the winning socket and relay: datagrams from the peer go to `to` from a local
+    /// socket bound on `bind`; datagrams arriving on that socket go to the peer. A keepalive
+    /// goes to the peer after `keepalive` without traffic towards it.
+    Forward {
+        /// The local program (e.g. WireGuard's listen address).
+        to: SocketAddr,
+        /// Where the local relay socket binds (port 0: any).
+        bind: SocketAddr,
+        /// Idle time before a keepalive to the peer.
+        keepalive: Duration,
+    },
+}
+
+/// What [`run_client`] needs.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// The machine's settings (server address already resolved).
+    pub config: ClientConfig,
+    /// What to do after WIN.
+    pub after_win: AfterWin,
+    /// Print the result as one JSON object on stdout.
+    pub json: bool,
+    /// Give up on a TCP connect that neither succeeds nor fails within this.
+    pub connect_timeout: Duration,
+}
+
+/// The result of a WIN, as `--json` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WinReport {
+    /// Local UDP port of the hole.
+    pub local_port: u16,
+    /// The peer's address as it reaches us.
+    pub peer: SocketAddr,
+    /// 1-based round that won.
+    pub round: u32,
+    /// From start to the peer's PUNCH arriving.
+    pub elapsed_ms: u64,
+    /// The punching strategy (`v1`: fixed offset, one window per round).
+    pub strategy: &'static str,
+    /// With `--forward`: the local relay socket the local program talks to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_via: Option<SocketAddr>,
+}
+
+/// How a client run ended (errors aside).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientOutcome {
+    /// WIN; with `--keepalive`/`--forward` returned only after SIGINT/SIGTERM.
+    Won(WinReport),
+    /// `--rounds` rounds lost.
+    GaveUp {
+        /// Rounds played.
+        rounds: u32,
+    },
+    /// SIGINT/SIGTERM before WIN.
+    Interrupted,
+}
+
+/// Runs one client until WIN (and its aftermath), give-up, a signal, or a network error.
+pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
+    let start = Instant::now();
+    let poll = Poll::new()?;
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)?;
+    // Bind the relay socket before punching: a bad --forward address fails now, not after WIN.
+    let forward = match &options.after_win {
+        AfterWin::Forward { bind, .. } => {
+            let mut socket = sockets::bind_udp(*bind).map_err(|source| Error::ForwardBind {
+                addr: *bind,
+                source,
+            })?;
+            poll.registry()
+                .register(&mut socket, FORWARD, Interest::READABLE)?;
+            Some(socket)
+        }
+        _ => None,
+    };
+    let client = Client::new(options.config.clone(), start).map_err(|e| Error::Resolve {
+        // Unreachable in the binary (flags are validated first); kept as an error, not a panic.
+        host: options.config.server.to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut driver = Driver {
+        client,
+        poll,
+        options,
+        start,
+        window: Vec::new(),
+        tcp: None,
+        connect_deadline: None,
+        connect_error: None,
+        exchange_logged: false,
+        won: None,
+        finished: false,
+        forward,
+        keepalive_at: None,
+    };
+    let mut events = Events::with_capacity(256);
+    let mut buf = vec![0u8; 65536];
+    let mut now = start;
+    loop {
+        if let Some(outcome) = driver.drain(now)? {
+            return Ok(outcome);
+        }
+        let timeout = driver
+            .next_wakeup()
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        if let Err(e) = driver.poll.poll(&mut events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        now = Instant::now();
+        for event in events.iter() {
+            match event.token() {
+                SIGNALS => {
+                    if signals.pending().next().is_some() {
+                        info!("Stopped");
+                        return Ok(match driver.won.take() {
+                            Some(won) => ClientOutcome::Won(won.report),
+                            None => ClientOutcome::Interrupted,
+                        });
+                    }
+                }
+                TCP => driver.tcp_event(now, event, &mut buf),
+                FORWARD => driver.forward_readable(now, &mut buf),
+                Token(t) => driver.slot_readable(now, t - WINDOW_BASE, &mut buf),
+            }
+            if let Some(outcome) = driver.drain(now)? {
+                return Ok(outcome);
+            }
+        }
+        driver.timers(now);
+    }
+}
+
+struct Tcp {
+    stream: TcpStream,
+    connected: bool,
+    out: Vec<u8>,
+}
+
+struct Won {
+    /// The slot that received the peer's PUNCH, and who sent it: our way out.
+    slot: usize,
+    peer: SocketAddr,
+    /// Every (slot, peer address) the peer reached us on since WIN, the winning pair first.
+    /// Where filtering is open (loopback, endpoint-independent filtering) the two sides may
+    /// win on different pairs, so the peer's traffic can arrive on another slot than ours:
+    /// such slots stay open and get keepalives too.
+    paths: Vec<(usize, SocketAddr)>,
+    report: WinReport,
+}
+
+/// Enough for any honest peer (its winning pair and its acknowledgements); bounds a flood.
+const MAX_PATHS: usize = 8;
+
+struct Driver {
+    client: Client,
+    poll: Poll,
+    options: ClientOptions,
+    start: Instant,
+    /// Slot `i`'s socket; `None` when its port could not be bound.
+    window: Vec<Option<UdpSocket>>,
+    tcp: Option<Tcp>,
+    connect_deadline: Option<Instant>,
+    /// Why the last connect failed, for the error message.
+    connect_error: Option<String>,
+    /// ` <= Exchange ` was logged this round (repeats go to debug).
+    exchange_logged: bool,
+    won: Option<Won>,
+    /// The machine is done (acknowledgement burst sent).
+    finished: bool,
+    forward: Option<UdpSocket>,
+    keepalive_at: Option<Instant>,
+}
+
+impl Driver {
+    fn next_wakeup(&self) -> Option<Instant> {
+        [
+            self.client.poll_timeout(),
+            self.connect_deadline,
+            self.keepalive_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn timers(&mut self, now: Instant) {
+        if self.connect_deadline.is_some_and(|d| d <= now) {
+            self.connect_deadline = None;
+            if self.tcp.as_ref().is_some_and(|t| !t.connected) {
+                self.connect_failed(now, "timed out".into());
+            }
+        }
+        if self.client.poll_timeout().is_some_and(|t| t <= now) {
+            self.client.handle_timeout(now);
+        }
+        if self.keepalive_at.is_some_and(|t| t <= now) {
+            if let Some(won) = &self.won {
+                for &(slot, peer) in &won.paths {
+                    send_from(&self.window, slot, peer, &KEEPALIVE);
+                    debug!("keepalive from slot {slot} to {peer}");
+                }
+            }
+            self.keepalive_at = Some(now + self.keepalive_interval());
+        }
+    }
+
+    fn keepalive_interval(&self) -> Duration {
+        match self.options.after_win {
+            AfterWin::KeepAlive { interval } => interval,
+            AfterWin::Forward { keepalive, .. } => keepalive,
+            AfterWin::Exit => Duration::MAX,
+        }
+    }
+
+    /// Carries out the machine's commands and datagrams and reacts to its events, until it
+    /// has nothing more to say. Returns the outcome when the run is over.
+    fn drain(&mut self, now: Instant) -> Result<Option<ClientOutcome>, Error> {
+        loop {
+            let mut moved = false;
+            while let Some(command) = self.client.poll_command() {
+                moved = true;
+                self.command(now, command)?;
+            }
+            while let Some(t) = self.client.poll_transmit() {
+                moved = true;
+                send_from(&self.window, t.slot, t.destination, &t.payload);
+            }
+            while let Some(event) = self.client.poll_event() {
+                moved = true;
+                if let Some(outcome) = self.event(now, event)? {
+                    return Ok(Some(outcome));
+                }
+            }
+            if !moved {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn command(&mut self, now: Instant, command: Command) -> Result<(), Error> {
+        match command {
+            Command::OpenWindow { ports } => self.open_window(&ports)?,
+            Command::Connect => self.connect(now),
+            Command::Send(message) => {
+                if let Some(tcp) = &mut self.tcp {
+                    tcp.out.extend_from_slice(&message.to_bytes());
+                }
+                self.flush(now);
+            }
+            Command::Disconnect => self.close_tcp(),
+        }
+        Ok(())
+    }
+
+    fn open_window(&mut self, ports: &[u16]) -> Result<(), Error> {
+        self.close_window();
+        let mut last_error = None;
+        for (slot, &port) in ports.iter().enumerate() {
+            let bound = sockets::bind_slot(port).and_then(|mut socket| {
+                self.poll.registry().register(
+                    &mut socket,
+                    Token(WINDOW_BASE + slot),
+                    Interest::READABLE,
+                )?;
+                Ok(socket)
+            });
+            match bound {
+                Ok(socket) => self.window.push(Some(socket)),
+                Err(e) => {
+                    warn!("Cannot bind UDP port {port}: {e}; slot skipped");
+                    last_error = Some(e);
+                    self.window.push(None);
+                }
+            }
+        }
+        if self.window.iter().all(Option::is_none) {
+            return Err(Error::NoWindow {
+                first: ports.first().copied().unwrap_or(0),
+                last: ports.last().copied().unwrap_or(0),
+                source: last_error.unwrap_or_else(|| io::ErrorKind::InvalidInput.into()),
+            });
+        }
+        Ok(())
+    }
+
+    fn close_window(&mut self) {
+        for mut socket in self.window.drain(..).flatten() {
+            let _ = self.poll.registry().deregister(&mut socket);
+        }
+    }
+
+    fn connect(&mut self, now: Instant) {
+        self.close_tcp();
+        let server = SocketAddr::from(self.client.config().server);
+        match TcpStream::connect(server) {
+            Ok(mut stream) => {
+                if let Err(e) = self.poll.registry().register(
+                    &mut stream,
+                    TCP,
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
+                    self.connect_failed(now, e.to_string());
+                    return;
+                }
+                self.tcp = Some(Tcp {
+                    stream,
+                    connected: false,
+                    out: Vec::new(),
+                });
+                self.connect_deadline = Some(now + self.options.connect_timeout);
+            }
+            Err(e) => self.connect_failed(now, e.to_string()),
+        }
+    }
+
+    fn connect_failed(&mut self, now: Instant, reason: String) {
+        self.close_tcp();
+        self.connect_error = Some(reason);
+        self.client.handle_connect_failed(now);
+    }
+
+    fn close_tcp(&mut self) {
+        self.connect_deadline = None;
+        if let Some(mut tcp) = self.tcp.take() {
+            let _ = self.poll.registry().deregister(&mut tcp.stream);
+            let _ = tcp.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn tcp_event(&mut self, now: Instant, event: &mio::event::Event, buf: &mut [u8]) {
+        let Some(tcp) = &mut self.tcp else {
+            return;
+        };
+        if !tcp.connected {
+            // mio's recipe for a nonblocking connect: an error, or a peer address, or neither
+            // yet (a spurious wake-up).
+            match tcp.stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => return self.connect_failed(now, e.to_string()),
+            }
+            match tcp.stream.peer_addr() {
+                Ok(_) => {
+                    tcp.connected = true;
+                    let _ = tcp.stream.set_nodelay(true);
+                    self.connect_deadline = None;
+                    self.client.handle_connected(now);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    if event.is_error() || event.is_write_closed() {
+                        return self.connect_failed(now, "connection failed".into());
+                    }
+                    return;
+                }
+                Err(e) => return self.connect_failed(now, e.to_string()),
+            }
+        }
+        if event.is_writable() {
+            self.flush(now);
+        }
+        loop {
+            let Some(tcp) = &mut self.tcp else {
+                return;
+            };
+            match tcp.stream.read(buf) {
+                Ok(0) => return self.stream_closed(now),
+                // If the machine gives up on the connection (garbage), it ignores what follows;
+                // its `Disconnect` is carried out by the next drain.
+                Ok(n) => self.client.handle_stream_data(now, &buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("server connection: {e}");
+                    return self.stream_closed(now);
+                }
+            }
+        }
+    }
+
+    fn stream_closed(&mut self, now: Instant) {
+        self.close_tcp();
+        self.client.handle_stream_closed(now);
+    }
+
+    fn flush(&mut self, now: Instant) {
+        let Some(tcp) = &mut self.tcp else {
+            return;
+        };
+        if !tcp.connected {
+            return;
+        }
+        while !tcp.out.is_empty() {
+            match tcp.stream.write(&tcp.out) {
+                Ok(n) => {
+                    tcp.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("server connection: {e}");
+                    return self.stream_closed(now);
+                }
+            }
+        }
+    }
+
+    fn slot_readable(&mut self, now: Instant, slot: usize, buf: &mut [u8]) {
+        loop {
+            let Some(Some(socket)) = self.window.get(slot) else {
+                return;
+            };
+            let (n, from) = match socket.recv_from(buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // e.g. ECONNREFUSED from an ICMP error; nothing to do but go on.
+                    debug!("slot {slot}: {e}");
+                    continue;
+                }
+            };
+            let data = &buf[..n];
+            if let Some(won) = &mut self.won {
+                if from.ip() == won.peer.ip() {
+                    if won.paths.len() < MAX_PATHS && !won.paths.contains(&(slot, from)) {
+                        debug!("peer {from} reaches us on slot {slot}");
+                        won.paths.push((slot, from));
+                    }
+                    let punch = Message::Punch(self.client.config().ident).to_bytes();
+                    if data == punch || data == KEEPALIVE {
+                        // Handshake noise, not the user's traffic.
+                    } else if let (Some(relay), AfterWin::Forward { to, .. }) =
+                        (&self.forward, &self.options.after_win)
+                    {
+                        if let Err(e) = relay.send_to(data, *to) {
+                            debug!("forward to {to}: {e}");
+                        }
+                    } else {
+                        debug!("{n} bytes from peer {from}");
+                    }
+                }
+            }
+            if !self.finished {
+                self.client.handle_datagram(now, slot, from, data);
+            }
+        }
+    }
+
+    /// A datagram from the local program: to the peer, through the hole.
+    fn forward_readable(&mut self, now: Instant, buf: &mut [u8]) {
+        let Some(relay) = &self.forward else {
+            return;
+        };
+        loop {
+            let (n, from) = match relay.recv_from(buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("forwarding socket: {e}");
+                    continue;
+                }
+            };
+            let Some(won) = &self.won else {
+                debug!("{n} bytes from {from} before WIN: dropped");
+                continue;
+            };
+            send_from(&self.window, won.slot, won.peer, &buf[..n]);
+            self.keepalive_at = Some(now + self.keepalive_interval());
+        }
+    }
+
+    fn event(&mut self, now: Instant, event: Event) -> Result<Option<ClientOutcome>, Error> {
+        match event {
+            Event::RoundStarted {
+                first_port, count, ..
+            } => {
+                self.exchange_logged = false;
+                info!("==================");
+                info!(
+                    "Source port: {}-{}",
+                    first_port,
+                    u32::from(first_port) + u32::from(count)
+                );
+            }
+            Event::HelloSent => info!(" <= Hello "),
+            Event::Ready { extended } => {
+                info!(" => Ready ");
+                debug!("server extensions: {extended}");
+            }
+            Event::ExchangeSent => {
+                if self.exchange_logged {
+                    debug!(" <= Exchange (again)");
+                } else {
+                    self.exchange_logged = true;
+                    info!(" <= Exchange ");
+                }
+            }
+            Event::Seen(addr) => debug!(" => Seen: {addr} (our public address)"),
+            Event::PeerInfo { peer, target } => {
+                info!(" => Peer: {peer} ");
+                match target {
+                    Some(target) => info!(" [ Target: {target} ] "),
+                    None => warn!(
+                        " [ Target: out of range ] (peer port {} + offset {} > 65535)",
+                        peer.port(),
+                        self.client.config().peer_port_offset
+                    ),
+                }
+            }
+            Event::PunchSent { target, datagrams } => {
+                info!(" <= Punch ");
+                debug!("{datagrams} punches to {target}");
+            }
+            Event::Win { round, slot, peer } => {
+                info!(" => Punch from peer ");
+                let local_port = self
+                    .window
+                    .get(slot)
+                    .and_then(Option::as_ref)
+                    .and_then(|s| s.local_addr().ok())
+                    .map_or(0, |a| a.port());
+                let report = WinReport {
+                    local_port,
+                    peer,
+                    round,
+                    elapsed_ms: now.duration_since(self.start).as_millis() as u64,
+                    strategy: "v1",
+                    forward_via: self.forward.as_ref().and_then(|s| s.local_addr().ok()),
+                };
+                if self.options.after_win != AfterWin::Exit {
+                    self.keepalive_at = Some(now + self.keepalive_interval());
+                }
+                self.won = Some(Won {
+                    slot,
+                    peer,
+                    paths: vec![(slot, peer)],
+                    report,
+                });
+            }
+            Event::Lose { reason, .. } => {
+                info!("[ LOSE ]");
+                match reason {
+                    LoseReason::Timeout => debug!("no punch from the peer in time"),
+                    LoseReason::NoPeerInfo => warn!("no peer info from the server in time"),
+                    LoseReason::ServerClosed => {
+                        warn!("the server closed the connection before sending peer info")
+                    }
+                    LoseReason::ServerGarbage => warn!("the server broke the protocol"),
+                    LoseReason::TargetOutOfRange => {
+                        warn!("the predicted peer port is out of range")
+                    }
+                }
+            }
+            Event::Finished => return Ok(self.finished(now)),
+            Event::GaveUp { rounds } => return Ok(Some(ClientOutcome::GaveUp { rounds })),
+            Event::ServerUnreachable => {
+                return Err(Error::Unreachable {
+                    addr: self.client.config().server.into(),
+                    reason: self
+                        .connect_error
+                        .take()
+                        .unwrap_or_else(|| "connection failed".into()),
+                })
+            }
+        }
+        Ok(None)
+    }
+
+    /// The acknowledgement burst is done: log the result the original's way, then exit or hold.
+    fn finished(&mut self, _now: Instant) -> Option<ClientOutcome> {
+        self.finished = true;
+        let Some(won) = &self.won else {
+            // Finished without WIN cannot happen (the machine finishes only after a WIN).
+            return None;
+        };
+        let (peer, report) = (won.peer, won.report.clone());
+        let keep: Vec<usize> = won.paths.iter().map(|p| p.0).collect();
+        info!(" <= Punch ");
+        self.close_tcp();
+        if self.options.after_win == AfterWin::Exit {
+            // Like the original: the port is free by the time `[ WIN ]` is printed.
+            self.close_window();
+        } else {
+            // The peer's acknowledgements have arrived by now: slots it does not use can go.
+            for (i, socket) in self.window.iter_mut().enumerate() {
+                if !keep.contains(&i) {
+                    if let Some(mut s) = socket.take() {
+                        let _ = self.poll.registry().deregister(&mut s);
+                    }
+                }
+            }
+        }
+        info!("------");
+        info!("Local port:    {}", report.local_port);
+        info!("Peer address:  {peer}");
+        info!("------");
+        info!("[ WIN ]");
+        info!("------");
+        info!(
+            "> nc -u -p {} {} {}",
+            report.local_port,
+            peer.ip(),
+            peer.port()
+        );
+        match &self.options.after_win {
+            AfterWin::Exit => {}
+            AfterWin::KeepAlive { interval } => info!(
+                "Keeping the hole open: keepalive to {peer} every {} s (Ctrl-C to stop)",
+                interval.as_secs_f64()
+            ),
+            AfterWin::Forward { to, .. } => info!(
+                "Forwarding: peer {peer} <=> {to} via {} (Ctrl-C to stop)",
+                report
+                    .forward_via
+                    .map_or_else(|| "?".into(), |a| a.to_string())
+            ),
+        }
+        if self.options.json {
+            let line = serde_json::to_string(&report).expect("a WinReport always serializes");
+            let mut stdout = io::stdout().lock();
+            let _ = writeln!(stdout, "{line}");
+            let _ = stdout.flush();
+        }
+        match self.options.after_win {
+            AfterWin::Exit => Some(ClientOutcome::Won(report)),
+            _ => None,
+        }
+    }
+}
+
+fn send_from(window: &[Option<UdpSocket>], slot: usize, to: SocketAddr, payload: &[u8]) {
+    match window.get(slot) {
+        Some(Some(socket)) => {
+            if let Err(e) = socket.send_to(payload, to) {
+                debug!("send from slot {slot} to {to}: {e}");
+            }
+        }
+        _ => debug!("slot {slot} is not bound: datagram to {to} dropped"),
+    }
+}
