@@ -1,9 +1,20 @@
-//! The punching client: one v1 round after another until a PUNCH from the peer arrives.
+//! The punching client: rounds of HELLO → READY → EXCHANGE → PEERINFO → PUNCH until a PUNCH from
+//! the peer arrives.
 //!
-//! A round: open a window of local UDP port slots, connect to the server, HELLO, wait READY,
-//! EXCHANGE from slot 0, wait PEERINFO, PUNCH from every slot to `peer_port + offset`, and WIN
-//! as soon as the peer's PUNCH arrives (then acknowledge it with a timed burst), or LOSE at the
-//! round timeout and shift the window by `count` for the next round.
+//! Two strategies share the machine:
+//! - [`Strategy::V1`]: exactly the original. A round opens a window of `count` local ports,
+//!   connects, says HELLO, sends EXCHANGE ×3 from slot 0, punches `peer_port + offset` from every
+//!   slot (5 passes) and waits `round_timeout` (10 s); a lost round shifts the window by `count`
+//!   and starts over with a new TCP connection.
+//! - [`Strategy::Predict`] (default): the same round, plus our extension when the server offers
+//!   it. Before READY it probes the server's probe port from a few fresh sockets to learn its own
+//!   NAT's step, direction, allocation rate and RTT ([`PortPredictor`]); its EXCHANGE carries a
+//!   [`Hint`] telling the peer where to aim; the window it punches from is sized to its own
+//!   uncertainty; lost rounds are re-run inside the same TCP session after a few RTTs, reusing
+//!   the window. Whenever the server or the peer is v1, it behaves as v1 towards them.
+//!
+//! WIN is reported as soon as the peer's PUNCH arrives; the acknowledgement burst goes on as
+//! timed transmits.
 //!
 //! Sans-IO contract: after every `handle_*` call, drain [`Client::poll_command`] first (it opens
 //! the window and the TCP connection the transmits need), then [`Client::poll_transmit`] and
@@ -14,7 +25,27 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use crate::codec::{Ident, Message, StreamDecoder, Token};
+use crate::codec::{Hint, Ident, Message, StreamDecoder, Token};
+use crate::prediction::{NatBehaviour, Plan, PortPredictor};
+
+/// How the client aims its punches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// The original's fixed offset and window, 10 s rounds, a new connection per round.
+    V1,
+    /// NAT-aware prediction and fast in-session rounds when the server and peer are ours.
+    Predict,
+}
+
+impl Strategy {
+    /// Lowercase name, as in logs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::Predict => "predict",
+        }
+    }
+}
 
 /// Client settings. `Default` gives the original's values, written in each field's doc.
 #[derive(Clone, Debug)]
@@ -22,20 +53,22 @@ pub struct ClientConfig {
     /// Session identifier (`-a`, default `n4n4n4`).
     pub ident: Ident,
     /// Server address; EXCHANGE goes to this UDP port, the TCP leg to the same port (`-h`, `-p`).
+    /// Probes go to the next port up.
     pub server: SocketAddrV4,
     /// First local source port of the first window (`-b`, default 30000); 0 = ephemeral ports.
     pub port_start: u16,
-    /// Number of local port slots per round (`-n`, default 25).
+    /// Number of local port slots per v1 round (`-n`, default 25).
     pub port_count: u16,
-    /// Predicted peer port = observed peer port + this (`-o`, default 20).
+    /// Predicted peer port = observed peer port + this (`-o`, default 20), unless the peer
+    /// gives a hint.
     pub peer_port_offset: i32,
     /// Accept a PUNCH from any IP, not only the one the server gave (`-x`, default off).
     pub accept_any_ip: bool,
-    /// How long a round waits for the peer's PUNCH (and for PEERINFO after READY). Default 10 s.
+    /// How long a v1 round waits for the peer's PUNCH (and for PEERINFO after READY). Default 10 s.
     pub round_timeout: Duration,
-    /// Passes of PUNCH over the whole window. Default 5.
+    /// Passes of PUNCH over the whole window in a v1 round. Default 5.
     pub punch_passes: u16,
-    /// EXCHANGE datagrams sent per round. Default 3.
+    /// EXCHANGE datagrams sent per v1 round. Default 3.
     pub exchange_count: u16,
     /// Acknowledgement burst after WIN: this many PUNCHes back to the peer. Default 10.
     pub ack_count: u16,
@@ -45,8 +78,14 @@ pub struct ClientConfig {
     pub max_rounds: Option<u32>,
     /// Wait before the next round when the server closed the connection early. Default 1 s.
     pub retry_delay: Duration,
-    /// Use our extension when the server offers it. Default `true`.
-    pub extensions: bool,
+    /// How to aim. Default [`Strategy::Predict`].
+    pub strategy: Strategy,
+    /// Predict: probes of the server's probe port per fresh round. Default 6.
+    pub probes: u16,
+    /// Predict: spacing of the probes. Default 20 ms.
+    pub probe_interval: Duration,
+    /// Predict: window slots opened (an adaptive part of them punches). Default 64.
+    pub max_window: u16,
 }
 
 impl Default for ClientConfig {
@@ -65,8 +104,34 @@ impl Default for ClientConfig {
             ack_interval: Duration::from_millis(200),
             max_rounds: None,
             retry_delay: Duration::from_secs(1),
-            extensions: true,
+            strategy: Strategy::Predict,
+            probes: 6,
+            probe_interval: Duration::from_millis(20),
+            max_window: 64,
         }
+    }
+}
+
+impl ClientConfig {
+    /// Window slots opened per fresh round.
+    pub fn window_slots(&self) -> u16 {
+        match self.strategy {
+            Strategy::V1 => self.port_count,
+            Strategy::Predict => self.port_count.max(self.max_window),
+        }
+    }
+
+    /// Probe slots opened after the window.
+    pub fn probe_slots(&self) -> u16 {
+        match self.strategy {
+            Strategy::V1 => 0,
+            Strategy::Predict => self.probes,
+        }
+    }
+
+    /// Where probes go: the server's port + 1.
+    pub fn probe_server(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(*self.server.ip(), self.server.port().wrapping_add(1))
     }
 }
 
@@ -81,7 +146,7 @@ pub enum ConfigError {
     WindowTooHigh {
         /// `port_start`.
         start: u16,
-        /// `port_count`.
+        /// Window slots.
         count: u16,
     },
     /// The offset is outside ±65535.
@@ -102,6 +167,9 @@ pub struct Transmit {
 }
 
 /// What the driver must do besides sending datagrams.
+///
+/// Slots `0..window_slots` are the punch window; with [`Strategy::Predict`] a few probe slots
+/// (port 0) follow them.
 #[must_use]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -129,8 +197,10 @@ pub enum Event {
         round: u32,
         /// First local port (0 = ephemeral).
         first_port: u16,
-        /// Number of slots.
+        /// Number of window slots.
         count: u16,
+        /// The round reuses the session's TCP connection and window (extension).
+        in_session: bool,
     },
     /// HELLO was sent.
     HelloSent,
@@ -141,6 +211,21 @@ pub enum Event {
     },
     /// EXCHANGE was sent to the server.
     ExchangeSent,
+    /// Our NAT as the probes show it, and the plan for this round (extension only).
+    Planned {
+        /// Signed port step per mapping (0: unknown or random).
+        step: i32,
+        /// Other hosts' new mappings per second behind our NAT.
+        rate: u32,
+        /// Smallest RTT to the server seen.
+        rtt: Option<Duration>,
+        /// Slots we will punch from.
+        window: u16,
+        /// Our advice to the peer.
+        hint: Hint,
+    },
+    /// The peer's advice on where to aim (extension).
+    PeerHint(Hint),
     /// The server told us our own public address (extension).
     Seen(SocketAddrV4),
     /// The partner's public address; `target` is where punches go (`None`: offset passes 65535).
@@ -165,6 +250,8 @@ pub enum Event {
         slot: usize,
         /// The peer's address as it reaches us.
         peer: SocketAddr,
+        /// Which strategy aimed the winning round.
+        strategy: Strategy,
     },
     /// The round ended without a PUNCH.
     Lose {
@@ -220,22 +307,53 @@ enum Phase {
 
 /// Punches that arrive before PEERINFO says who the peer is; kept (bounded) and judged then.
 const EARLY_PUNCHES: usize = 16;
+/// How often an extended client repeats its EXCHANGE until PEERINFO arrives.
+const EXCHANGE_RESEND: Duration = Duration::from_millis(250);
+/// RTT assumed before any was measured.
+const DEFAULT_RTT: Duration = Duration::from_millis(100);
+/// Acknowledgements to a peer of ours: it wins on the first, the rest cover loss.
+const EXT_ACKS: u16 = 3;
+const EXT_ACK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The second punch pass of a predicted round, after half an RTT.
+#[derive(Debug, Clone, Copy)]
+struct PendingPass {
+    at: Instant,
+    target: SocketAddrV4,
+    slots: usize,
+}
 
 /// The punching client state machine. See the module docs for the calling contract.
 #[derive(Debug)]
 pub struct Client {
     config: ClientConfig,
+    /// Rounds started, 1-based.
     round: u32,
+    /// Round within the current TCP session (the EXCHANGE's round byte).
+    session_round: u8,
     window_start: u16,
     phase: Phase,
     connected: bool,
     decoder: StreamDecoder,
+    /// The server's token: set when both it and we speak the extension.
     token: Option<Token>,
+    /// The peer's hint for this round, if it gave one.
+    peer_hint: Option<Hint>,
+    /// The peer as the last PEERINFO of this session named it.
+    session_peer: Option<SocketAddrV4>,
+    plan: Option<Plan>,
     early_punches: Vec<(usize, SocketAddr)>,
-    /// The one pending timer: what it does depends on the phase.
+    predictor: PortPredictor,
+    connect_sent: Option<Instant>,
+    exchange_sent: Option<(Instant, bool)>,
+    probes_sent: u16,
+    probe_sent_at: Vec<Option<Instant>>,
+    /// Phase timer: what it does depends on the phase.
     deadline: Option<Instant>,
     /// After READY: PEERINFO must arrive by then.
     peer_info_deadline: Option<Instant>,
+    probe_at: Option<Instant>,
+    pass: Option<PendingPass>,
     commands: VecDeque<Command>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -247,10 +365,11 @@ impl Client {
         if config.port_count == 0 {
             return Err(ConfigError::ZeroCount);
         }
-        if u32::from(config.port_start) + u32::from(config.port_count) - 1 > 65535 {
+        let slots = config.window_slots();
+        if config.port_start != 0 && u32::from(config.port_start) + u32::from(slots) - 1 > 65535 {
             return Err(ConfigError::WindowTooHigh {
                 start: config.port_start,
-                count: config.port_count,
+                count: slots,
             });
         }
         if config.peer_port_offset.unsigned_abs() > 65535 {
@@ -258,20 +377,31 @@ impl Client {
         }
         let mut client = Self {
             window_start: config.port_start,
+            probe_sent_at: vec![None; usize::from(config.probe_slots())],
             config,
             round: 0,
+            session_round: 0,
             phase: Phase::Done,
             connected: false,
             decoder: StreamDecoder::default(),
             token: None,
+            peer_hint: None,
+            session_peer: None,
+            plan: None,
             early_punches: Vec::new(),
+            predictor: PortPredictor::default(),
+            connect_sent: None,
+            exchange_sent: None,
+            probes_sent: 0,
             deadline: None,
             peer_info_deadline: None,
+            probe_at: None,
+            pass: None,
             commands: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         };
-        client.start_round(now);
+        client.start_round(now, false);
         Ok(client)
     }
 
@@ -290,15 +420,30 @@ impl Client {
         self.phase == Phase::Done
     }
 
-    /// The local ports of the current window, slot by slot.
+    /// What the probes have shown of our own NAT so far.
+    pub fn predictor(&self) -> &PortPredictor {
+        &self.predictor
+    }
+
+    /// The local ports of the current window and probe slots, slot by slot (0 = ephemeral).
     pub fn window(&self) -> Vec<u16> {
-        window_ports(self.window_start, self.config.port_count)
+        let mut ports = window_ports(self.window_start, self.config.window_slots());
+        ports.extend(std::iter::repeat_n(
+            0,
+            usize::from(self.config.probe_slots()),
+        ));
+        ports
     }
 
     /// The TCP connection to the server is up.
-    pub fn handle_connected(&mut self, _now: Instant) {
+    pub fn handle_connected(&mut self, now: Instant) {
         if self.phase != Phase::Connecting {
             return;
+        }
+        if let Some(sent) = self.connect_sent {
+            // The TCP handshake is one RTT: a first estimate before any probe returns.
+            self.predictor
+                .observe_rtt(now.saturating_duration_since(sent));
         }
         self.connected = true;
         self.phase = Phase::AwaitReady;
@@ -310,8 +455,7 @@ impl Client {
     /// The TCP connection to the server could not be made. The client stops.
     pub fn handle_connect_failed(&mut self, _now: Instant) {
         if self.phase == Phase::Connecting {
-            self.phase = Phase::Done;
-            self.deadline = None;
+            self.finish();
             self.events.push_back(Event::ServerUnreachable);
         }
     }
@@ -342,28 +486,46 @@ impl Client {
         }
     }
 
-    /// A datagram arrived on window slot `slot` from `from`.
+    /// A datagram arrived on slot `slot` from `from`.
     pub fn handle_datagram(&mut self, now: Instant, slot: usize, from: SocketAddr, bytes: &[u8]) {
-        if bytes != self.punch_bytes() || slot >= usize::from(self.config.port_count) {
+        let window = usize::from(self.config.window_slots());
+        if slot >= window {
+            self.on_probe_reply(now, slot - window, from, bytes);
+            return;
+        }
+        if bytes != self.punch_bytes() {
             return;
         }
         match self.phase {
+            Phase::Punching { peer } if self.accepts(peer, from) => self.win(now, slot, from),
+            // In a session re-round the peer is already known: a late punch still wins.
+            Phase::AwaitPeerInfo
+                if self
+                    .session_peer
+                    .is_some_and(|peer| self.accepts(peer, from)) =>
+            {
+                self.win(now, slot, from)
+            }
             Phase::Connecting | Phase::AwaitReady | Phase::AwaitPeerInfo => {
                 if self.early_punches.len() < EARLY_PUNCHES {
                     self.early_punches.push((slot, from));
                 }
             }
-            Phase::Punching { peer } => {
-                if self.accepts(peer, from) {
-                    self.win(now, slot, from);
-                }
-            }
-            Phase::Between | Phase::Won { .. } | Phase::Done => {}
+            _ => {}
         }
     }
 
-    /// Time passed; acts on the deadline if it is due.
+    /// Time passed; acts on every timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.probe_at.is_some_and(|t| t <= now) {
+            self.send_probe(now);
+        }
+        if let Some(pass) = self.pass.filter(|p| p.at <= now) {
+            self.pass = None;
+            if matches!(self.phase, Phase::Punching { .. }) {
+                self.punch_pass(pass.target, pass.slots);
+            }
+        }
         match self.deadline {
             Some(d) if d <= now => self.deadline = None,
             _ => return,
@@ -371,13 +533,13 @@ impl Client {
         match self.phase {
             Phase::AwaitPeerInfo => {
                 if self.peer_info_deadline.is_some_and(|d| d > now) {
-                    self.send_exchange(now, 1);
+                    self.send_exchange(now);
                 } else {
                     self.lose(now, LoseReason::NoPeerInfo);
                 }
             }
             Phase::Punching { .. } => self.lose(now, LoseReason::Timeout),
-            Phase::Between => self.start_round(now),
+            Phase::Between => self.start_round(now, false),
             Phase::Won {
                 slot,
                 peer,
@@ -408,7 +570,10 @@ impl Client {
     /// When [`Client::handle_timeout`] must next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.deadline
+        [self.deadline, self.probe_at, self.pass.map(|p| p.at)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn punch_bytes(&self) -> [u8; 8] {
@@ -419,52 +584,128 @@ impl Client {
         self.config.accept_any_ip || from.ip() == IpAddr::V4(*peer.ip())
     }
 
-    fn start_round(&mut self, _now: Instant) {
+    fn rtt(&self) -> Duration {
+        self.predictor.rtt().unwrap_or(DEFAULT_RTT)
+    }
+
+    /// Whether this round is aimed by the extension (the server and the peer are ours).
+    fn predicted(&self) -> bool {
+        self.token.is_some() && self.peer_hint.is_some()
+    }
+
+    /// Starts the next round: inside the TCP session if `in_session`, else from scratch.
+    fn start_round(&mut self, now: Instant, in_session: bool) {
         if self.config.max_rounds.is_some_and(|max| self.round >= max) {
-            self.phase = Phase::Done;
-            self.deadline = None;
+            self.finish();
             self.events.push_back(Event::GaveUp { rounds: self.round });
             return;
         }
-        if self.round > 0 {
-            self.window_start = next_window_start(
-                self.window_start,
-                self.config.port_count,
-                self.config.port_start,
-            );
-        }
         self.round += 1;
-        self.phase = Phase::Connecting;
-        self.decoder = StreamDecoder::default();
-        self.token = None;
+        self.peer_hint = None;
+        self.plan = None;
+        self.pass = None;
         self.early_punches.clear();
         self.deadline = None;
         self.peer_info_deadline = None;
+        self.exchange_sent = None;
+        self.events.push_back(Event::RoundStarted {
+            round: self.round,
+            first_port: self.window_start,
+            count: self.config.window_slots(),
+            in_session,
+        });
+        if in_session {
+            self.session_round = self.session_round.saturating_add(1);
+            self.phase = Phase::AwaitPeerInfo;
+            self.send_exchange(now);
+            return;
+        }
+        if self.round > 1 {
+            self.window_start = next_window_start(
+                self.window_start,
+                self.config.window_slots(),
+                self.config.port_start,
+            );
+        }
+        self.phase = Phase::Connecting;
+        self.connected = false;
+        self.decoder = StreamDecoder::default();
+        self.token = None;
+        self.session_round = 0;
+        self.session_peer = None;
         self.commands.push_back(Command::OpenWindow {
             ports: self.window(),
         });
         self.commands.push_back(Command::Connect);
-        self.events.push_back(Event::RoundStarted {
-            round: self.round,
-            first_port: self.window_start,
-            count: self.config.port_count,
-        });
+        self.connect_sent = Some(now);
+        self.probes_sent = 0;
+        self.probe_sent_at.iter_mut().for_each(|t| *t = None);
+        self.probe_at = (self.config.probe_slots() > 0).then_some(now);
+    }
+
+    /// Sends the next probe; the first two go back to back, which shows the NAT's step.
+    fn send_probe(&mut self, now: Instant) {
+        let total = self.config.probe_slots();
+        let burst = if self.probes_sent == 0 { 2 } else { 1 };
+        for _ in 0..burst {
+            if self.probes_sent >= total {
+                break;
+            }
+            let i = self.probes_sent;
+            self.probe_sent_at[usize::from(i)] = Some(now);
+            self.transmits.push_back(Transmit {
+                slot: usize::from(self.config.window_slots() + i),
+                destination: self.config.probe_server().into(),
+                payload: Message::Probe.to_bytes(),
+            });
+            self.probes_sent += 1;
+        }
+        self.probe_at = (self.probes_sent < total).then(|| now + self.config.probe_interval);
+    }
+
+    fn on_probe_reply(&mut self, now: Instant, probe: usize, from: SocketAddr, bytes: &[u8]) {
+        if from != SocketAddr::from(self.config.probe_server()) {
+            return;
+        }
+        let (Some(slot), Ok(Message::Seen(addr))) =
+            (self.probe_sent_at.get_mut(probe), Message::decode(bytes))
+        else {
+            return;
+        };
+        // One observation per probe socket: a repeat would count its mapping twice.
+        if let Some(sent) = slot.take() {
+            self.predictor.observe(sent, addr.port());
+            self.predictor
+                .observe_rtt(now.saturating_duration_since(sent));
+        }
     }
 
     fn on_server_message(&mut self, now: Instant, msg: Message) {
         match (self.phase, msg) {
             (Phase::AwaitReady, Message::Ready(token)) => {
-                self.token = token.filter(|_| self.config.extensions);
+                self.token = token.filter(|_| self.config.strategy == Strategy::Predict);
                 self.phase = Phase::AwaitPeerInfo;
+                self.session_round = 1;
                 self.events.push_back(Event::Ready {
                     extended: self.token.is_some(),
                 });
-                self.send_exchange(now, self.config.exchange_count);
+                self.send_exchange(now);
             }
             (Phase::AwaitPeerInfo, Message::PeerInfo(peer)) => self.on_peer_info(now, peer),
+            (_, Message::Hint(hint)) if self.token.is_some() => {
+                self.peer_hint = Some(hint);
+                self.events.push_back(Event::PeerHint(hint));
+            }
             (_, Message::Seen(addr)) if self.token.is_some() => {
+                // The mapping of this round's EXCHANGE socket, made when it first sent.
+                if let Some((sent, false)) = self.exchange_sent {
+                    self.predictor.observe(sent, addr.port());
+                    self.exchange_sent = Some((sent, true));
+                }
                 self.events.push_back(Event::Seen(addr))
             }
+            // A PEERINFO for a round we already gave up on, say: harmless in a session.
+            (_, Message::PeerInfo(_)) if self.token.is_some() => {}
             // Anything else from the server is out of protocol: v1 clients would misbehave;
             // we end the round cleanly instead.
             _ => {
@@ -475,31 +716,81 @@ impl Client {
         }
     }
 
-    fn send_exchange(&mut self, now: Instant, times: u16) {
-        let msg = match self.token {
-            Some(t) => Message::ExchangeToken(t),
-            None => Message::Exchange(self.config.ident),
+    /// Slot the EXCHANGE of this session round leaves from: one that has not talked to the
+    /// server yet, so its mapping is fresh.
+    fn exchange_slot(&self) -> usize {
+        usize::from(self.session_round.saturating_sub(1)) % usize::from(self.config.window_slots())
+    }
+
+    /// Sends (or re-sends) this round's EXCHANGE and arms the PEERINFO timer.
+    fn send_exchange(&mut self, now: Instant) {
+        let first = self.peer_info_deadline.is_none();
+        let give_up = *self
+            .peer_info_deadline
+            .get_or_insert(now + self.config.round_timeout);
+        let (msg, copies) = match self.token {
+            None => (
+                Message::Exchange(self.config.ident),
+                self.config.exchange_count,
+            ),
+            Some(token) => {
+                if first {
+                    self.plan_round();
+                }
+                let hint = self.plan.map_or(Hint::NONE, |p| p.hint);
+                let round = self.session_round;
+                // Two copies: a lost EXCHANGE costs a resend interval.
+                (
+                    Message::ExchangeToken { token, round, hint },
+                    if first { 2 } else { 1 },
+                )
+            }
         };
-        for _ in 0..times {
+        if first {
+            self.exchange_sent = Some((now, false));
+        }
+        let slot = self.exchange_slot();
+        for _ in 0..copies {
             self.transmits.push_back(Transmit {
-                slot: 0,
+                slot,
                 destination: self.config.server.into(),
                 payload: msg.to_bytes(),
             });
         }
-        self.events.push_back(Event::ExchangeSent);
-        let give_up = *self
-            .peer_info_deadline
-            .get_or_insert(now + self.config.round_timeout);
-        // An extended client repeats its EXCHANGE until PEERINFO: our server dedups by token.
+        if first {
+            self.events.push_back(Event::ExchangeSent);
+        }
+        // Our server dedups by token and round, so an extended client repeats until PEERINFO.
         self.deadline = Some(match self.token {
             Some(_) => give_up.min(now + EXCHANGE_RESEND),
             None => give_up,
         });
     }
 
+    fn plan_round(&mut self) {
+        let rtt = self.predictor.rtt();
+        // Our punches leave when PEERINFO arrives, about one RTT after our EXCHANGE.
+        self.plan = self.predictor.plan(self.rtt(), self.config.window_slots());
+        let (step, rate) = match self.predictor.behaviour() {
+            NatBehaviour::Sequential { step, rate, .. } => (step, rate.round() as u32),
+            NatBehaviour::Unknown | NatBehaviour::Random => (0, 0),
+        };
+        self.events.push_back(Event::Planned {
+            step,
+            rate,
+            rtt,
+            window: self.plan.map_or(self.config.port_count, |p| p.window),
+            hint: self.plan.map_or(Hint::NONE, |p| p.hint),
+        });
+    }
+
     fn on_peer_info(&mut self, now: Instant, peer: SocketAddrV4) {
-        let target = u16::try_from(i32::from(peer.port()) + self.config.peer_port_offset)
+        // A v1 peer (no hint) or a random-port peer gets the v1 aim: our offset, our count.
+        let offset = match self.peer_hint {
+            Some(h) if h != Hint::RANDOM && h != Hint::NONE => i32::from(h.0),
+            _ => self.config.peer_port_offset,
+        };
+        let target = u16::try_from(i32::from(peer.port()) + offset)
             .ok()
             .map(|port| SocketAddrV4::new(*peer.ip(), port));
         self.events.push_back(Event::PeerInfo { peer, target });
@@ -508,41 +799,81 @@ impl Client {
             return;
         };
         self.phase = Phase::Punching { peer };
-        let payload = self.punch_bytes();
-        let slots = usize::from(self.config.port_count);
-        for _ in 0..self.config.punch_passes {
-            for slot in 0..slots {
-                self.transmits.push_back(Transmit {
-                    slot,
-                    destination: target.into(),
-                    payload,
-                });
-            }
+        if self.token.is_some() {
+            self.session_peer = Some(peer);
+        }
+        let (slots, passes, timeout) = if self.predicted() {
+            let window = self.plan.map_or(self.config.port_count, |p| p.window);
+            let rtt = self.rtt();
+            self.pass = Some(PendingPass {
+                at: now + rtt / 2,
+                target,
+                slots: usize::from(window),
+            });
+            // The peer punches about when we do; its punches cross in one one-way trip.
+            let timeout = (rtt * 4).max(Duration::from_millis(200));
+            (window, 1, timeout.min(self.config.round_timeout))
+        } else {
+            let count = match self.plan {
+                // Our window must also hold a v1 peer's fixed aim.
+                Some(p) => p.window.max(self.config.port_count),
+                None => self.config.port_count,
+            };
+            (count, self.config.punch_passes, self.config.round_timeout)
+        };
+        for _ in 0..passes {
+            self.punch_pass(target, usize::from(slots));
         }
         self.events.push_back(Event::PunchSent {
             target,
-            datagrams: slots * usize::from(self.config.punch_passes),
+            datagrams: usize::from(slots) * usize::from(passes),
         });
-        self.deadline = Some(now + self.config.round_timeout);
+        self.deadline = Some(now + timeout);
         let early = std::mem::take(&mut self.early_punches);
         if let Some(&(slot, from)) = early.iter().find(|(_, from)| self.accepts(peer, *from)) {
             self.win(now, slot, from);
         }
     }
 
+    fn punch_pass(&mut self, target: SocketAddrV4, slots: usize) {
+        let payload = self.punch_bytes();
+        for slot in 0..slots {
+            self.transmits.push_back(Transmit {
+                slot,
+                destination: target.into(),
+                payload,
+            });
+        }
+    }
+
     fn win(&mut self, now: Instant, slot: usize, peer: SocketAddr) {
+        let strategy = if self.predicted() {
+            Strategy::Predict
+        } else {
+            Strategy::V1
+        };
         self.events.push_back(Event::Win {
             round: self.round,
             slot,
             peer,
+            strategy,
         });
-        self.send_ack(now, slot, peer, self.config.ack_count);
+        self.pass = None;
+        let acks = match strategy {
+            Strategy::Predict => EXT_ACKS,
+            Strategy::V1 => self.config.ack_count,
+        };
+        self.send_ack(now, slot, peer, acks);
     }
 
     fn send_ack(&mut self, now: Instant, slot: usize, peer: SocketAddr, acks_left: u16) {
         if acks_left == 0 {
-            self.phase = Phase::Done;
-            self.deadline = None;
+            // Leaving only now keeps a session peer's round intact while our acks reach it.
+            if self.connected {
+                self.connected = false;
+                self.commands.push_back(Command::Disconnect);
+            }
+            self.finish();
             self.events.push_back(Event::Finished);
             return;
         }
@@ -556,34 +887,50 @@ impl Client {
             peer,
             acks_left: acks_left - 1,
         };
+        let interval = if self.predicted() {
+            EXT_ACK_INTERVAL
+        } else {
+            self.config.ack_interval
+        };
         // The burst ends one interval after the last PUNCH, like v1's sleep after each send.
-        self.deadline = Some(now + self.config.ack_interval);
+        self.deadline = Some(now + interval);
     }
 
     fn lose(&mut self, now: Instant, reason: LoseReason) {
-        if self.connected {
-            self.connected = false;
-            self.commands.push_back(Command::Disconnect);
-        }
         self.events.push_back(Event::Lose {
             round: self.round,
             reason,
         });
+        // A predicted round lost in a live session is re-run at once on the same connection.
+        if reason == LoseReason::Timeout && self.connected && self.predicted() {
+            self.start_round(now, true);
+            return;
+        }
+        if self.connected {
+            self.connected = false;
+            self.commands.push_back(Command::Disconnect);
+        }
         let wait = match reason {
             LoseReason::ServerClosed | LoseReason::ServerGarbage => self.config.retry_delay,
             _ => Duration::ZERO,
         };
-        self.phase = Phase::Between;
-        self.deadline = Some(now + wait);
+        self.pass = None;
+        self.probe_at = None;
         if wait.is_zero() {
-            self.deadline = None;
-            self.start_round(now);
+            self.start_round(now, false);
+        } else {
+            self.phase = Phase::Between;
+            self.deadline = Some(now + wait);
         }
     }
-}
 
-/// How often an extended client repeats its EXCHANGE until PEERINFO arrives.
-const EXCHANGE_RESEND: Duration = Duration::from_millis(250);
+    fn finish(&mut self) {
+        self.phase = Phase::Done;
+        self.deadline = None;
+        self.probe_at = None;
+        self.pass = None;
+    }
+}
 
 /// Local ports of a window; all 0 (ephemeral) when `start` is 0.
 fn window_ports(start: u16, count: u16) -> Vec<u16> {

@@ -18,9 +18,9 @@ const CMD_EXCHANGE: u8 = 0x03;
 const CMD_PEER_INFO: u8 = 0x04;
 const CMD_PUNCH: u8 = 0x05;
 const CMD_SEEN: u8 = 0x06;
+const CMD_PROBE: u8 = 0x07;
+const CMD_HINT: u8 = 0x08;
 
-/// Reserved-byte value that marks our extension variant of a v1 command.
-const EXT_MARK: u8 = 0x01;
 /// First two data bytes of an extended READY: `"N4"`.
 const READY_MAGIC: [u8; 2] = *b"N4";
 
@@ -117,15 +117,41 @@ pub enum Message {
     Ready(Option<Token>),
     /// 0x03, client → server (UDP): "this is my public UDP address" (v1, carries the identifier).
     Exchange(Ident),
-    /// 0x03 with reserved byte 1, client → server (UDP): extension, carries the seat's token.
-    ExchangeToken(Token),
+    /// 0x03 with a non-zero reserved byte, client → server (UDP): extension. Carries the seat's
+    /// token, the round of the session (the reserved byte, ≥ 1) and the sender's [`Hint`].
+    ExchangeToken {
+        /// The seat's token from READY.
+        token: Token,
+        /// Session round, 1-based; a later round's EXCHANGE starts a new punch round.
+        round: u8,
+        /// Where the peer should aim relative to this EXCHANGE's public port.
+        hint: Hint,
+    },
     /// 0x04, server → client (TCP): the partner's public UDP address.
     PeerInfo(SocketAddrV4),
     /// 0x05, client ↔ client (UDP): the punch; equal bytes on both sides.
     Punch(Ident),
-    /// 0x06, server → extended client only (TCP): the address the server saw the client's own
-    /// EXCHANGE come from (its own public mapping).
+    /// 0x06, server → extended client only: the address the server saw the client's own
+    /// EXCHANGE (TCP) or PROBE (UDP reply) come from — its own public mapping.
     Seen(SocketAddrV4),
+    /// 0x07, client → server's probe port (UDP), extension: "tell me my public address". The
+    /// server answers with [`Message::Seen`] by UDP. Data is zero.
+    Probe,
+    /// 0x08, server → extended client (TCP), extension: the partner's [`Hint`], sent just before
+    /// PEERINFO when the partner gave one.
+    Hint(Hint),
+}
+
+/// A client's advice on where to aim at it: "my punches will leave my NAT around my EXCHANGE's
+/// public port + `offset`". Zero means no advice (use your own `-o`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Hint(pub i16);
+
+impl Hint {
+    /// No advice.
+    pub const NONE: Hint = Hint(0);
+    /// "My NAT allocates ports at random: do not aim, spray."
+    pub const RANDOM: Hint = Hint(i16::MIN);
 }
 
 /// Why 8 bytes are not an N4 message.
@@ -151,10 +177,12 @@ impl Message {
         match self {
             Self::Hello(_) => CMD_HELLO,
             Self::Ready(_) => CMD_READY,
-            Self::Exchange(_) | Self::ExchangeToken(_) => CMD_EXCHANGE,
+            Self::Exchange(_) | Self::ExchangeToken { .. } => CMD_EXCHANGE,
             Self::PeerInfo(_) => CMD_PEER_INFO,
             Self::Punch(_) => CMD_PUNCH,
             Self::Seen(_) => CMD_SEEN,
+            Self::Probe => CMD_PROBE,
+            Self::Hint(_) => CMD_HINT,
         }
     }
 
@@ -172,14 +200,20 @@ impl Message {
             Self::Hello(id) | Self::Exchange(id) | Self::Punch(id) => {
                 data.copy_from_slice(id.as_bytes())
             }
-            Self::Ready(None) => {}
+            Self::Ready(None) | Self::Probe => {}
+            Self::Hint(Hint(h)) => data[..2].copy_from_slice(&h.to_be_bytes()),
             Self::Ready(Some(Token(t))) => {
                 data[..2].copy_from_slice(&READY_MAGIC);
                 data[2..].copy_from_slice(&t.to_be_bytes());
             }
-            Self::ExchangeToken(Token(t)) => {
-                out[1] = EXT_MARK;
+            Self::ExchangeToken {
+                token: Token(t),
+                round,
+                hint: Hint(h),
+            } => {
+                out[1] = *round;
                 out[2..6].copy_from_slice(&t.to_be_bytes());
+                out[6..].copy_from_slice(&h.to_be_bytes());
             }
             Self::PeerInfo(addr) | Self::Seen(addr) => put_addr(data, *addr),
         }
@@ -203,14 +237,18 @@ impl Message {
             }
             (CMD_READY, 0) => return Err(DecodeError::Data),
             (CMD_EXCHANGE, 0) => Self::Exchange(ident()?),
-            (CMD_EXCHANGE, EXT_MARK) if data[4..] == [0, 0] => {
-                Self::ExchangeToken(Token((&data[..4]).get_u32()))
-            }
-            (CMD_EXCHANGE, EXT_MARK) => return Err(DecodeError::Data),
+            (CMD_EXCHANGE, round) => Self::ExchangeToken {
+                token: Token((&data[..4]).get_u32()),
+                round,
+                hint: Hint((&data[4..]).get_i16()),
+            },
             (CMD_PEER_INFO, 0) => Self::PeerInfo(get_addr(&data)),
             (CMD_PUNCH, 0) => Self::Punch(ident()?),
             (CMD_SEEN, 0) => Self::Seen(get_addr(&data)),
-            (CMD_HELLO..=CMD_SEEN, r) => return Err(DecodeError::Reserved(r)),
+            (CMD_PROBE, 0) if data == [0; 6] => Self::Probe,
+            (CMD_HINT, 0) if data[2..] == [0; 4] => Self::Hint(Hint((&data[..2]).get_i16())),
+            (CMD_PROBE | CMD_HINT, 0) => return Err(DecodeError::Data),
+            (CMD_HELLO..=CMD_HINT, r) => return Err(DecodeError::Reserved(r)),
             (c, _) => return Err(DecodeError::Command(c)),
         };
         Ok(msg)
@@ -293,8 +331,12 @@ mod tests {
             ),
             (Message::Exchange(id), *b"\x03\x00n4n4n4"),
             (
-                Message::ExchangeToken(Token(0xdead_beef)),
-                [3, 1, 0xde, 0xad, 0xbe, 0xef, 0, 0],
+                Message::ExchangeToken {
+                    token: Token(0xdead_beef),
+                    round: 2,
+                    hint: Hint(-300),
+                },
+                [3, 2, 0xde, 0xad, 0xbe, 0xef, 0xfe, 0xd4],
             ),
             (
                 Message::PeerInfo(addr("203.0.113.12:5793")),
@@ -308,6 +350,9 @@ mod tests {
                 Message::Seen(addr("198.51.100.3:1801")),
                 [6, 0, 198, 51, 100, 3, 0x07, 0x09],
             ),
+            (Message::Probe, [7, 0, 0, 0, 0, 0, 0, 0]),
+            (Message::Hint(Hint(45)), [8, 0, 0, 45, 0, 0, 0, 0]),
+            (Message::Hint(Hint::RANDOM), [8, 0, 0x80, 0, 0, 0, 0, 0]),
         ];
         for (msg, bytes) in cases {
             assert_eq!(&msg.to_bytes(), bytes, "{msg:?}");
@@ -344,6 +389,14 @@ mod tests {
             Message::decode(&[2, 0, 1, 0, 0, 0, 0, 0]),
             Err(DecodeError::Data)
         );
+        assert_eq!(
+            Message::decode(&[7, 0, 0, 0, 0, 0, 0, 1]),
+            Err(DecodeError::Data)
+        );
+        assert_eq!(
+            Message::decode(&[0x10, 0, 0, 0, 0, 0, 0, 0]),
+            Err(DecodeError::Command(0x10))
+        );
     }
 
     #[test]
@@ -370,7 +423,15 @@ mod tests {
             ident.clone().prop_map(Message::Hello),
             proptest::option::of(any::<u32>().prop_map(Token)).prop_map(Message::Ready),
             ident.clone().prop_map(Message::Exchange),
-            any::<u32>().prop_map(|t| Message::ExchangeToken(Token(t))),
+            (any::<u32>(), 1..=255u8, any::<i16>()).prop_map(|(t, round, h)| {
+                Message::ExchangeToken {
+                    token: Token(t),
+                    round,
+                    hint: Hint(h),
+                }
+            }),
+            Just(Message::Probe),
+            any::<i16>().prop_map(|h| Message::Hint(Hint(h))),
             addr.clone().prop_map(Message::PeerInfo),
             ident.prop_map(Message::Punch),
             addr.prop_map(Message::Seen),

@@ -15,12 +15,17 @@
 
 mod client;
 mod codec;
+mod prediction;
 mod server;
 
-pub use client::{Client, ClientConfig, Command, ConfigError, Event, LoseReason, Transmit};
-pub use codec::{
-    check_round_trip, DecodeError, Ident, IdentError, Message, StreamDecoder, Token, MESSAGE_LEN,
+pub use client::{
+    Client, ClientConfig, Command, ConfigError, Event, LoseReason, Strategy, Transmit,
 };
+pub use codec::{
+    check_round_trip, DecodeError, Hint, Ident, IdentError, Message, StreamDecoder, Token,
+    MESSAGE_LEN,
+};
+pub use prediction::{NatBehaviour, Observation, Plan, PortPredictor};
 pub use server::{
     AbandonReason, ConnId, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput,
     ServerStats,

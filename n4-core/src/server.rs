@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::codec::{Ident, Message, StreamDecoder, Token};
+use crate::codec::{Hint, Ident, Message, StreamDecoder, Token};
 
 /// A TCP connection, numbered by the driver. Ids must not be reused while the server knows them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub max_per_ip: usize,
     /// Offer our extension (a token in READY). Default `true`; `false` speaks pure v1.
     pub extensions: bool,
+    /// How long a pair of extended clients may keep re-rounding after its first PEERINFO.
+    /// Default 30 s.
+    pub session_timeout: Duration,
     /// Seed for the tokens. Default 0; real servers should pass an unpredictable seed.
     pub rng_seed: u64,
 }
@@ -56,6 +59,7 @@ impl Default for ServerConfig {
             max_connections: 100_000,
             max_per_ip: 256,
             extensions: true,
+            session_timeout: Duration::from_secs(30),
             rng_seed: 0,
         }
     }
@@ -76,6 +80,13 @@ pub enum ServerOutput {
     Close {
         /// The connection.
         conn: ConnId,
+    },
+    /// Send this datagram from the probe port (the answer to a [`Message::Probe`]).
+    Datagram {
+        /// Destination.
+        to: SocketAddr,
+        /// The message.
+        message: Message,
     },
 }
 
@@ -105,8 +116,10 @@ pub enum ServerEvent {
         /// Second client's TCP address.
         second: SocketAddr,
     },
-    /// Both EXCHANGEs arrived; each client got the other's address.
+    /// Both EXCHANGEs of a round arrived; each client got the other's address.
     Completed {
+        /// Round of the session (1 unless both clients are ours and re-round).
+        round: u8,
         /// The identifier.
         ident: Ident,
         /// Public UDP address of the first-seated client.
@@ -162,8 +175,10 @@ pub struct ServerStats {
     pub waiting: usize,
     /// Pairs between READY and their second EXCHANGE.
     pub pairing: usize,
-    /// Pairs completed since start.
+    /// Pairs completed since start (first rounds).
     pub completed: u64,
+    /// Probes answered since start.
+    pub probes: u64,
     /// Datagrams ignored since start (garbage, unknown seat, duplicate).
     pub ignored_datagrams: u64,
 }
@@ -193,6 +208,8 @@ struct Pair {
     ident: Ident,
     sides: [Side; 2],
     deadline: Instant,
+    /// Highest round both sides have been told about (0: none yet).
+    completed: u8,
 }
 
 #[derive(Debug)]
@@ -200,8 +217,13 @@ struct Side {
     conn: ConnId,
     ip: IpAddr,
     token: Token,
-    /// The public address its EXCHANGE came from, once known.
+    /// Spoke our extension (sent a token EXCHANGE).
+    ext: bool,
+    /// Round of its latest EXCHANGE (0: none yet; v1 clients only ever have round 1).
+    round: u8,
+    /// The public address its latest EXCHANGE came from, once known.
     exchanged: Option<SocketAddrV4>,
+    hint: Hint,
 }
 
 /// The rendezvous server state machine. See the module docs for the calling contract.
@@ -341,18 +363,32 @@ impl Server {
 
     /// A UDP datagram arrived on the server port from `from`. Anything but an EXCHANGE that
     /// belongs to a seat in a pair is ignored and costs nothing else.
-    pub fn handle_datagram(&mut self, _now: Instant, from: SocketAddr, bytes: &[u8]) {
+    ///
+    /// A [`Message::Probe`] is answered with [`ServerOutput::Datagram`]; drivers accept probes
+    /// on a second port (the listen port + 1) so that v1 servers never see them.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let Some(from) = v4(from) else {
             self.stats.ignored_datagrams += 1;
             return;
         };
         let seat = match Message::decode(bytes) {
-            Ok(Message::ExchangeToken(token)) => self.tokens.get(&token).map(|&s| (s, true)),
-            Ok(Message::Exchange(ident)) => self.attribute_v1(ident, from).map(|s| (s, false)),
+            Ok(Message::ExchangeToken { token, round, hint }) => {
+                self.tokens.get(&token).map(|&s| (s, Some((round, hint))))
+            }
+            Ok(Message::Exchange(ident)) => self.attribute_v1(ident, from).map(|s| (s, None)),
+            Ok(Message::Probe) => {
+                // A stateless reflector, like STUN: 8 bytes out for 8 bytes in.
+                self.stats.probes += 1;
+                self.outputs.push_back(ServerOutput::Datagram {
+                    to: from.into(),
+                    message: Message::Seen(from),
+                });
+                return;
+            }
             _ => None,
         };
         match seat {
-            Some(((pair, side), by_token)) => self.on_exchange(pair, side, from, by_token),
+            Some(((pair, side), ext)) => self.on_exchange(now, pair, side, from, ext),
             None => self.stats.ignored_datagrams += 1,
         }
     }
@@ -431,13 +467,17 @@ impl Server {
             conn,
             ip: canonical_ip(self.conns[&conn].remote.ip()),
             token: Token(0),
+            ext: false,
+            round: 0,
             exchanged: None,
+            hint: Hint::NONE,
         });
         let deadline = now + self.config.exchange_timeout;
         let mut p = Pair {
             ident,
             sides,
             deadline,
+            completed: 0,
         };
         for (i, side) in p.sides.iter_mut().enumerate() {
             side.token = self.fresh_token();
@@ -483,35 +523,78 @@ impl Server {
         None
     }
 
-    fn on_exchange(&mut self, pair_id: PairId, side: usize, from: SocketAddrV4, by_token: bool) {
+    /// Records a seat's EXCHANGE (`ext`: round and hint of a token EXCHANGE). When both seats
+    /// have a new one, each is told the other's address (a round completes). Pairs where both
+    /// are ours stay open for more rounds; any other pair is closed, as in v1.
+    fn on_exchange(
+        &mut self,
+        now: Instant,
+        pair_id: PairId,
+        side: usize,
+        from: SocketAddrV4,
+        ext: Option<(u8, Hint)>,
+    ) {
         let pair = self
             .pairs
             .get_mut(&pair_id)
             .expect("token/ident index is in sync");
-        if pair.sides[side].exchanged.is_some() {
+        let s = &mut pair.sides[side];
+        let (round, hint) = ext.unwrap_or((1, Hint::NONE));
+        if round <= s.round {
             self.stats.ignored_datagrams += 1;
             return;
         }
-        pair.sides[side].exchanged = Some(from);
-        let (me, other) = (pair.sides[side].conn, pair.sides[1 - side].conn);
-        self.outputs.push_back(ServerOutput::Send {
-            conn: other,
-            message: Message::PeerInfo(from),
-        });
-        if by_token {
+        s.ext |= ext.is_some();
+        s.round = round;
+        s.exchanged = Some(from);
+        s.hint = hint;
+        if s.ext {
             // Only a client of ours echoes a token, so a v1 client never receives SEEN.
+            let conn = s.conn;
             self.outputs.push_back(ServerOutput::Send {
-                conn: me,
+                conn,
                 message: Message::Seen(from),
             });
         }
-        let [Some(a), Some(b)] = [pair.sides[0].exchanged, pair.sides[1].exchanged] else {
+        let completed = pair.completed;
+        if pair.sides.iter().any(|s| s.round <= completed) {
             return;
+        }
+        let [Some(a), Some(b)] = [pair.sides[0].exchanged, pair.sides[1].exchanged] else {
+            unreachable!("a side with a round has an address");
         };
+        for (me, other) in [(0, 1), (1, 0)] {
+            let (me, other) = (&pair.sides[me], &pair.sides[other]);
+            if me.ext && other.hint != Hint::NONE {
+                self.outputs.push_back(ServerOutput::Send {
+                    conn: me.conn,
+                    message: Message::Hint(other.hint),
+                });
+            }
+            self.outputs.push_back(ServerOutput::Send {
+                conn: me.conn,
+                message: Message::PeerInfo(other.exchanged.expect("checked above")),
+            });
+        }
+        let round = pair.sides[0].round.max(pair.sides[1].round);
+        pair.completed = round;
         let ident = pair.ident;
-        self.close_pair(pair_id);
-        self.stats.completed += 1;
+        let first_round = completed == 0;
+        let session = pair.sides.iter().all(|s| s.ext);
+        if session {
+            let old = pair.deadline;
+            pair.deadline = now + self.config.session_timeout;
+            let new = pair.deadline;
+            self.pair_deadlines.remove(&(old, pair_id));
+            self.pair_deadlines.insert((new, pair_id));
+        } else {
+            self.close_pair(pair_id);
+        }
+        if first_round {
+            self.stats.completed += 1;
+        }
         self.events.push_back(ServerEvent::Completed {
+            round,
             ident,
             first: a,
             second: b,

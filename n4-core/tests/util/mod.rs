@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use n4_core::*;
 
 pub const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 1721);
+/// Where the server answers probes: its port + 1.
+pub const PROBE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 1722);
 
 /// Something in flight, delivered at its time.
 #[derive(Debug, Clone)]
@@ -243,7 +245,7 @@ impl World {
             Delivery::ToServer { conn, bytes } => self.server.handle_stream_data(now, conn, &bytes),
             Delivery::ServerSawClose { conn } => self.server.handle_connection_closed(now, conn),
             Delivery::Datagram { from, to, bytes } => {
-                if to == SocketAddr::from(SERVER) {
+                if to == SocketAddr::from(SERVER) || to == SocketAddr::from(PROBE) {
                     self.server.handle_datagram(now, from, &bytes);
                     return;
                 }
@@ -291,6 +293,11 @@ impl World {
                         bytes: message.to_bytes().to_vec(),
                     }),
                     ServerOutput::Close { conn } => self.send(Delivery::ClientSawClose { conn }),
+                    ServerOutput::Datagram { to, message } => self.send(Delivery::Datagram {
+                        from: PROBE.into(),
+                        to,
+                        bytes: message.to_bytes().to_vec(),
+                    }),
                 }
             }
             while let Some(e) = self.server.poll_event() {
@@ -323,7 +330,20 @@ impl World {
 
     fn client_command(&mut self, i: usize, cmd: Command) {
         match cmd {
-            Command::OpenWindow { ports } => self.hosts[i].window = ports,
+            Command::OpenWindow { ports } => {
+                // Port 0 means "any": hand out distinct ephemeral ports, as an OS would.
+                self.hosts[i].window = ports
+                    .into_iter()
+                    .map(|p| {
+                        if p == 0 {
+                            self.next_conn += 1;
+                            50000 + (self.next_conn % 10000) as u16
+                        } else {
+                            p
+                        }
+                    })
+                    .collect();
+            }
             Command::Connect => {
                 let conn = self.fresh_conn();
                 self.hosts[i].conn = Some(conn);

@@ -1,0 +1,187 @@
+//! Port prediction: learn how our own NAT allocates external ports from a few observed
+//! mappings, and turn that into a [`Hint`] for the peer and a window size for us.
+//!
+//! Model (Klinec & Matyáš): a sequential NAT hands out `port += step` for every new mapping,
+//! ours and those of every other host behind it; the others arrive as a Poisson process of rate
+//! λ. Between our EXCHANGE and our first PUNCH (about one RTT to the server) λ·RTT ports go to
+//! others, with a standard deviation of √(λ·RTT) plus our uncertainty about λ itself.
+
+use std::time::{Duration, Instant};
+
+use crate::codec::Hint;
+
+/// One observed mapping: a fresh local socket sent at `sent`, the server saw `port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// When the datagram that created the mapping left.
+    pub sent: Instant,
+    /// The external port the server saw.
+    pub port: u16,
+}
+
+/// What the observations say about our NAT.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NatBehaviour {
+    /// Fewer than two observations.
+    Unknown,
+    /// Ports move by `step` (±k) per mapping, plus `rate` mappings per second of others.
+    Sequential {
+        /// Signed port step per mapping.
+        step: i32,
+        /// Other hosts' new mappings per second.
+        rate: f64,
+        /// How many other mappings were counted (the rate's sample size).
+        counted: u32,
+    },
+    /// External ports do not follow the allocation order.
+    Random,
+}
+
+/// Collects observations of our own NAT and predicts where our next ports will be.
+#[derive(Clone, Debug, Default)]
+pub struct PortPredictor {
+    observations: Vec<Observation>,
+    rtt: Option<Duration>,
+}
+
+/// Observations kept at most; older ones add little.
+const MAX_OBSERVATIONS: usize = 32;
+/// A jump larger than this between two consecutive mappings is not sequential allocation.
+const MAX_SEQUENTIAL_JUMP: u32 = 1000;
+/// Largest port step believed without a back-to-back pair of probes.
+const MAX_STEP: u32 = 8;
+/// Probes closer than this in time count as back to back.
+const BACK_TO_BACK: Duration = Duration::from_millis(1);
+
+impl PortPredictor {
+    /// Records a mapping the server saw. Ignored once full.
+    pub fn observe(&mut self, sent: Instant, port: u16) {
+        if self.observations.len() < MAX_OBSERVATIONS {
+            self.observations.push(Observation { sent, port });
+            self.observations.sort_by_key(|o| o.sent);
+        }
+    }
+
+    /// Records a round-trip time sample to the server; the smallest is kept.
+    pub fn observe_rtt(&mut self, rtt: Duration) {
+        self.rtt = Some(self.rtt.map_or(rtt, |r| r.min(rtt)));
+    }
+
+    /// The smallest RTT seen, if any.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// Number of observations.
+    pub fn len(&self) -> usize {
+        self.observations.len()
+    }
+
+    /// Whether nothing was observed.
+    pub fn is_empty(&self) -> bool {
+        self.observations.is_empty()
+    }
+
+    /// Classifies the NAT from the observations.
+    pub fn behaviour(&self) -> NatBehaviour {
+        let obs = &self.observations;
+        if obs.len() < 2 {
+            return NatBehaviour::Unknown;
+        }
+        let diffs: Vec<i32> = obs
+            .windows(2)
+            .map(|w| i32::from(w[1].port) - i32::from(w[0].port))
+            .collect();
+        let up = diffs.iter().all(|&d| d > 0);
+        let down = diffs.iter().all(|&d| d < 0);
+        if !(up || down) || diffs.iter().any(|d| d.unsigned_abs() > MAX_SEQUENTIAL_JUMP) {
+            return NatBehaviour::Random;
+        }
+        // Two mappings made back to back are one step apart (others rarely fit in between);
+        // without such a pair, every gap is a multiple of the step, unless others kept an
+        // even pace, so a large common divisor is read as pace, not step.
+        let back_to_back = obs
+            .windows(2)
+            .zip(&diffs)
+            .filter(|(w, _)| w[1].sent - w[0].sent < BACK_TO_BACK)
+            .map(|(_, d)| d.unsigned_abs())
+            .min();
+        let step = back_to_back.unwrap_or_else(|| {
+            let g = diffs.iter().fold(0u32, |g, d| gcd(g, d.unsigned_abs()));
+            if g <= MAX_STEP {
+                g
+            } else {
+                1
+            }
+        });
+        let counted: u32 = diffs
+            .iter()
+            .map(|d| (d.unsigned_abs() / step).saturating_sub(1))
+            .sum();
+        let span = obs[obs.len() - 1].sent - obs[0].sent;
+        let rate = if span.is_zero() {
+            0.0
+        } else {
+            f64::from(counted) / span.as_secs_f64()
+        };
+        let step = if up { step as i32 } else { -(step as i32) };
+        NatBehaviour::Sequential {
+            step,
+            rate,
+            counted,
+        }
+    }
+
+    /// Plans our punch window for a round whose punches leave about `horizon` after the
+    /// EXCHANGE: how many slots to punch from (at most `max_window`) and the hint that puts the
+    /// peer's aim in the middle of them. `None` when we know too little to advise.
+    pub fn plan(&self, horizon: Duration, max_window: u16) -> Option<Plan> {
+        match self.behaviour() {
+            NatBehaviour::Unknown => None,
+            NatBehaviour::Random => Some(Plan {
+                hint: Hint::RANDOM,
+                window: max_window,
+            }),
+            NatBehaviour::Sequential {
+                step,
+                rate,
+                counted,
+            } => {
+                let h = horizon.as_secs_f64();
+                let mean = rate * h;
+                // Poisson spread of others' mappings, plus our error on the rate itself.
+                let span = (self.observations[self.observations.len() - 1].sent
+                    - self.observations[0].sent)
+                    .as_secs_f64()
+                    .max(1e-3);
+                let rate_sd = f64::from(counted.max(1)).sqrt() / span;
+                let sd = (mean + (rate_sd * h).powi(2)).sqrt();
+                let window = (2.0 * (3.0 * sd).ceil() + 4.0).clamp(4.0, f64::from(max_window));
+                let window = window as u16;
+                let centre = 1.0 + mean + f64::from(window - 1) / 2.0;
+                let offset = (f64::from(step) * centre.round()).clamp(-32767.0, 32767.0);
+                Some(Plan {
+                    hint: Hint(offset as i16),
+                    window,
+                })
+            }
+        }
+    }
+}
+
+/// Our window for one round and the hint to give the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Where the peer should aim, relative to our EXCHANGE's public port.
+    pub hint: Hint,
+    /// Slots to punch from.
+    pub window: u16,
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
