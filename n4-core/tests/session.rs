@@ -370,3 +370,118 @@ fn invalid_client_configs_are_refused() {
     );
     assert_eq!(cfg(|_| {}), None);
 }
+
+#[test]
+fn ours_re_round_inside_the_session_when_a_round_is_lost() {
+    let mut w = World::new(ServerConfig::default());
+    // Every punch of the first round is lost.
+    w.drop_peer_traffic_until = Some(w.now + Duration::from_millis(400));
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let b = w.add_client([203, 0, 113, 12], client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    let in_session = |h: usize| {
+        w.hosts[h]
+            .events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::RoundStarted {
+                        in_session: true,
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    assert!(in_session(a) >= 1 && in_session(b) >= 1);
+    // One TCP session: one pairing, several completed rounds, and well under v1's 10 s.
+    let paired = w
+        .server_events
+        .iter()
+        .filter(|e| matches!(e, ServerEvent::Paired { .. }))
+        .count();
+    assert_eq!(paired, 1);
+    assert!(w
+        .server_events
+        .iter()
+        .any(|e| matches!(e, ServerEvent::Completed { round: 2.., .. })));
+    assert!(w.elapsed() < Duration::from_secs(2), "{:?}", w.elapsed());
+    assert!(matches!(
+        w.hosts[a]
+            .events
+            .iter()
+            .find(|e| matches!(e, Event::Win { .. })),
+        Some(Event::Win {
+            strategy: Strategy::Predict,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_v1_client_never_receives_extension_messages() {
+    // A hand-made v1 client next to one of ours that gives a hint.
+    let mut w = World::new(ServerConfig::default());
+    let ours = w.add_client([198, 51, 100, 3], client(30000));
+    let v1_tcp = SocketAddr::from(([203, 0, 113, 12], 40000));
+    let v1 = w.raw_connect(v1_tcp);
+    w.raw_send(v1, &Message::Hello(Ident::default()).to_bytes());
+    assert!(w.run_until(Duration::from_secs(1), |w| w.raw[&v1].received.len() >= 8));
+    let v1_udp = SocketAddr::from(([203, 0, 113, 12], 5000));
+    for _ in 0..3 {
+        w.datagram_to_server(v1_udp, &Message::Exchange(Ident::default()).to_bytes());
+    }
+    assert!(w.run_until(Duration::from_secs(2), |w| w.raw[&v1].closed));
+    let got: Vec<Message> = w.raw[&v1]
+        .received
+        .chunks(8)
+        .map(|c| Message::decode(c).unwrap())
+        .collect();
+    assert!(matches!(got[0], Message::Ready(Some(_))), "{got:?}");
+    assert_eq!(got.len(), 2, "only READY and PEERINFO: {got:?}");
+    assert_eq!(got[1], Message::PeerInfo(w.exchange_addr(ours)));
+    // Ours learns the v1 peer's address and gets no hint from it.
+    assert_eq!(
+        w.peer_info(ours),
+        vec!["203.0.113.12:5000".parse::<SocketAddrV4>().unwrap()]
+    );
+    assert!(!w.hosts[ours]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::PeerHint(_))));
+}
+
+#[test]
+fn probes_are_answered_with_the_address_they_came_from() {
+    let t0 = Instant::now();
+    let mut s = Server::new(ServerConfig::default());
+    let from = SocketAddr::from(([198, 51, 100, 3], 1801));
+    s.handle_datagram(t0, from, &Message::Probe.to_bytes());
+    assert_eq!(
+        s.poll_output(),
+        Some(ServerOutput::Datagram {
+            to: from,
+            message: Message::Seen("198.51.100.3:1801".parse().unwrap()),
+        })
+    );
+    assert_eq!(s.stats().probes, 1);
+    assert_eq!(s.stats().connections, 0, "probes leave no state");
+}
+
+#[test]
+fn predicting_clients_learn_their_nat_from_probes_before_exchange() {
+    let mut w = World::new(ServerConfig::default());
+    let a = w.add_client([198, 51, 100, 3], client(30000));
+    let b = w.add_client([203, 0, 113, 12], client(31000));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    // The harness hands out ephemeral ports one by one: a quiet sequential NAT, step 1.
+    let planned = w.hosts[a].events.iter().find_map(|e| match e {
+        Event::Planned {
+            step, rate, rtt, ..
+        } => Some((*step, *rate, *rtt)),
+        _ => None,
+    });
+    // Probe replies take one RTT: 2 × 25 ms.
+    assert_eq!(planned, Some((1, 0, Some(Duration::from_millis(50)))));
+}

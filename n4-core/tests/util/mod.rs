@@ -68,6 +68,8 @@ pub struct World {
     pub server_events: Vec<ServerEvent>,
     pub hosts: Vec<Host>,
     pub raw: BTreeMap<ConnId, RawConn>,
+    /// Datagrams between clients (not to or from the server) sent before this are lost.
+    pub drop_peer_traffic_until: Option<Instant>,
     conn_owner: BTreeMap<ConnId, usize>,
     queue: BTreeMap<(Instant, u64), Delivery>,
     seq: u64,
@@ -86,6 +88,7 @@ impl World {
             server_events: Vec::new(),
             hosts: Vec::new(),
             raw: BTreeMap::new(),
+            drop_peer_traffic_until: None,
             conn_owner: BTreeMap::new(),
             queue: BTreeMap::new(),
             seq: 0,
@@ -205,8 +208,12 @@ impl World {
     }
 
     fn send(&mut self, d: Delivery) {
+        self.send_after(self.latency, d);
+    }
+
+    fn send_after(&mut self, delay: Duration, d: Delivery) {
         self.seq += 1;
-        self.queue.insert((self.now + self.latency, self.seq), d);
+        self.queue.insert((self.now + delay, self.seq), d);
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
@@ -312,6 +319,10 @@ impl World {
                     moved = true;
                     let h = &self.hosts[i];
                     let from = SocketAddr::from((h.ip, h.window[t.slot]));
+                    let to_server = t.destination.ip() == std::net::IpAddr::V4(*SERVER.ip());
+                    if !to_server && self.drop_peer_traffic_until.is_some_and(|t| self.now < t) {
+                        continue;
+                    }
                     self.send(Delivery::Datagram {
                         from,
                         to: t.destination,
@@ -351,7 +362,8 @@ impl World {
                 // The TCP source port is irrelevant to N4; use an ephemeral-looking one.
                 let remote = SocketAddr::from((self.hosts[i].ip, 40000 + conn.0 as u16));
                 self.send(Delivery::Open { conn, remote });
-                self.send(Delivery::Connected { client: i });
+                // The handshake takes a round trip before the client may write.
+                self.send_after(2 * self.latency, Delivery::Connected { client: i });
             }
             Command::Send(m) => {
                 if let Some(conn) = self.hosts[i].conn {
