@@ -1,0 +1,1040 @@
+//! The simulation: a virtual clock, an event queue, the NATs and links of a [`Scenario`], and
+//! n4-core's [`Server`] and two [`Client`]s driven exactly as a real event loop drives them.
+//!
+//! Loop: jump the clock to the earliest of (next queued delivery, the machines' timeouts);
+//! deliver everything due in (time, sequence) order, draining every machine after each input
+//! (commands before transmits, then events); then fire due timers. Time is a `Duration` since a
+//! process-wide epoch; machines see `epoch + now`, the trace prints `now`, so traces do not
+//! depend on when the process started.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::fmt::{self, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use n4_core::{
+    Client, ClientConfig, Command, ConnId, Event, Server, ServerConfig, ServerEvent, ServerOutput,
+};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use crate::link::{Fate, Link};
+use crate::nat::{Drop, Nat};
+use crate::scenario::{Scenario, Stop};
+
+/// How much the trace says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TraceLevel {
+    /// Client and server events, new NAT mappings, a summary.
+    Events,
+    /// Also every datagram dropped by a NAT or lost on a link.
+    Packets,
+}
+
+/// Options of a run that do not change its outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimOptions {
+    /// Write a trace. Default: none.
+    pub trace: Option<TraceLevel>,
+    /// Keep every new NAT mapping (for [`Sim::mappings`] and [`Sim::punch_table`]). Implied by
+    /// a trace. Default off.
+    pub record_mappings: bool,
+}
+
+/// A new NAT mapping, as recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappingRecord {
+    /// When the NAT made it.
+    pub at: Duration,
+    /// Site index (0 = A, 1 = B).
+    pub site: usize,
+    /// The host's endpoint.
+    pub internal: SocketAddrV4,
+    /// The NAT's public endpoint.
+    pub external: SocketAddrV4,
+    /// The destination of the datagram that made it.
+    pub remote: SocketAddrV4,
+    /// Background flows that took ports since the NAT's previous mapping for us.
+    pub background: u64,
+}
+
+/// How one client fared.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientOutcome {
+    /// A PUNCH from the peer arrived.
+    pub won: bool,
+    /// From the client's start to its WIN.
+    pub time_to_win: Option<Duration>,
+    /// The round that won.
+    pub win_round: Option<u32>,
+    /// Rounds started.
+    pub rounds: u32,
+    /// UDP datagrams the client sent (EXCHANGE, PUNCH, acknowledgements).
+    pub datagrams_sent: u64,
+    /// The host port of the slot that won.
+    pub local_port: Option<u16>,
+    /// The peer's address as the winning PUNCH came from.
+    pub peer: Option<SocketAddr>,
+    /// The client stopped without a WIN (`max_rounds`, or server unreachable).
+    pub gave_up: bool,
+}
+
+/// What a run produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Client A, client B.
+    pub clients: [ClientOutcome; 2],
+    /// Virtual time when the run stopped.
+    pub elapsed: Duration,
+    /// Queued events processed.
+    pub events: u64,
+    /// Background flows per NAT that moved a port counter.
+    pub background: [u64; 2],
+}
+
+impl Outcome {
+    /// Both clients won.
+    pub fn won(&self) -> bool {
+        self.clients.iter().all(|c| c.won)
+    }
+
+    /// When both had won: the later of the two times-to-WIN.
+    pub fn time_to_win(&self) -> Option<Duration> {
+        let [a, b] = &self.clients;
+        Some(a.time_to_win?.max(b.time_to_win?))
+    }
+
+    /// Rounds the longer-playing client started.
+    pub fn rounds(&self) -> u32 {
+        self.clients[0].rounds.max(self.clients[1].rounds)
+    }
+
+    /// UDP datagrams sent by both clients.
+    pub fn datagrams(&self) -> u64 {
+        self.clients.iter().map(|c| c.datagrams_sent).sum()
+    }
+}
+
+/// Why a scenario cannot run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScenarioError(pub String);
+
+impl fmt::Display for ScenarioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ScenarioError {}
+
+/// The one real clock read of the crate: an arbitrary origin for virtual time.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum TcpEv {
+    /// The handshake completed at the server (accept).
+    Open,
+    /// The handshake completed at the client.
+    Connected,
+    ToServer([u8; 8]),
+    ToClient([u8; 8]),
+    CloseAtServer,
+    CloseAtClient,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Ev {
+    Start(usize),
+    /// A host's datagram reaches its NAT.
+    Egress {
+        site: usize,
+        port: u16,
+        to: SocketAddrV4,
+        payload: [u8; 8],
+    },
+    /// A datagram reaches a public address (the server or a NAT).
+    Wan {
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        payload: [u8; 8],
+    },
+    /// A datagram reaches a host's port.
+    Ingress {
+        site: usize,
+        port: u16,
+        from: SocketAddrV4,
+        payload: [u8; 8],
+    },
+    Tcp {
+        conn: u32,
+        ev: TcpEv,
+    },
+}
+
+struct Queued {
+    at: Duration,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    /// Reversed: `BinaryHeap` is a max-heap and we want the earliest (time, seq) first. Every
+    /// entry has a unique `seq`, so the order is total and runs are deterministic.
+    fn cmp(&self, o: &Self) -> Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+struct Conn {
+    site: usize,
+    remote: SocketAddr,
+    up_last: Duration,
+    down_last: Duration,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Drops {
+    no_mapping: u64,
+    filtered: u64,
+    lost: u64,
+}
+
+struct SiteRt {
+    name: &'static str,
+    nat: Nat,
+    host_ip: Ipv4Addr,
+    lan: Link,
+    config: ClientConfig,
+    client: Option<Client>,
+    start: Duration,
+    window: Vec<u16>,
+    next_ephemeral: u16,
+    conn: Option<u32>,
+    outcome: ClientOutcome,
+    done: bool,
+    mappings: u64,
+    drops: Drops,
+}
+
+struct Trace {
+    level: TraceLevel,
+    out: String,
+}
+
+impl Trace {
+    fn line(&mut self, now: Duration, args: fmt::Arguments<'_>) {
+        let _ = writeln!(
+            self.out,
+            "{:>4}.{:06} {}",
+            now.as_secs(),
+            now.subsec_micros(),
+            args
+        );
+    }
+}
+
+/// Writes a trace line if tracing (at least at `$level`) is on; formats nothing otherwise.
+macro_rules! trace {
+    ($sim:expr, $level:expr, $($arg:tt)*) => {
+        if let Some(t) = $sim.trace.as_mut() {
+            if t.level >= $level {
+                t.line($sim.now, format_args!($($arg)*));
+            }
+        }
+    };
+}
+
+/// One run of a scenario. See the module docs.
+pub struct Sim {
+    epoch: Instant,
+    now: Duration,
+    time_limit: Duration,
+    stop: Stop,
+    rng: ChaCha8Rng,
+    queue: BinaryHeap<Queued>,
+    seq: u64,
+    events: u64,
+    server: Server,
+    server_addr: SocketAddrV4,
+    sites: [SiteRt; 2],
+    /// `paths[src][dst]` over nodes 0 = server, 1 = site A, 2 = site B: uplink then uplink.
+    paths: [[Link; 3]; 3],
+    /// Host → server for each site's TCP leg: LAN, uplink, server uplink.
+    tcp_paths: [Link; 2],
+    tcp_rto: Duration,
+    tcp_syn_rto: Duration,
+    conns: Vec<Conn>,
+    trace: Option<Trace>,
+    records: Option<Vec<MappingRecord>>,
+}
+
+impl Sim {
+    /// Prepares a run; nothing happens until [`Sim::run`].
+    pub fn new(scenario: &Scenario, options: SimOptions) -> Result<Self, ScenarioError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed);
+        let server = Server::new(ServerConfig {
+            rng_seed: rng.next_u64(),
+            ..scenario.server.clone()
+        });
+        let epoch = epoch();
+        let mut make_site = |i: usize| -> Result<SiteRt, ScenarioError> {
+            let s = &scenario.sites[i];
+            let name = ["A", "B"][i];
+            let nat = Nat::new(s.nat, s.public_ip, &mut rng)
+                .map_err(|e| ScenarioError(format!("site {name}: {e}")))?;
+            let config = ClientConfig {
+                server: scenario.server_addr,
+                ..s.client.clone()
+            };
+            // Validate now even if the client starts later.
+            Client::new(config.clone(), epoch)
+                .map_err(|e| ScenarioError(format!("client {name}: {e}")))?;
+            Ok(SiteRt {
+                name,
+                nat,
+                host_ip: s.host_ip,
+                lan: s.lan,
+                config,
+                client: None,
+                start: s.start,
+                window: Vec::new(),
+                next_ephemeral: 32768 + (rng.next_u64() % 28000) as u16,
+                conn: None,
+                outcome: ClientOutcome::default(),
+                done: false,
+                mappings: 0,
+                drops: Drops::default(),
+            })
+        };
+        let sites = [make_site(0)?, make_site(1)?];
+        let ips = [
+            *scenario.server_addr.ip(),
+            scenario.sites[0].public_ip,
+            scenario.sites[1].public_ip,
+        ];
+        if ips[0] == ips[1] || ips[0] == ips[2] || ips[1] == ips[2] {
+            return Err(ScenarioError("public IPs must differ".into()));
+        }
+        let up = [
+            scenario.server_uplink,
+            scenario.sites[0].uplink,
+            scenario.sites[1].uplink,
+        ];
+        let paths = std::array::from_fn(|s| std::array::from_fn(|d| up[s].then(&up[d])));
+        let tcp_paths = std::array::from_fn(|i| {
+            scenario.sites[i]
+                .lan
+                .then(&scenario.sites[i].uplink)
+                .then(&scenario.server_uplink)
+        });
+        let mut sim = Self {
+            epoch,
+            now: Duration::ZERO,
+            time_limit: scenario.time_limit,
+            stop: scenario.stop,
+            rng,
+            queue: BinaryHeap::with_capacity(512),
+            seq: 0,
+            events: 0,
+            server,
+            server_addr: scenario.server_addr,
+            sites,
+            paths,
+            tcp_paths,
+            tcp_rto: scenario.tcp_rto,
+            tcp_syn_rto: scenario.tcp_syn_rto,
+            conns: Vec::with_capacity(4),
+            trace: options.trace.map(|level| Trace {
+                level,
+                out: String::with_capacity(4096),
+            }),
+            records: (options.record_mappings || options.trace.is_some()).then(Vec::new),
+        };
+        for i in 0..2 {
+            let at = sim.sites[i].start;
+            sim.schedule(at, Ev::Start(i));
+        }
+        Ok(sim)
+    }
+
+    /// Runs to the stop condition or the time limit and returns the outcome.
+    pub fn run(&mut self) -> Outcome {
+        loop {
+            if self.stopped() {
+                break;
+            }
+            let Some(next) = self.next_wakeup() else {
+                break;
+            };
+            if next > self.time_limit {
+                self.now = self.time_limit;
+                trace!(self, TraceLevel::Events, "time limit");
+                break;
+            }
+            self.now = self.now.max(next);
+            while self.queue.peek().is_some_and(|q| q.at <= self.now) {
+                let q = self.queue.pop().expect("peeked");
+                self.events += 1;
+                self.handle(q.ev);
+                self.drain();
+            }
+            let t = self.epoch + self.now;
+            if self.server.poll_timeout().is_some_and(|d| d <= t) {
+                self.server.handle_timeout(t);
+                self.drain();
+            }
+            for i in 0..2 {
+                let due = self.sites[i]
+                    .client
+                    .as_ref()
+                    .and_then(|c| c.poll_timeout())
+                    .is_some_and(|d| d <= t);
+                if due {
+                    if let Some(c) = self.sites[i].client.as_mut() {
+                        c.handle_timeout(t);
+                    }
+                    self.drain();
+                }
+            }
+        }
+        self.summary();
+        self.outcome()
+    }
+
+    /// The outcome so far.
+    pub fn outcome(&self) -> Outcome {
+        Outcome {
+            clients: [self.sites[0].outcome.clone(), self.sites[1].outcome.clone()],
+            elapsed: self.now,
+            events: self.events,
+            background: [
+                self.sites[0].nat.background_total(),
+                self.sites[1].nat.background_total(),
+            ],
+        }
+    }
+
+    /// The trace so far (empty without [`SimOptions::trace`]).
+    pub fn trace(&self) -> &str {
+        self.trace.as_ref().map_or("", |t| t.out.as_str())
+    }
+
+    /// Every new NAT mapping so far, in order (empty unless recorded).
+    pub fn mappings(&self) -> &[MappingRecord] {
+        self.records.as_deref().unwrap_or(&[])
+    }
+
+    /// The local ports of a client's current (last) window.
+    pub fn window(&self, site: usize) -> &[u16] {
+        &self.sites[site].window
+    }
+
+    /// The seed README's table for one site's current (last) window: each slot's mappings,
+    /// host endpoint → (NAT endpoint) → destination, EXCHANGE first, the winning slot marked
+    /// `[*]`. Needs recorded mappings.
+    pub fn punch_table(&self, site: usize) -> String {
+        let s = &self.sites[site];
+        let mine: Vec<&MappingRecord> = self
+            .mappings()
+            .iter()
+            .filter(|m| m.site == site && s.window.contains(&m.internal.port()))
+            .collect();
+        let row = |m: &MappingRecord| {
+            let won = s.outcome.local_port == Some(m.internal.port())
+                && s.outcome.peer == Some(m.remote.into());
+            format!(
+                "{} --> ({}) --> {}{}\n",
+                m.internal,
+                m.external,
+                m.remote,
+                if won { " [*]" } else { "" }
+            )
+        };
+        let mut out = String::from("---(Exchange)---\n");
+        for m in mine.iter().filter(|m| m.remote == self.server_addr) {
+            out += &row(m);
+        }
+        out += "----(Punch)-----\n";
+        for &p in &s.window {
+            for m in mine
+                .iter()
+                .filter(|m| m.internal.port() == p && m.remote != self.server_addr)
+            {
+                out += &row(m);
+            }
+        }
+        out
+    }
+
+    fn stopped(&self) -> bool {
+        self.sites.iter().all(|s| match self.stop {
+            Stop::Decided => s.outcome.won || s.done,
+            Stop::Finished => s.done,
+        })
+    }
+
+    fn next_wakeup(&self) -> Option<Duration> {
+        let since = |t: Instant| t.saturating_duration_since(self.epoch);
+        let q = self.queue.peek().map(|q| q.at);
+        let s = self.server.poll_timeout().map(since);
+        let c = self
+            .sites
+            .iter()
+            .filter_map(|s| s.client.as_ref()?.poll_timeout().map(since));
+        q.into_iter().chain(s).chain(c).min()
+    }
+
+    fn schedule(&mut self, at: Duration, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Queued {
+            at,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Start(i) => self.start_client(i),
+            Ev::Egress {
+                site,
+                port,
+                to,
+                payload,
+            } => self.egress(site, port, to, payload),
+            Ev::Wan { from, to, payload } => self.wan(from, to, payload),
+            Ev::Ingress {
+                site,
+                port,
+                from,
+                payload,
+            } => self.ingress(site, port, from, payload),
+            Ev::Tcp { conn, ev } => self.tcp(conn, ev),
+        }
+    }
+
+    fn start_client(&mut self, i: usize) {
+        let t = self.epoch + self.now;
+        let client = Client::new(self.sites[i].config.clone(), t).expect("validated in new");
+        self.sites[i].client = Some(client);
+        self.drain();
+    }
+
+    // ------------------------------------------------------------------------------- UDP
+
+    /// A client's datagram from window slot `slot`: over the LAN to the NAT.
+    fn host_send(&mut self, i: usize, slot: usize, to: SocketAddrV4, payload: [u8; 8]) {
+        let Some(&port) = self.sites[i].window.get(slot) else {
+            return;
+        };
+        self.sites[i].outcome.datagrams_sent += 1;
+        let lan = self.sites[i].lan;
+        if lan.is_instant() {
+            self.egress(i, port, to, payload);
+            return;
+        }
+        let ev = |_| Ev::Egress {
+            site: i,
+            port,
+            to,
+            payload,
+        };
+        self.over(&lan, ev);
+    }
+
+    /// Sends `make(())` over `link`: lost, delivered once, or twice.
+    fn over(&mut self, link: &Link, make: impl Fn(()) -> Ev) -> bool {
+        match link.sample(&mut self.rng) {
+            Fate::Lost => false,
+            Fate::Arrives(d, copy) => {
+                self.schedule(self.now + d, make(()));
+                if let Some(d2) = copy {
+                    self.schedule(self.now + d2, make(()));
+                }
+                true
+            }
+        }
+    }
+
+    fn node_of(&self, ip: &Ipv4Addr) -> Option<usize> {
+        if ip == self.server_addr.ip() {
+            Some(0)
+        } else {
+            (0..2)
+                .find(|&i| self.sites[i].nat.public_ip() == *ip)
+                .map(|i| i + 1)
+        }
+    }
+
+    /// The NAT translates an outbound datagram and puts it on the WAN.
+    fn egress(&mut self, i: usize, port: u16, to: SocketAddrV4, payload: [u8; 8]) {
+        let internal = SocketAddrV4::new(self.sites[i].host_ip, port);
+        let Some((ext, new)) = self.sites[i]
+            .nat
+            .outbound(self.now, internal, to, &mut self.rng)
+        else {
+            trace!(
+                self,
+                TraceLevel::Events,
+                "nat{} out of ports: {internal} -> {to} dropped",
+                self.sites[i].name
+            );
+            return;
+        };
+        let from = SocketAddrV4::new(self.sites[i].nat.public_ip(), ext);
+        if let Some(n) = new {
+            self.sites[i].mappings += 1;
+            if let Some(r) = self.records.as_mut() {
+                r.push(MappingRecord {
+                    at: self.now,
+                    site: i,
+                    internal,
+                    external: from,
+                    remote: to,
+                    background: n.background,
+                });
+            }
+            trace!(
+                self,
+                TraceLevel::Events,
+                "nat{} {internal} -> ({from}) -> {to}  bg +{}",
+                self.sites[i].name,
+                n.background
+            );
+        }
+        let Some(dst) = self.node_of(to.ip()) else {
+            trace!(
+                self,
+                TraceLevel::Packets,
+                "net  {from} -> {to}: no such host"
+            );
+            return;
+        };
+        let path = self.paths[i + 1][dst];
+        let delivered = self.over(&path, |_| Ev::Wan { from, to, payload });
+        if !delivered {
+            self.sites[i].drops.lost += 1;
+            trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
+        }
+    }
+
+    /// The server's probe port: its port + 1, as n4-core's clients and drivers have it.
+    fn probe_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(
+            *self.server_addr.ip(),
+            self.server_addr.port().wrapping_add(1),
+        )
+    }
+
+    /// A datagram from the server's probe port onto the WAN.
+    fn server_send(&mut self, to: SocketAddrV4, payload: [u8; 8]) {
+        let from = self.probe_addr();
+        let Some(dst) = self.node_of(to.ip()) else {
+            return;
+        };
+        let path = self.paths[0][dst];
+        if !self.over(&path, |_| Ev::Wan { from, to, payload }) {
+            trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
+        }
+    }
+
+    /// A datagram reaches a public address.
+    fn wan(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload: [u8; 8]) {
+        if to.ip() == self.server_addr.ip() {
+            // The server port and the probe port (port + 1) both feed the one machine.
+            if to == self.server_addr || to == self.probe_addr() {
+                self.server
+                    .handle_datagram(self.epoch + self.now, from.into(), &payload);
+            }
+            return;
+        }
+        let Some(i) = (0..2).find(|&i| self.sites[i].nat.public_ip() == *to.ip()) else {
+            return;
+        };
+        match self.sites[i].nat.inbound(self.now, from, to.port()) {
+            Ok(internal) => {
+                let lan = self.sites[i].lan;
+                let port = internal.port();
+                if lan.is_instant() {
+                    self.ingress(i, port, from, payload);
+                } else {
+                    self.over(&lan, |_| Ev::Ingress {
+                        site: i,
+                        port,
+                        from,
+                        payload,
+                    });
+                }
+            }
+            Err(why) => {
+                let d = &mut self.sites[i].drops;
+                match why {
+                    Drop::NoMapping => d.no_mapping += 1,
+                    Drop::Filtered => d.filtered += 1,
+                }
+                trace!(
+                    self,
+                    TraceLevel::Packets,
+                    "nat{} drop {from} -> {to}: {why:?}",
+                    self.sites[i].name
+                );
+            }
+        }
+    }
+
+    /// A datagram reaches a host port: the client gets it if the port is in its window.
+    fn ingress(&mut self, i: usize, port: u16, from: SocketAddrV4, payload: [u8; 8]) {
+        let t = self.epoch + self.now;
+        let s = &mut self.sites[i];
+        let (Some(slot), Some(client)) = (s.window.iter().position(|&p| p == port), &mut s.client)
+        else {
+            return;
+        };
+        client.handle_datagram(t, slot, from.into(), &payload);
+    }
+
+    // ------------------------------------------------------------------------------- TCP
+
+    fn connect(&mut self, i: usize) {
+        let conn = self.conns.len() as u32;
+        let remote = SocketAddrV4::new(self.sites[i].nat.public_ip(), self.sites[i].nat.tcp_port());
+        let path = self.tcp_paths[i];
+        let syn = path.sample_reliable(&mut self.rng, self.tcp_syn_rto);
+        let syn_ack = path.sample_reliable(&mut self.rng, self.tcp_syn_rto);
+        let (up, down) = (self.now + syn, self.now + syn + syn_ack);
+        self.conns.push(Conn {
+            site: i,
+            remote: remote.into(),
+            up_last: up,
+            down_last: down,
+        });
+        self.sites[i].conn = Some(conn);
+        self.schedule(
+            down,
+            Ev::Tcp {
+                conn,
+                ev: TcpEv::Connected,
+            },
+        );
+    }
+
+    /// Client → server on a connection, in order after everything sent before.
+    fn tcp_up(&mut self, conn: u32, ev: TcpEv) {
+        let c = &self.conns[conn as usize];
+        let d = self.tcp_paths[c.site].sample_reliable(&mut self.rng, self.tcp_rto);
+        let at = (self.now + d).max(self.conns[conn as usize].up_last);
+        self.conns[conn as usize].up_last = at;
+        self.schedule(at, Ev::Tcp { conn, ev });
+    }
+
+    /// Server → client on a connection, in order after everything sent before.
+    fn tcp_down(&mut self, conn: u32, ev: TcpEv) {
+        let c = &self.conns[conn as usize];
+        let d = self.tcp_paths[c.site].sample_reliable(&mut self.rng, self.tcp_rto);
+        let at = (self.now + d).max(self.conns[conn as usize].down_last);
+        self.conns[conn as usize].down_last = at;
+        self.schedule(at, Ev::Tcp { conn, ev });
+    }
+
+    fn tcp(&mut self, conn: u32, ev: TcpEv) {
+        let t = self.epoch + self.now;
+        let i = self.conns[conn as usize].site;
+        let current = self.sites[i].conn == Some(conn);
+        match ev {
+            TcpEv::Open => {
+                let remote = self.conns[conn as usize].remote;
+                self.server
+                    .handle_connection_opened(t, ConnId(conn.into()), remote);
+            }
+            TcpEv::Connected if current => {
+                // The handshake's last ACK goes up first; HELLO follows it on the stream.
+                self.tcp_up(conn, TcpEv::Open);
+                if let Some(c) = self.sites[i].client.as_mut() {
+                    c.handle_connected(t);
+                }
+            }
+            TcpEv::ToServer(bytes) => {
+                self.server
+                    .handle_stream_data(t, ConnId(conn.into()), &bytes)
+            }
+            TcpEv::CloseAtServer => self.server.handle_connection_closed(t, ConnId(conn.into())),
+            TcpEv::ToClient(bytes) if current => {
+                if let Some(c) = self.sites[i].client.as_mut() {
+                    c.handle_stream_data(t, &bytes);
+                }
+            }
+            TcpEv::CloseAtClient if current => {
+                self.sites[i].conn = None;
+                if let Some(c) = self.sites[i].client.as_mut() {
+                    c.handle_stream_closed(t);
+                }
+            }
+            // For a connection the client already left: the socket is gone.
+            TcpEv::Connected | TcpEv::ToClient(_) | TcpEv::CloseAtClient => {}
+        }
+    }
+
+    // ------------------------------------------------------------------------------- drain
+
+    /// Moves every machine's output into the network until none has anything left.
+    fn drain(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(out) = self.server.poll_output() {
+                moved = true;
+                match out {
+                    ServerOutput::Send { conn, message } => {
+                        self.tcp_down(conn.0 as u32, TcpEv::ToClient(message.to_bytes()))
+                    }
+                    ServerOutput::Close { conn } => {
+                        self.tcp_down(conn.0 as u32, TcpEv::CloseAtClient)
+                    }
+                    ServerOutput::Datagram { to, message } => {
+                        if let SocketAddr::V4(to) = to {
+                            self.server_send(to, message.to_bytes());
+                        }
+                    }
+                }
+            }
+            while let Some(e) = self.server.poll_event() {
+                self.server_event(e);
+            }
+            for i in 0..2 {
+                moved |= self.drain_client(i);
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn drain_client(&mut self, i: usize) -> bool {
+        let mut moved = false;
+        loop {
+            let Some(client) = self.sites[i].client.as_mut() else {
+                return moved;
+            };
+            let Some(cmd) = client.poll_command() else {
+                break;
+            };
+            moved = true;
+            self.command(i, cmd);
+        }
+        // Events before transmits: the order does not matter to the client (they are separate
+        // queues), and the trace then reads cause before effect.
+        while let Some(e) = self.sites[i].client.as_mut().and_then(|c| c.poll_event()) {
+            self.client_event(i, e);
+        }
+        while let Some(t) = self.sites[i]
+            .client
+            .as_mut()
+            .and_then(|c| c.poll_transmit())
+        {
+            moved = true;
+            let SocketAddr::V4(to) = t.destination else {
+                continue;
+            };
+            self.host_send(i, t.slot, to, t.payload);
+        }
+        moved
+    }
+
+    fn command(&mut self, i: usize, cmd: Command) {
+        match cmd {
+            Command::OpenWindow { ports } => {
+                let s = &mut self.sites[i];
+                s.window.clear();
+                for &p in &ports {
+                    let p = if p == 0 {
+                        // Like the kernel's ephemeral range; never a port this window binds.
+                        loop {
+                            let e = s.next_ephemeral;
+                            s.next_ephemeral = if e >= 60999 { 32768 } else { e + 1 };
+                            if !ports.contains(&e) && !s.window.contains(&e) {
+                                break e;
+                            }
+                        }
+                    } else {
+                        p
+                    };
+                    s.window.push(p);
+                }
+            }
+            Command::Connect => self.connect(i),
+            Command::Send(m) => {
+                if let Some(conn) = self.sites[i].conn {
+                    self.tcp_up(conn, TcpEv::ToServer(m.to_bytes()));
+                }
+            }
+            Command::Disconnect => {
+                if let Some(conn) = self.sites[i].conn.take() {
+                    self.tcp_up(conn, TcpEv::CloseAtServer);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------- trace
+
+    fn client_event(&mut self, i: usize, e: Event) {
+        let now = self.now;
+        let s = &mut self.sites[i];
+        match &e {
+            Event::RoundStarted { round, .. } => s.outcome.rounds = *round,
+            Event::Win {
+                round, slot, peer, ..
+            } if !s.outcome.won => {
+                s.outcome.won = true;
+                s.outcome.time_to_win = Some(now.saturating_sub(s.start));
+                s.outcome.win_round = Some(*round);
+                s.outcome.local_port = s.window.get(*slot).copied();
+                s.outcome.peer = Some(*peer);
+            }
+            Event::Finished => s.done = true,
+            Event::GaveUp { .. } | Event::ServerUnreachable => {
+                s.done = true;
+                s.outcome.gave_up = true;
+            }
+            _ => {}
+        }
+        if self.trace.is_none() {
+            return;
+        }
+        let name = s.name;
+        let local = |slot: usize| s.window.get(slot).copied().unwrap_or(0);
+        let text = match e {
+            Event::RoundStarted {
+                round,
+                first_port,
+                count,
+                in_session,
+            } => format!(
+                "round {round}: ports {first_port}-{}{}",
+                u32::from(first_port) + u32::from(count) - 1,
+                if in_session { " (in session)" } else { "" }
+            ),
+            Event::Planned {
+                step,
+                rate,
+                rtt,
+                window,
+                hint,
+            } => format!(
+                "plan: step {step}, {rate} flows/s, rtt {}, window {window}, hint {hint:?}",
+                rtt.map_or("?".into(), |r| format!(
+                    "{:.1} ms",
+                    r.as_secs_f64() * 1000.0
+                ))
+            ),
+            Event::PeerHint(h) => format!("=> HINT {h:?}"),
+            Event::HelloSent => "<= HELLO".into(),
+            Event::Ready { extended } => {
+                format!("=> READY{}", if extended { " (extended)" } else { "" })
+            }
+            Event::ExchangeSent => "<= EXCHANGE".into(),
+            Event::Seen(a) => format!("=> SEEN {a}"),
+            Event::PeerInfo { peer, target } => match target {
+                Some(t) => format!("=> PEERINFO {peer}  [ Target: {t} ]"),
+                None => format!("=> PEERINFO {peer}  [ no target ]"),
+            },
+            Event::PunchSent { target, datagrams } => format!("<= PUNCH x{datagrams} to {target}"),
+            Event::Win {
+                round,
+                slot,
+                peer,
+                strategy,
+            } => format!(
+                "[ WIN ] round {round}, local port {} (slot {slot}), peer {peer} ({})",
+                local(slot),
+                strategy.name()
+            ),
+            Event::Lose { round, reason } => format!("[ LOSE ] round {round}: {reason:?}"),
+            Event::Finished => "finished".into(),
+            Event::GaveUp { rounds } => format!("gave up after {rounds} rounds"),
+            Event::ServerUnreachable => "server unreachable".into(),
+        };
+        trace!(self, TraceLevel::Events, "{name}    {text}");
+    }
+
+    fn server_event(&mut self, e: ServerEvent) {
+        if self.trace.is_none() {
+            return;
+        }
+        let text = match e {
+            ServerEvent::Waiting { remote, ident } => format!("{remote} waits ({ident})"),
+            ServerEvent::Paired { first, second, .. } => format!("paired {first} + {second}"),
+            ServerEvent::Completed { first, second, .. } => {
+                format!("exchanged {first} <-> {second}")
+            }
+            other => format!("{other:?}"),
+        };
+        trace!(self, TraceLevel::Events, "srv  {text}");
+    }
+
+    fn summary(&mut self) {
+        if self.trace.is_none() {
+            return;
+        }
+        for i in 0..2 {
+            let s = &self.sites[i];
+            let o = &s.outcome;
+            let result = match (o.win_round, o.time_to_win) {
+                (Some(r), Some(t)) => format!(
+                    "WIN in round {r} after {}.{:06} s",
+                    t.as_secs(),
+                    t.subsec_micros()
+                ),
+                _ => format!("no WIN in {} rounds", o.rounds),
+            };
+            let (name, sent, d) = (s.name, o.datagrams_sent, s.drops);
+            let (maps, bg) = (s.mappings, s.nat.background_total());
+            trace!(
+                self,
+                TraceLevel::Events,
+                "{name}    {result}; {sent} datagrams sent"
+            );
+            trace!(self, TraceLevel::Events,
+                "nat{name} {maps} mappings, {bg} background flows; dropped inbound: {} no mapping, {} filtered; {} lost on the way out",
+                d.no_mapping, d.filtered, d.lost);
+        }
+        let events = self.events;
+        trace!(self, TraceLevel::Events, "end  {events} events");
+    }
+}
+
+/// Runs a scenario without a trace.
+pub fn run(scenario: &Scenario) -> Result<Outcome, ScenarioError> {
+    Ok(Sim::new(scenario, SimOptions::default())?.run())
+}
+
+/// Runs a scenario with a trace at `level`; returns the outcome and the trace.
+pub fn run_traced(
+    scenario: &Scenario,
+    level: TraceLevel,
+) -> Result<(Outcome, String), ScenarioError> {
+    let mut sim = Sim::new(
+        scenario,
+        SimOptions {
+            trace: Some(level),
+            record_mappings: true,
+        },
+    )?;
+    let outcome = sim.run();
+    Ok((outcome, sim.trace().to_owned()))
+}
