@@ -2,6 +2,7 @@
 //! driving [`n4_core::Client`]; after WIN, optionally keeping the hole (keepalive) or relaying
 //! it to a local UDP program (forward).
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
@@ -75,7 +76,8 @@ pub struct WinReport {
     pub round: u32,
     /// From start to the peer's PUNCH arriving.
     pub elapsed_ms: u64,
-    /// The punching strategy (`v1`: fixed offset, one window per round).
+    /// The strategy that aimed the winning round: `v1` (the original's fixed offset) or
+    /// `predict` (our extension, when the server and the peer are ours).
     pub strategy: &'static str,
     /// With `--forward`: the local relay socket the local program talks to.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,6 +129,7 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
         options,
         start,
         window: Vec::new(),
+        window_first: None,
         tcp: None,
         connect_deadline: None,
         connect_error: None,
@@ -186,16 +189,14 @@ struct Won {
     /// The slot that received the peer's PUNCH, and who sent it: our way out.
     slot: usize,
     peer: SocketAddr,
-    /// Every (slot, peer address) the peer reached us on since WIN, the winning pair first.
-    /// Where filtering is open (loopback, endpoint-independent filtering) the two sides may
-    /// win on different pairs, so the peer's traffic can arrive on another slot than ours:
-    /// such slots stay open and get keepalives too.
-    paths: Vec<(usize, SocketAddr)>,
+    /// Every slot the peer reached us on since WIN, with the address it came from last (the
+    /// winning slot keeps the winning address). Where filtering is open (loopback,
+    /// endpoint-independent filtering) the two sides may win on different pairs, so the
+    /// peer's traffic can arrive on another slot than ours: such slots stay open and get
+    /// keepalives too. Bounded by the window.
+    paths: BTreeMap<usize, SocketAddr>,
     report: WinReport,
 }
-
-/// Enough for any honest peer (its winning pair and its acknowledgements); bounds a flood.
-const MAX_PATHS: usize = 8;
 
 struct Driver {
     client: Client,
@@ -204,6 +205,8 @@ struct Driver {
     start: Instant,
     /// Slot `i`'s socket; `None` when its port could not be bound.
     window: Vec<Option<UdpSocket>>,
+    /// First port of the window opened last.
+    window_first: Option<u16>,
     tcp: Option<Tcp>,
     connect_deadline: Option<Instant>,
     /// Why the last connect failed, for the error message.
@@ -241,7 +244,7 @@ impl Driver {
         }
         if self.keepalive_at.is_some_and(|t| t <= now) {
             if let Some(won) = &self.won {
-                for &(slot, peer) in &won.paths {
+                for (&slot, &peer) in &won.paths {
                     send_from(&self.window, slot, peer, &KEEPALIVE);
                     debug!("keepalive from slot {slot} to {peer}");
                 }
@@ -300,6 +303,7 @@ impl Driver {
 
     fn open_window(&mut self, ports: &[u16]) -> Result<(), Error> {
         self.close_window();
+        self.window_first = ports.first().copied();
         let mut last_error = None;
         for (slot, &port) in ports.iter().enumerate() {
             let bound = sockets::bind_slot(port).and_then(|mut socket| {
@@ -319,10 +323,14 @@ impl Driver {
                 }
             }
         }
-        if self.window.iter().all(Option::is_none) {
+        // Probe slots (port 0) always bind; the window's fixed ports are what matters.
+        let fixed = ports.iter().zip(&self.window).filter(|(&p, _)| p != 0);
+        if fixed.clone().count() > 0 && fixed.clone().all(|(_, s)| s.is_none())
+            || self.window.iter().all(Option::is_none)
+        {
             return Err(Error::NoWindow {
                 first: ports.first().copied().unwrap_or(0),
-                last: ports.last().copied().unwrap_or(0),
+                last: ports.iter().rev().find(|&&p| p != 0).copied().unwrap_or(0),
                 source: last_error.unwrap_or_else(|| io::ErrorKind::InvalidInput.into()),
             });
         }
@@ -468,9 +476,8 @@ impl Driver {
             let data = &buf[..n];
             if let Some(won) = &mut self.won {
                 if from.ip() == won.peer.ip() {
-                    if won.paths.len() < MAX_PATHS && !won.paths.contains(&(slot, from)) {
+                    if slot != won.slot && won.paths.insert(slot, from) != Some(from) {
                         debug!("peer {from} reaches us on slot {slot}");
-                        won.paths.push((slot, from));
                     }
                     let punch = Message::Punch(self.client.config().ident).to_bytes();
                     if data == punch || data == KEEPALIVE {
@@ -522,11 +529,14 @@ impl Driver {
                 first_port, count, ..
             } => {
                 self.exchange_logged = false;
+                // The window this round really uses is the one opened last (commands run
+                // before events); the event's own `first_port` may lag behind after a LOSE.
+                let first = self.window_first.unwrap_or(first_port);
                 info!("==================");
                 info!(
                     "Source port: {}-{}",
-                    first_port,
-                    u32::from(first_port) + u32::from(count)
+                    first,
+                    u32::from(first) + u32::from(count)
                 );
             }
             Event::HelloSent => info!(" <= Hello "),
@@ -543,6 +553,17 @@ impl Driver {
                 }
             }
             Event::Seen(addr) => debug!(" => Seen: {addr} (our public address)"),
+            Event::Planned {
+                step,
+                rate,
+                rtt,
+                window,
+                hint,
+            } => debug!(
+                "plan: NAT step {step}, {rate} flows/s, rtt {rtt:?}, window {window}, hint {}",
+                hint.0
+            ),
+            Event::PeerHint(hint) => debug!("peer hint: {}", hint.0),
             Event::PeerInfo { peer, target } => {
                 info!(" => Peer: {peer} ");
                 match target {
@@ -558,7 +579,12 @@ impl Driver {
                 info!(" <= Punch ");
                 debug!("{datagrams} punches to {target}");
             }
-            Event::Win { round, slot, peer } => {
+            Event::Win {
+                round,
+                slot,
+                peer,
+                strategy,
+            } => {
                 info!(" => Punch from peer ");
                 let local_port = self
                     .window
@@ -571,7 +597,7 @@ impl Driver {
                     peer,
                     round,
                     elapsed_ms: now.duration_since(self.start).as_millis() as u64,
-                    strategy: "v1",
+                    strategy: strategy.name(),
                     forward_via: self.forward.as_ref().and_then(|s| s.local_addr().ok()),
                 };
                 if self.options.after_win != AfterWin::Exit {
@@ -580,7 +606,7 @@ impl Driver {
                 self.won = Some(Won {
                     slot,
                     peer,
-                    paths: vec![(slot, peer)],
+                    paths: BTreeMap::from([(slot, peer)]),
                     report,
                 });
             }
@@ -621,7 +647,7 @@ impl Driver {
             return None;
         };
         let (peer, report) = (won.peer, won.report.clone());
-        let keep: Vec<usize> = won.paths.iter().map(|p| p.0).collect();
+        let keep: Vec<usize> = won.paths.keys().copied().collect();
         info!(" <= Punch ");
         self.close_tcp();
         if self.options.after_win == AfterWin::Exit {

@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use n4_core::{ConnId, Server, ServerConfig, ServerEvent, ServerOutput};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -18,6 +18,7 @@ use crate::{sockets, Error};
 const SIGNALS: Token = Token(0);
 const LISTENER: Token = Token(1);
 const UDP: Token = Token(2);
+const PROBE: Token = Token(3);
 /// Connection `ConnId(n)` has token `CONN_BASE + n`; ids are never reused.
 const CONN_BASE: usize = 16;
 
@@ -59,6 +60,14 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
         addr: listen,
         source,
     })?;
+    // Probes (our extension) go to the next port up, which a v1 server never hears. Without
+    // it clients still pair; they only predict less well.
+    let mut probe = listen.port().checked_add(1).and_then(|port| {
+        let addr = SocketAddr::new(listen.ip(), port);
+        sockets::bind_udp(addr)
+            .map_err(|e| warn!("No probe port: cannot listen on UDP {addr}: {e}"))
+            .ok()
+    });
     let poll = Poll::new()?;
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     poll.registry()
@@ -67,12 +76,16 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
         .register(&mut listener, LISTENER, Interest::READABLE)?;
     poll.registry()
         .register(&mut udp, UDP, Interest::READABLE)?;
+    if let Some(probe) = &mut probe {
+        poll.registry().register(probe, PROBE, Interest::READABLE)?;
+    }
 
     let only = options.config.only_ident;
     let extensions = options.config.extensions;
     let mut driver = Driver {
         server: Server::new(options.config),
         poll,
+        probe,
         conns: HashMap::new(),
         lingering: BTreeSet::new(),
         next_conn: 0,
@@ -112,16 +125,13 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
                     }
                 }
                 LISTENER => driver.accept(now, &listener),
-                UDP => loop {
-                    match udp.recv_from(&mut buf) {
-                        Ok((n, from)) => driver.server.handle_datagram(now, from, &buf[..n]),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            debug!("udp receive: {e}");
-                            break;
-                        }
+                UDP => driver.receive(now, &udp, &mut buf),
+                PROBE => {
+                    if let Some(probe) = driver.probe.take() {
+                        driver.receive(now, &probe, &mut buf);
+                        driver.probe = Some(probe);
                     }
-                },
+                }
                 Token(t) => {
                     let conn = ConnId((t - CONN_BASE) as u64);
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -145,6 +155,8 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
 struct Driver {
     server: Server,
     poll: Poll,
+    /// UDP on the listen port + 1, for probes.
+    probe: Option<UdpSocket>,
     conns: HashMap<ConnId, Conn>,
     lingering: BTreeSet<(Instant, ConnId)>,
     next_conn: u64,
@@ -154,6 +166,25 @@ impl Driver {
     fn next_wakeup(&self) -> Option<Instant> {
         let linger = self.lingering.first().map(|l| l.0);
         self.server.poll_timeout().into_iter().chain(linger).min()
+    }
+
+    /// Feeds every datagram waiting on `socket` (the server port or the probe port) to the
+    /// machine, answering probes as it goes.
+    fn receive(&mut self, now: Instant, socket: &UdpSocket, buf: &mut [u8]) {
+        loop {
+            match socket.recv_from(buf) {
+                Ok((n, from)) => {
+                    self.server.handle_datagram(now, from, &buf[..n]);
+                    self.drain(now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // e.g. an ICMP error for an earlier probe answer: nothing to do.
+                    debug!("udp receive: {e}");
+                }
+            }
+        }
     }
 
     fn accept(&mut self, now: Instant, listener: &TcpListener) {
@@ -293,6 +324,13 @@ impl Driver {
                         self.flush(now, conn);
                     }
                 }
+                ServerOutput::Datagram { to, message } => {
+                    if let Some(probe) = &self.probe {
+                        if let Err(e) = probe.send_to(&message.to_bytes(), to) {
+                            debug!("probe answer to {to}: {e}");
+                        }
+                    }
+                }
                 ServerOutput::Close { conn } => {
                     if let Some(c) = self.conns.get_mut(&conn) {
                         if c.closing.is_none() {
@@ -319,10 +357,17 @@ fn log_event(event: &ServerEvent) {
             second,
         } => debug!("Ready [{ident}]: {first} + {second}"),
         ServerEvent::Completed {
+            round: 1,
             ident,
             first,
             second,
         } => info!("Paired [{ident}]: {first} <-> {second}"),
+        ServerEvent::Completed {
+            round,
+            ident,
+            first,
+            second,
+        } => debug!("Round {round} [{ident}]: {first} <-> {second}"),
         ServerEvent::Abandoned { ident, reason } => info!("Abandoned [{ident}]: {reason:?}"),
     }
 }

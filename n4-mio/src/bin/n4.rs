@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use n4_core::{ClientConfig, Ident, ServerConfig};
+use n4_core::{ClientConfig, Ident, ServerConfig, Strategy};
 use n4_mio::{
     exit, init_logging, run_client, run_server, AfterWin, ClientOptions, ClientOutcome, Error,
     ServerOptions,
@@ -47,7 +47,7 @@ struct Cli {
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
 
-    /// Identifier, at most 6 ASCII characters [default: n4n4n4; server: any unless given]
+    /// Identifier, at most 6 ASCII characters [default: n4n4n4; server: any]
     #[arg(short = 'a', long = "ident", value_name = "IDENT")]
     ident: Option<String>,
 
@@ -161,7 +161,7 @@ struct Cli {
     )]
     offset: i32,
 
-    /// Accept the peer's punch from an IP other than the one the server gave
+    /// Accept the peer's punch from any IP, not only the server-given one
     #[arg(short = 'x', long, help_heading = "Client")]
     any_ip: bool,
 
@@ -178,11 +178,11 @@ struct Cli {
     )]
     round_timeout: f64,
 
-    /// On WIN, print one JSON object on stdout: local_port, peer, round, elapsed_ms, strategy
+    /// On WIN, print the result as one JSON object on stdout
     #[arg(long, help_heading = "Client")]
     json: bool,
 
-    /// After WIN, keep the hole open with a keepalive to the peer every SECS until Ctrl-C
+    /// After WIN, keep the hole open: a keepalive every SECS [15] until Ctrl-C
     #[arg(
         long,
         value_name = "SECS",
@@ -192,12 +192,12 @@ struct Cli {
     )]
     keepalive: Option<f64>,
 
-    /// After WIN, relay between the peer and the local UDP program at HOST:PORT until Ctrl-C
+    /// After WIN, relay the hole to/from the local UDP program at HOST:PORT
     #[arg(long, value_name = "HOST:PORT", help_heading = "Client")]
     forward: Option<String>,
 
-    /// Local address of the relay socket the local program talks to [default: port 0 on
-    /// 127.0.0.1 for a loopback --forward target, else on 0.0.0.0]
+    /// Address of the relay socket the local program talks to [default: 127.0.0.1:0 for a
+    /// loopback target, else 0.0.0.0:0]
     #[arg(
         long,
         value_name = "ADDR:PORT",
@@ -267,20 +267,20 @@ fn code(c: i32) -> ExitCode {
 }
 
 fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
+    init_logging(level);
     match (cli.server, cli.client) {
         (true, _) => {
             let options = server_options(&cli)?;
-            init_logging(level);
             run_server(options)?;
             Ok(exit::WIN)
         }
         (false, true) => {
             let options = client_options(&cli)?;
-            init_logging(level);
             Ok(match run_client(options)? {
                 ClientOutcome::Won(_) => exit::WIN,
                 ClientOutcome::GaveUp { rounds } => {
-                    error!("Gave up after {rounds} rounds without a punch from the peer");
+                    let s = if rounds == 1 { "" } else { "s" };
+                    error!("Gave up after {rounds} round{s} without a punch from the peer");
                     exit::GAVE_UP
                 }
                 ClientOutcome::Interrupted => exit::INTERRUPTED,
@@ -322,6 +322,7 @@ fn server_options(cli: &Cli) -> Result<ServerOptions, Usage> {
         max_per_ip: cli.max_per_ip,
         extensions: !cli.no_ext,
         rng_seed: random_seed(),
+        ..ServerConfig::default()
     };
     Ok(ServerOptions {
         listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, cli.listen)),
@@ -338,14 +339,6 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
     }
     if cli.count == 0 {
         return Err(Usage("-n 0: the source port count must be at least 1".into()).into());
-    }
-    let last = u32::from(cli.start) + u32::from(cli.count) - 1;
-    if cli.start != 0 && last > 65535 {
-        return Err(Usage(format!(
-            "-b {} -n {}: source ports would run to {last}, past 65535",
-            cli.start, cli.count
-        ))
-        .into());
     }
     if cli.offset.unsigned_abs() >= 65535 {
         return Err(Usage(format!(
@@ -381,19 +374,38 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
         (None, Some(interval)) => AfterWin::KeepAlive { interval },
         (None, None) => AfterWin::Exit,
     };
-    let server = resolve_v4(host, cli.port)?;
-    let config = ClientConfig {
+    let mut config = ClientConfig {
         ident: ident(cli)?.unwrap_or_default(),
-        server,
+        server: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cli.port),
         port_start: cli.start,
         port_count: cli.count,
         peer_port_offset: cli.offset,
         accept_any_ip: cli.any_ip,
         round_timeout,
         max_rounds: cli.rounds,
-        extensions: !cli.no_ext,
+        strategy: if cli.no_ext {
+            Strategy::V1
+        } else {
+            Strategy::Predict
+        },
         ..ClientConfig::default()
     };
+    let slots = config.window_slots();
+    let last = u32::from(cli.start) + u32::from(slots) - 1;
+    if cli.start != 0 && last > 65535 {
+        let why = if slots > cli.count {
+            format!(" (the window holds {slots} ports unless --no-ext)")
+        } else {
+            String::new()
+        };
+        return Err(Usage(format!(
+            "-b {} -n {}: source ports would run to {last}, past 65535{why}",
+            cli.start, cli.count
+        ))
+        .into());
+    }
+    // Resolve last: a usage error is reported before any network trouble.
+    config.server = resolve_v4(host, cli.port)?;
     Ok(ClientOptions {
         config,
         after_win,
