@@ -160,6 +160,11 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
             match event.token() {
                 SIGNALS => {
                     if signals.pending().next().is_some() {
+                        if driver.won.is_some() && !driver.finished {
+                            // Stopped during the acknowledgement burst: the hole is open all
+                            // the same, so report it.
+                            let _ = driver.finished(now);
+                        }
                         info!("Stopped");
                         return Ok(match driver.won.take() {
                             Some(won) => ClientOutcome::Won(won.report),
@@ -474,7 +479,13 @@ impl Driver {
                 }
             };
             let data = &buf[..n];
-            if let Some(won) = &mut self.won {
+            let config = self.client.config();
+            // Only the punch window carries the peer; probe slots and the server's own
+            // datagrams (same IP as the peer on loopback) are not the user's traffic.
+            let from_peer = slot < usize::from(config.window_slots())
+                && from != SocketAddr::from(config.server)
+                && from != SocketAddr::from(config.probe_server());
+            if let Some(won) = self.won.as_mut().filter(|_| from_peer) {
                 if from.ip() == won.peer.ip() {
                     if slot != won.slot && won.paths.insert(slot, from) != Some(from) {
                         debug!("peer {from} reaches us on slot {slot}");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
-use n4_core::{ConnId, Server, ServerConfig, ServerEvent, ServerOutput};
+use n4_core::{ConnId, Message, Server, ServerConfig, ServerEvent, ServerOutput};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, info, warn};
@@ -85,7 +85,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
     let mut driver = Driver {
         server: Server::new(options.config),
         poll,
-        probe,
+        probe_answers: Vec::new(),
         conns: HashMap::new(),
         lingering: BTreeSet::new(),
         next_conn: 0,
@@ -94,6 +94,9 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
         "Listening on TCP/{port} and UDP/{port}",
         port = listen.port()
     );
+    if let Some(probe) = probe.as_ref().and_then(|p| p.local_addr().ok()) {
+        debug!("Probe port: UDP/{}", probe.port());
+    }
     match only {
         Some(ident) => info!("Identifier: {ident} (only)"),
         None => info!("Identifier: any"),
@@ -125,11 +128,10 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
                     }
                 }
                 LISTENER => driver.accept(now, &listener),
-                UDP => driver.receive(now, &udp, &mut buf),
+                UDP => driver.receive(now, &udp, false, &mut buf),
                 PROBE => {
-                    if let Some(probe) = driver.probe.take() {
-                        driver.receive(now, &probe, &mut buf);
-                        driver.probe = Some(probe);
+                    if let Some(probe) = &probe {
+                        driver.receive(now, probe, true, &mut buf);
                     }
                 }
                 Token(t) => {
@@ -143,6 +145,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
                 }
             }
             driver.drain(now);
+            answer_probes(probe.as_ref(), &mut driver.probe_answers);
         }
         if driver.server.poll_timeout().is_some_and(|t| t <= now) {
             driver.server.handle_timeout(now);
@@ -155,8 +158,8 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
 struct Driver {
     server: Server,
     poll: Poll,
-    /// UDP on the listen port + 1, for probes.
-    probe: Option<UdpSocket>,
+    /// Answers to probes, sent from the probe port (UDP, listen port + 1) by the loop.
+    probe_answers: Vec<(SocketAddr, [u8; 8])>,
     conns: HashMap<ConnId, Conn>,
     lingering: BTreeSet<(Instant, ConnId)>,
     next_conn: u64,
@@ -170,12 +173,19 @@ impl Driver {
 
     /// Feeds every datagram waiting on `socket` (the server port or the probe port) to the
     /// machine, answering probes as it goes.
-    fn receive(&mut self, now: Instant, socket: &UdpSocket, buf: &mut [u8]) {
+    ///
+    /// Each port hears only its own kind: PROBE on the probe port, everything else on the
+    /// server port, as docs/PROTOCOL.md lays out (the machine itself cannot tell the ports
+    /// apart).
+    fn receive(&mut self, now: Instant, socket: &UdpSocket, probe_port: bool, buf: &mut [u8]) {
         loop {
             match socket.recv_from(buf) {
                 Ok((n, from)) => {
-                    self.server.handle_datagram(now, from, &buf[..n]);
-                    self.drain(now);
+                    let is_probe = Message::decode(&buf[..n]) == Ok(Message::Probe);
+                    if is_probe == probe_port {
+                        self.server.handle_datagram(now, from, &buf[..n]);
+                        self.drain(now);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -325,11 +335,7 @@ impl Driver {
                     }
                 }
                 ServerOutput::Datagram { to, message } => {
-                    if let Some(probe) = &self.probe {
-                        if let Err(e) = probe.send_to(&message.to_bytes(), to) {
-                            debug!("probe answer to {to}: {e}");
-                        }
-                    }
+                    self.probe_answers.push((to, message.to_bytes()));
                 }
                 ServerOutput::Close { conn } => {
                     if let Some(c) = self.conns.get_mut(&conn) {
@@ -343,6 +349,16 @@ impl Driver {
         }
         while let Some(event) = self.server.poll_event() {
             log_event(&event);
+        }
+    }
+}
+
+fn answer_probes(probe: Option<&UdpSocket>, answers: &mut Vec<(SocketAddr, [u8; 8])>) {
+    for (to, bytes) in answers.drain(..) {
+        if let Some(probe) = probe {
+            if let Err(e) = probe.send_to(&bytes, to) {
+                debug!("probe answer to {to}: {e}");
+            }
         }
     }
 }

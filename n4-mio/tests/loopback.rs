@@ -370,3 +370,31 @@ fn interrupted_before_win_exits_130() {
     let mut p = p;
     assert_eq!(p.wait_exit(T).code(), Some(130), "{}", p.log());
 }
+
+#[test]
+fn server_answers_probes_on_the_next_port_and_ignores_them_on_its_own() {
+    use n4_core::Message;
+    let (_srv, port) = server(&[]);
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // On the server port a probe is just a stray datagram: no answer (a v1 server never sees
+    // probes, and ours does not answer there either).
+    udp.send_to(&Message::Probe.to_bytes(), (Ipv4Addr::LOCALHOST, port))
+        .unwrap();
+    udp.send_to(&Message::Probe.to_bytes(), (Ipv4Addr::LOCALHOST, port + 1))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = udp.recv_from(&mut buf).expect("a SEEN from the probe port");
+    assert_eq!(from, SocketAddr::from((Ipv4Addr::LOCALHOST, port + 1)));
+    let me = match udp.local_addr().unwrap() {
+        SocketAddr::V4(v4) => v4,
+        other => panic!("{other}"),
+    };
+    assert_eq!(Message::decode(&buf[..n]), Ok(Message::Seen(me)));
+    udp.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "one answer, from the probe port only"
+    );
+}
