@@ -47,6 +47,7 @@ struct Conn {
 /// Runs the server until SIGINT/SIGTERM. Returns an error only when it cannot start (port in
 /// use) or the poller fails.
 pub fn run_server(options: ServerOptions) -> Result<(), Error> {
+    sockets::raise_fd_limit();
     let listen = options.listen;
     let mut listener = sockets::listen_tcp(listen).map_err(|source| Error::Listen {
         proto: "TCP",

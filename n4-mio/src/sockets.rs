@@ -37,3 +37,27 @@ pub(crate) fn listen_tcp(addr: SocketAddr) -> io::Result<mio::net::TcpListener> 
     socket.listen(1024)?;
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
+
+/// Raises the soft limit on open files to the hard limit: every waiting client holds a TCP
+/// connection, and the usual soft limit (1024) is far below what one thread can serve.
+pub(crate) fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+                && limit.rlim_cur < limit.rlim_max
+            {
+                let before = limit.rlim_cur;
+                limit.rlim_cur = limit.rlim_max;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    tracing::debug!("open files: {before} -> {}", limit.rlim_max);
+                }
+            }
+        }
+    }
+}

@@ -43,7 +43,7 @@ Exit codes:
     max_term_width = 100
 )]
 struct Cli {
-    /// Print help
+    /// Print help (-h is the server host, as in the original)
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
 
@@ -63,7 +63,7 @@ struct Cli {
     #[arg(short = 's', long, help_heading = "Server", conflicts_with = "client")]
     server: bool,
 
-    /// TCP and UDP port to listen on
+    /// TCP and UDP port to listen on (UDP PORT+1 answers probes)
     #[arg(
         short = 'l',
         long,
@@ -108,7 +108,7 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 256, help_heading = "Server")]
     max_per_ip: usize,
 
-    /// Speak pure v1: no token in READY (server), ignore one (client)
+    /// Pure v1: no token in READY (server); no probes, fixed offset (client)
     #[arg(long)]
     no_ext: bool,
 
@@ -140,7 +140,7 @@ struct Cli {
     )]
     start: u16,
 
-    /// Source port count
+    /// Source port count (with the extension at least 64 ports are opened)
     #[arg(
         short = 'n',
         long,
