@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
-use n4_core::{ConnId, Message, Server, ServerConfig, ServerEvent, ServerOutput};
+use n4_core::{AbandonReason, ConnId, Message, Server, ServerConfig, ServerEvent, ServerOutput};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, info, warn};
@@ -385,6 +385,11 @@ fn log_event(event: &ServerEvent) {
             first,
             second,
         } => debug!("Round {round} [{ident}]: {first} <-> {second}"),
-        ServerEvent::Abandoned { ident, reason } => info!("Abandoned [{ident}]: {reason:?}"),
+        // A pairing that fails half-way is worth a line; a client leaving is its own business.
+        ServerEvent::Abandoned {
+            ident,
+            reason: reason @ AbandonReason::ExchangeTimeout,
+        } => info!("Abandoned [{ident}]: {reason:?}"),
+        ServerEvent::Abandoned { ident, reason } => debug!("Abandoned [{ident}]: {reason:?}"),
     }
 }

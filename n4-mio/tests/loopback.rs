@@ -398,3 +398,78 @@ fn server_answers_probes_on_the_next_port_and_ignores_them_on_its_own() {
         "one answer, from the probe port only"
     );
 }
+
+/// The original server's pairing, by hand: two HELLOs, READY with six zero bytes to both,
+/// EXCHANGEs on its UDP port, PEERINFO to the other side, close. It fails the test on any
+/// datagram that is not a v1 EXCHANGE, as the original aborts the pairing on one. (It tells
+/// the clients apart by their EXCHANGE port, since on loopback they share an IP.)
+fn v1_server(port_of: [u16; 2]) -> (u16, thread::JoinHandle<Result<(), String>>) {
+    use n4_core::{Ident, Message};
+    use std::io::{Read, Write};
+    let port = util::free_port();
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+    let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+    let handle = thread::spawn(move || {
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            let (mut c, _) = listener.accept().map_err(|e| e.to_string())?;
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut hello = [0u8; 8];
+            c.read_exact(&mut hello).map_err(|e| e.to_string())?;
+            if Message::decode(&hello) != Ok(Message::Hello(Ident::default())) {
+                return Err(format!("not a HELLO: {hello:?}"));
+            }
+            conns.push(c);
+        }
+        for c in &mut conns {
+            c.write_all(&[2, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        }
+        udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut told = [false; 2];
+        let mut buf = [0u8; 64];
+        while told != [true, true] {
+            let (n, from) = udp.recv_from(&mut buf).map_err(|e| e.to_string())?;
+            if Message::decode(&buf[..n]) != Ok(Message::Exchange(Ident::default())) {
+                return Err(format!("a v1 server would abort on {:?}", &buf[..n]));
+            }
+            let Some(side) = port_of.iter().position(|&p| p == from.port()) else {
+                return Err(format!("EXCHANGE from unknown {from}"));
+            };
+            if !told[side] {
+                told[side] = true;
+                let SocketAddr::V4(v4) = from else {
+                    unreachable!()
+                };
+                conns[1 - side]
+                    .write_all(&Message::PeerInfo(v4).to_bytes())
+                    .unwrap();
+            }
+        }
+        // Stray datagrams after PEERINFO would still be seen by the next pairing in v1.
+        udp.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        while let Ok((n, _)) = udp.recv_from(&mut buf) {
+            if Message::decode(&buf[..n]) != Ok(Message::Exchange(Ident::default())) {
+                return Err(format!("a v1 server would abort on {:?}", &buf[..n]));
+            }
+        }
+        Ok(())
+    });
+    (port, handle)
+}
+
+#[test]
+fn our_clients_speak_pure_v1_to_a_v1_server() {
+    let (port, v1) = v1_server([23100, 23200]);
+    let mut a = client("a", port, 23100, &["--json"]);
+    let mut b = client("b", port, 23200, &["--json"]);
+    assert_won(&mut a);
+    assert_won(&mut b);
+    v1.join()
+        .unwrap()
+        .expect("the v1 server saw only v1 traffic");
+    for p in [&a, &b] {
+        let v: serde_json::Value = serde_json::from_str(&p.stdout()[0]).unwrap();
+        assert_eq!(v["strategy"], "v1", "{}", p.log());
+    }
+}
