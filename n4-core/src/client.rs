@@ -608,6 +608,14 @@ impl Client {
         self.deadline = None;
         self.peer_info_deadline = None;
         self.exchange_sent = None;
+        // A fresh round moves the window first, so that RoundStarted names the one it opens.
+        if !in_session && self.round > 1 {
+            self.window_start = next_window_start(
+                self.window_start,
+                self.config.window_slots(),
+                self.config.port_start,
+            );
+        }
         self.events.push_back(Event::RoundStarted {
             round: self.round,
             first_port: self.window_start,
@@ -619,13 +627,6 @@ impl Client {
             self.phase = Phase::AwaitPeerInfo;
             self.send_exchange(now);
             return;
-        }
-        if self.round > 1 {
-            self.window_start = next_window_start(
-                self.window_start,
-                self.config.window_slots(),
-                self.config.port_start,
-            );
         }
         self.phase = Phase::Connecting;
         self.connected = false;

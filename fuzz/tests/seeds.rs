@@ -1,0 +1,451 @@
+//! The committed seed corpora: each seed is a story written here as a typed input, encoded in
+//! `arbitrary`'s format, decoded back, and run through its harness to check it reaches what it
+//! is meant to reach (a pairing, a WIN…).
+//!
+//! `cargo test` (in `fuzz/`) checks that the files in `corpus/<target>/seed-*` match;
+//! `N4_WRITE_SEEDS=1 cargo test` rewrites them.
+
+use std::fs;
+use std::path::PathBuf;
+
+use arbitrary::{Arbitrary, Unstructured};
+use n4_core::{Hint, Ident, Message, Token};
+use n4_fuzz::seed::Encode;
+use n4_fuzz::{client, codec, server};
+
+fn seed_file(target: &str, name: &str, bytes: &[u8]) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
+    let path = dir.join(format!("seed-{name}"));
+    if std::env::var_os("N4_WRITE_SEEDS").is_some() {
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(&path, bytes).unwrap();
+    } else {
+        let on_disk = fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (N4_WRITE_SEEDS=1 writes it)", path.display()));
+        assert_eq!(on_disk, bytes, "{} is stale", path.display());
+    }
+}
+
+/// Encodes `input`, checks `arbitrary` reads it back unchanged, and returns the bytes.
+fn encode<T>(input: &T) -> Vec<u8>
+where
+    T: Encode + for<'a> Arbitrary<'a> + PartialEq + std::fmt::Debug,
+{
+    let bytes = input.to_seed();
+    let decoded = T::arbitrary_take_rest(Unstructured::new(&bytes)).unwrap();
+    assert_eq!(&decoded, input, "the seed does not decode to its story");
+    bytes
+}
+
+#[test]
+fn codec_seeds() {
+    let id = Ident::default();
+    let addr = "203.0.113.12:5793".parse().unwrap();
+    let messages = [
+        ("hello", Message::Hello(id)),
+        ("ready-v1", Message::Ready(None)),
+        ("ready-token", Message::Ready(Some(Token(0x0102_0304)))),
+        ("exchange", Message::Exchange(id)),
+        (
+            "exchange-token",
+            Message::ExchangeToken {
+                token: Token(0xdead_beef),
+                round: 2,
+                hint: Hint(-300),
+            },
+        ),
+        ("probe", Message::Probe),
+        ("hint", Message::Hint(Hint(45))),
+        ("peerinfo", Message::PeerInfo(addr)),
+        ("punch", Message::Punch(Ident::new("ab").unwrap())),
+        ("seen", Message::Seen(addr)),
+    ];
+    let mut stream = vec![3u8]; // chunk pattern byte, then the stream
+    for (name, m) in messages {
+        let bytes = m.to_bytes();
+        codec::run(&bytes);
+        seed_file("codec", name, &bytes);
+        stream.extend(bytes);
+    }
+    stream.extend(&[0x01, 0x00, b'n']); // a partial message at the end
+    codec::run(&stream);
+    seed_file("codec", "stream-all", &stream);
+    let mut garbage = vec![11u8];
+    garbage.extend(Message::Hello(id).to_bytes());
+    garbage.extend(b"\x01\x07n4n4n4"); // bad reserved byte: the stream stops here
+    garbage.extend(Message::Ready(None).to_bytes());
+    codec::run(&garbage);
+    seed_file("codec", "stream-garbage", &garbage);
+}
+
+mod server_seeds {
+    use super::*;
+    use server::{Config, DatagramData, IdentChoice, Input, Operation, StreamData, TokenChoice};
+    use Operation::*;
+
+    const N4: IdentChoice = IdentChoice::Known(0);
+
+    fn open(conn: u8, host: u8) -> Operation {
+        Open {
+            conn,
+            host,
+            port: 50000 + u16::from(conn),
+        }
+    }
+
+    fn hello(conn: u8) -> Operation {
+        Stream {
+            conn,
+            data: StreamData::Hello(N4),
+        }
+    }
+
+    fn datagram(host: u8, port: u8, data: DatagramData) -> Operation {
+        Datagram { host, port, data }
+    }
+
+    fn token(host: u8, port: u8, issued: u8, round: u8, hint: i16) -> Operation {
+        let token = TokenChoice::Issued(issued);
+        datagram(host, port, DatagramData::Token { token, round, hint })
+    }
+
+    fn write(name: &str, input: Input, check: impl FnOnce(&server::Outcome)) {
+        let bytes = encode(&input);
+        let outcome = server::run(&input);
+        check(&outcome);
+        seed_file("server", name, &bytes);
+    }
+
+    #[test]
+    fn v1_pair() {
+        let config = Config {
+            only_ident: true,
+            wait_timeout: false,
+            extensions: false,
+            rng_seed: 0,
+        };
+        let ops = vec![
+            open(0, 0),
+            open(1, 1),
+            hello(0),
+            hello(1),
+            datagram(0, 0, DatagramData::Exchange(N4)),
+            datagram(0, 0, DatagramData::Exchange(N4)), // v1 sends three; repeats are ignored
+            datagram(1, 1, DatagramData::Exchange(N4)),
+        ];
+        write("v1-pair", Input { config, ops }, |o| {
+            assert_eq!(
+                (o.readies, o.peer_infos, o.seens, o.completed),
+                (2, 2, 0, 1)
+            );
+        });
+    }
+
+    #[test]
+    fn extended_pair_behind_one_ip() {
+        let config = Config {
+            only_ident: false,
+            wait_timeout: true,
+            extensions: true,
+            rng_seed: 7,
+        };
+        // Host 3 is host 0 as a v4-mapped IPv6 address: one public IP, told apart by tokens.
+        let ops = vec![
+            open(0, 0),
+            open(1, 3),
+            hello(1),
+            Stream {
+                conn: 0,
+                data: StreamData::SplitHello { ident: N4, at: 3 },
+            },
+            datagram(0, 0, DatagramData::Probe),
+            // Tokens are handed out first-seated first: conn 1's, then conn 0's.
+            token(3, 1, 0, 1, 7),
+            token(0, 0, 1, 1, -3),
+            datagram(0, 0, DatagramData::Exchange(N4)), // a v1 EXCHANGE: nobody's now
+            // Both are ours: the pair stays open for a second round, then times out.
+            token(0, 2, 1, 2, 0),
+            token(3, 3, 0, 2, 5),
+            token(3, 3, 0, 2, 5), // a repeat of round 2
+            AdvanceToTimeout,
+        ];
+        write("ext-session-one-ip", Input { config, ops }, |o| {
+            assert_eq!(
+                (o.readies, o.peer_infos, o.seens, o.completed),
+                (2, 4, 4, 1)
+            );
+            assert_eq!(o.server_closes, 2);
+        });
+    }
+
+    #[test]
+    fn deadlines() {
+        let config = Config {
+            only_ident: false,
+            wait_timeout: true,
+            extensions: true,
+            rng_seed: 1,
+        };
+        let ops = vec![
+            open(0, 0), // silent: hello timeout
+            open(1, 1),
+            hello(1), // alone: wait timeout
+            open(2, 2),
+            open(3, 2),
+            Stream {
+                conn: 2,
+                data: StreamData::Hello(IdentChoice::Known(1)),
+            },
+            Stream {
+                conn: 3,
+                data: StreamData::Hello(IdentChoice::Known(1)),
+            }, // a pair that never exchanges: exchange timeout
+            AdvanceToTimeout,
+            AdvanceToTimeout,
+            AdvanceToTimeout,
+            Advance { millis: 5000 },
+        ];
+        write("deadlines", Input { config, ops }, |o| {
+            assert_eq!((o.readies, o.peer_infos, o.server_closes), (2, 0, 4));
+        });
+    }
+
+    #[test]
+    fn limits_and_garbage() {
+        let config = Config {
+            only_ident: true,
+            wait_timeout: false,
+            extensions: true,
+            rng_seed: 2,
+        };
+        let ops = vec![
+            open(0, 0),
+            open(1, 3), // the same IP as host 0
+            open(2, 0),
+            open(3, 0), // refused: max_per_ip
+            Stream {
+                conn: 0,
+                data: StreamData::Bytes8(*b"GET / HT"),
+            },
+            Stream {
+                conn: 1,
+                data: StreamData::Hello(IdentChoice::Known(1)), // not the allowed ident
+            },
+            hello(2),
+            Stream {
+                conn: 2,
+                data: StreamData::Bytes8([1, 0, b'x', b'x', b'x', b'x', b'x', b'x']),
+            },
+            datagram(4, 0, DatagramData::Bytes8(*b"\x03\x01garbag")),
+            Close { conn: 5 },
+        ];
+        write("limits-garbage", Input { config, ops }, |o| {
+            assert_eq!((o.refused, o.readies, o.server_closes), (1, 0, 4));
+        });
+    }
+}
+
+mod client_seeds {
+    use super::*;
+    use client::{Config, DatagramData, Input, Operation, StreamData};
+    use Operation::*;
+
+    /// A v1 client with small numbers: 5 slots, 2 passes, 500 ms rounds, 3 acks.
+    const BASE: Config = Config {
+        port_start: 0, // 30000
+        port_count: 5,
+        offset: 0, // 20
+        accept_any_ip: false,
+        predict: false,
+        max_rounds: 0,     // forever
+        round_timeout: 50, // 500 ms
+        punch_passes: 2,
+        exchange_count: 3,
+        ack_count: 3,
+        ack_interval: 200,
+        retry_delay: 10,
+        probes: 3,
+        probe_interval: 20,
+        max_window: 8,
+    };
+
+    /// The predicting client: 8 window slots and 3 probe slots.
+    const PREDICT: Config = Config {
+        predict: true,
+        ..BASE
+    };
+
+    fn peer_info(port: u16) -> Operation {
+        Stream(StreamData::PeerInfo { ip: 0, port })
+    }
+
+    fn punch(slot: u8, port: u16) -> Operation {
+        Datagram {
+            slot,
+            host: 0,
+            port,
+            data: DatagramData::Punch,
+        }
+    }
+
+    fn write(name: &str, input: Input, check: impl FnOnce(&client::Outcome)) {
+        let bytes = encode(&input);
+        let outcome = client::run(&input);
+        check(&outcome);
+        seed_file("client", name, &bytes);
+    }
+
+    fn probe_reply(slot: u8, port: u16) -> Operation {
+        Datagram {
+            slot,
+            host: 0,
+            port: 0,
+            data: DatagramData::ProbeReply { port },
+        }
+    }
+
+    /// The predicting client's start: probes, their answers, TCP up, an extended READY.
+    fn predict_start() -> Vec<Operation> {
+        vec![
+            AdvanceToTimeout, // the first two probes, back to back, from slots 8 and 9
+            probe_reply(8, 40000),
+            probe_reply(9, 40001),
+            Connected,
+            Advance { millis: 30 }, // the third probe
+            probe_reply(10, 40003),
+            Stream(StreamData::Ready(Some(0xdead_beef))),
+            Stream(StreamData::Seen { ip: 1, port: 40004 }),
+        ]
+    }
+
+    #[test]
+    fn predicted_win() {
+        let mut ops = predict_start();
+        ops.extend([
+            Stream(StreamData::Hint(20)),
+            peer_info(40000),
+            punch(2, 40020),
+            Advance { millis: 1000 },
+        ]);
+        write(
+            "predict-win",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!(
+                    (o.rounds, o.wins, o.predicted_wins, o.finished),
+                    (1, 1, 1, true)
+                );
+            },
+        );
+    }
+
+    #[test]
+    fn predicted_round_lost_then_won_in_session() {
+        let mut ops = predict_start();
+        ops.extend([
+            Stream(StreamData::Hint(20)),
+            peer_info(40000),
+            Advance { millis: 300 }, // LOSE; round 2 in the same session
+            Stream(StreamData::Hint(21)),
+            peer_info(40001),
+            punch(1, 40022),
+            Advance { millis: 1000 },
+        ]);
+        write(
+            "predict-session",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!((o.rounds, o.in_session_rounds, o.losses), (2, 1, 1));
+                assert_eq!((o.wins, o.predicted_wins, o.finished), (1, 1, true));
+            },
+        );
+    }
+
+    #[test]
+    fn v1_early_punch_wins_at_peer_info() {
+        let config = BASE;
+        let ops = vec![
+            Connected,
+            Stream(StreamData::Ready(None)),
+            punch(4, 40020),
+            peer_info(40000),
+            AdvanceLate { millis: 700 },
+            Advance { millis: 5000 },
+        ];
+        write("v1-early-punch", Input { config, ops }, |o| {
+            assert_eq!(
+                (o.rounds, o.wins, o.extended_rounds, o.finished),
+                (1, 1, 0, true)
+            );
+        });
+    }
+
+    #[test]
+    fn lose_then_win() {
+        let ops = vec![
+            Connected,
+            Stream(StreamData::Ready(Some(1))),
+            peer_info(40000),
+            Datagram {
+                slot: 1,
+                host: 1, // not the peer's IP
+                port: 40020,
+                data: DatagramData::Punch,
+            },
+            Advance { millis: 600 }, // round timeout: LOSE, round 2
+            Connected,
+            Stream(StreamData::Ready(Some(2))),
+            peer_info(40100),
+            punch(0, 40120),
+            Advance { millis: 1000 },
+        ];
+        write("lose-then-win", Input { config: BASE, ops }, |o| {
+            assert_eq!((o.rounds, o.losses, o.wins, o.finished), (2, 1, 1, true));
+        });
+    }
+
+    #[test]
+    fn server_trouble_until_giving_up() {
+        let config = Config {
+            max_rounds: 3,
+            ..BASE
+        };
+        let ops = vec![
+            Connected,
+            StreamClosed, // round 1: closed before READY
+            Advance { millis: 200 },
+            Connected,
+            Stream(StreamData::Bytes8(*b"\x09garbage")), // round 2: garbage
+            Advance { millis: 200 },
+            Connected,
+            Stream(StreamData::Ready(None)),
+            Stream(StreamData::PeerInfo {
+                ip: 0,
+                port: 65530, // + 20 passes 65535
+            }),
+        ];
+        write("server-trouble", Input { config, ops }, |o| {
+            assert_eq!((o.rounds, o.losses, o.wins, o.finished), (3, 3, 0, true));
+        });
+    }
+
+    #[test]
+    fn unreachable_server() {
+        write(
+            "unreachable",
+            Input {
+                config: BASE,
+                ops: vec![ConnectFailed],
+            },
+            |o| assert!(o.finished && o.rounds == 1),
+        );
+    }
+}
