@@ -25,6 +25,7 @@
 mod file;
 mod link;
 mod nat;
+mod queue;
 mod scenario;
 mod sim;
 pub mod sweep;

@@ -74,15 +74,19 @@ impl Link {
 
     /// Whether the link delivers everything at once, with no randomness.
     pub(crate) fn is_instant(&self) -> bool {
-        self.latency.is_zero()
-            && self.jitter.is_zero()
-            && self.loss <= 0.0
-            && self.duplicate <= 0.0
-            && self.reorder <= 0.0
+        self.latency.is_zero() && self.is_fixed()
+    }
+
+    /// Whether the link delivers everything after exactly `latency`, with no randomness.
+    fn is_fixed(&self) -> bool {
+        self.jitter.is_zero() && self.loss <= 0.0 && self.duplicate <= 0.0 && self.reorder <= 0.0
     }
 
     /// Decides what happens to one datagram.
     pub(crate) fn sample(&self, rng: &mut ChaCha8Rng) -> Fate {
+        if self.is_fixed() {
+            return Fate::Arrives(self.latency, None);
+        }
         if chance(rng, self.loss) {
             return Fate::Lost;
         }

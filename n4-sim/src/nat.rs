@@ -153,6 +153,14 @@ impl NatConfig {
     }
 }
 
+/// A lookup key: internal port, remote IP, remote port (one host per NAT, so the internal IP
+/// is checked only on a match).
+fn key(internal: SocketAddrV4, remote: SocketAddrV4) -> u64 {
+    (u64::from(internal.port()) << 48)
+        | (u64::from(remote.ip().to_bits()) << 16)
+        | u64::from(remote.port())
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     internal: SocketAddrV4,
@@ -197,6 +205,12 @@ pub(crate) struct Nat {
     config: NatConfig,
     public_ip: Ipv4Addr,
     entries: Vec<Entry>,
+    /// `key(internal, remote)` of each entry, same order: scanned instead of the entries.
+    keys: Vec<u64>,
+    /// External port of each entry, same order.
+    externals: Vec<u16>,
+    /// Which bits of a key the mapping behaviour compares.
+    mask: u64,
     /// Sequential counter, as an index into the port range.
     counter: u32,
     next_background: Duration,
@@ -227,6 +241,13 @@ impl Nat {
             config,
             public_ip,
             entries: Vec::with_capacity(64),
+            keys: Vec::with_capacity(64),
+            externals: Vec::with_capacity(64),
+            mask: match config.mapping {
+                Mapping::EndpointIndependent => 0xffff << 48,
+                Mapping::AddressDependent => !0xffff,
+                Mapping::AddressAndPortDependent => !0,
+            },
             counter,
             next_background,
             background_total: 0,
@@ -253,24 +274,21 @@ impl Nat {
         remote: SocketAddrV4,
         rng: &mut ChaCha8Rng,
     ) -> Option<(u16, Option<NewMapping>)> {
-        let (mapping, lifetime) = (self.config.mapping, self.config.lifetime);
-        let found = self.entries.iter_mut().find(|e| {
-            e.expires > now
-                && e.internal == internal
-                && match mapping {
-                    Mapping::EndpointIndependent => true,
-                    Mapping::AddressDependent => e.remote.ip() == remote.ip(),
-                    Mapping::AddressAndPortDependent => e.remote == remote,
-                }
-        });
-        if let Some(e) = found {
+        let lifetime = self.config.lifetime;
+        let want = key(internal, remote) & self.mask;
+        let found =
+            self.keys.iter().zip(&self.entries).position(|(&k, e)| {
+                k & self.mask == want && e.expires > now && e.internal == internal
+            });
+        if let Some(i) = found {
+            let e = &mut self.entries[i];
             e.expires = now + lifetime;
             if e.remote != remote && !e.more.contains(&remote) {
                 e.more.push(remote);
             }
             return Some((e.external, None));
         }
-        self.entries.retain(|e| e.expires > now);
+        self.expire(now);
         self.run_background(now, rng);
         let external = self.allocate(internal, remote, rng)?;
         self.entries.push(Entry {
@@ -280,9 +298,30 @@ impl Nat {
             more: Vec::new(),
             expires: now + lifetime,
         });
+        self.keys.push(key(internal, remote));
+        self.externals.push(external);
         let background = self.background_total - self.background_reported;
         self.background_reported = self.background_total;
         Some((external, Some(NewMapping { background })))
+    }
+
+    /// Forgets expired mappings, keeping the others in order.
+    fn expire(&mut self, now: Duration) {
+        if self.entries.iter().all(|e| e.expires > now) {
+            return;
+        }
+        let mut kept = 0;
+        for i in 0..self.entries.len() {
+            if self.entries[i].expires > now {
+                self.entries.swap(kept, i);
+                self.keys.swap(kept, i);
+                self.externals.swap(kept, i);
+                kept += 1;
+            }
+        }
+        self.entries.truncate(kept);
+        self.keys.truncate(kept);
+        self.externals.truncate(kept);
     }
 
     /// An inbound datagram from `from` to external port `port` at `now`: the internal endpoint
@@ -295,8 +334,13 @@ impl Nat {
     ) -> Result<SocketAddrV4, Drop> {
         let (filtering, lifetime) = (self.config.filtering, self.config.lifetime);
         let mut seen = false;
-        for e in &mut self.entries {
-            if e.external != port || e.expires <= now {
+        let mut from_index = 0;
+        // Usually no entry or one has the port; scan the dense port list, not the entries.
+        while let Some(i) = self.externals[from_index..].iter().position(|&p| p == port) {
+            let i = from_index + i;
+            from_index = i + 1;
+            let e = &mut self.entries[i];
+            if e.expires <= now {
                 continue;
             }
             seen = true;
@@ -348,7 +392,7 @@ impl Nat {
     }
 
     fn held(&self, port: u16) -> bool {
-        self.entries.iter().any(|e| e.external == port)
+        self.externals.contains(&port)
     }
 
     fn allocate(

@@ -7,8 +7,6 @@
 //! process-wide epoch; machines see `epoch + now`, the trace prints `now`, so traces do not
 //! depend on when the process started.
 
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 use std::fmt::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::OnceLock;
@@ -22,6 +20,7 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::link::{Fate, Link};
 use crate::nat::{Drop, Nat};
+use crate::queue::EventQueue;
 use crate::scenario::{Scenario, Stop};
 
 /// How much the trace says.
@@ -149,10 +148,10 @@ enum TcpEv {
 
 #[derive(Clone, Copy, Debug)]
 enum Ev {
-    Start(usize),
+    Start(u8),
     /// A host's datagram reaches its NAT.
     Egress {
-        site: usize,
+        site: u8,
         port: u16,
         to: SocketAddrV4,
         payload: [u8; 8],
@@ -165,7 +164,7 @@ enum Ev {
     },
     /// A datagram reaches a host's port.
     Ingress {
-        site: usize,
+        site: u8,
         port: u16,
         from: SocketAddrV4,
         payload: [u8; 8],
@@ -174,31 +173,6 @@ enum Ev {
         conn: u32,
         ev: TcpEv,
     },
-}
-
-struct Queued {
-    at: Duration,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Queued {
-    /// Reversed: `BinaryHeap` is a max-heap and we want the earliest (time, seq) first. Every
-    /// entry has a unique `seq`, so the order is total and runs are deterministic.
-    fn cmp(&self, o: &Self) -> Ordering {
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
 }
 
 struct Conn {
@@ -267,8 +241,9 @@ pub struct Sim {
     time_limit: Duration,
     stop: Stop,
     rng: ChaCha8Rng,
-    queue: BinaryHeap<Queued>,
-    seq: u64,
+    queue: EventQueue<Ev>,
+    /// Machines that got input since they were last drained: bit 0 server, 1 A, 2 B.
+    dirty: u8,
     events: u64,
     server: Server,
     server_addr: SocketAddrV4,
@@ -349,8 +324,8 @@ impl Sim {
             time_limit: scenario.time_limit,
             stop: scenario.stop,
             rng,
-            queue: BinaryHeap::with_capacity(512),
-            seq: 0,
+            queue: EventQueue::with_capacity(256),
+            dirty: 0,
             events: 0,
             server,
             server_addr: scenario.server_addr,
@@ -368,7 +343,7 @@ impl Sim {
         };
         for i in 0..2 {
             let at = sim.sites[i].start;
-            sim.schedule(at, Ev::Start(i));
+            sim.schedule(at, Ev::Start(i as u8));
         }
         Ok(sim)
     }
@@ -388,15 +363,15 @@ impl Sim {
                 break;
             }
             self.now = self.now.max(next);
-            while self.queue.peek().is_some_and(|q| q.at <= self.now) {
-                let q = self.queue.pop().expect("peeked");
+            while let Some(ev) = self.queue.pop_due(self.now) {
                 self.events += 1;
-                self.handle(q.ev);
+                self.handle(ev);
                 self.drain();
             }
             let t = self.epoch + self.now;
             if self.server.poll_timeout().is_some_and(|d| d <= t) {
                 self.server.handle_timeout(t);
+                self.dirty |= 1;
                 self.drain();
             }
             for i in 0..2 {
@@ -409,6 +384,7 @@ impl Sim {
                     if let Some(c) = self.sites[i].client.as_mut() {
                         c.handle_timeout(t);
                     }
+                    self.dirty |= 2 << i;
                     self.drain();
                 }
             }
@@ -491,7 +467,7 @@ impl Sim {
 
     fn next_wakeup(&self) -> Option<Duration> {
         let since = |t: Instant| t.saturating_duration_since(self.epoch);
-        let q = self.queue.peek().map(|q| q.at);
+        let q = self.queue.next_at();
         let s = self.server.poll_timeout().map(since);
         let c = self
             .sites
@@ -501,30 +477,25 @@ impl Sim {
     }
 
     fn schedule(&mut self, at: Duration, ev: Ev) {
-        self.seq += 1;
-        self.queue.push(Queued {
-            at,
-            seq: self.seq,
-            ev,
-        });
+        self.queue.push(at, ev);
     }
 
     fn handle(&mut self, ev: Ev) {
         match ev {
-            Ev::Start(i) => self.start_client(i),
+            Ev::Start(i) => self.start_client(usize::from(i)),
             Ev::Egress {
                 site,
                 port,
                 to,
                 payload,
-            } => self.egress(site, port, to, payload),
+            } => self.egress(usize::from(site), port, to, payload),
             Ev::Wan { from, to, payload } => self.wan(from, to, payload),
             Ev::Ingress {
                 site,
                 port,
                 from,
                 payload,
-            } => self.ingress(site, port, from, payload),
+            } => self.ingress(usize::from(site), port, from, payload),
             Ev::Tcp { conn, ev } => self.tcp(conn, ev),
         }
     }
@@ -533,7 +504,7 @@ impl Sim {
         let t = self.epoch + self.now;
         let client = Client::new(self.sites[i].config.clone(), t).expect("validated in new");
         self.sites[i].client = Some(client);
-        self.drain();
+        self.dirty |= 2 << i;
     }
 
     // ------------------------------------------------------------------------------- UDP
@@ -550,7 +521,7 @@ impl Sim {
             return;
         }
         let ev = |_| Ev::Egress {
-            site: i,
+            site: i as u8,
             port,
             to,
             payload,
@@ -661,6 +632,7 @@ impl Sim {
             if to == self.server_addr || to == self.probe_addr() {
                 self.server
                     .handle_datagram(self.epoch + self.now, from.into(), &payload);
+                self.dirty |= 1;
             }
             return;
         }
@@ -675,7 +647,7 @@ impl Sim {
                     self.ingress(i, port, from, payload);
                 } else {
                     self.over(&lan, |_| Ev::Ingress {
-                        site: i,
+                        site: i as u8,
                         port,
                         from,
                         payload,
@@ -707,6 +679,7 @@ impl Sim {
             return;
         };
         client.handle_datagram(t, slot, from.into(), &payload);
+        self.dirty |= 2 << i;
     }
 
     // ------------------------------------------------------------------------------- TCP
@@ -756,6 +729,7 @@ impl Sim {
         let t = self.epoch + self.now;
         let i = self.conns[conn as usize].site;
         let current = self.sites[i].conn == Some(conn);
+        self.dirty |= 1 | (2 << i);
         match ev {
             TcpEv::Open => {
                 let remote = self.conns[conn as usize].remote;
@@ -792,48 +766,50 @@ impl Sim {
 
     // ------------------------------------------------------------------------------- drain
 
-    /// Moves every machine's output into the network until none has anything left.
+    /// Moves the output of every machine that got input into the network. Outputs only ever
+    /// schedule deliveries (or pass a NAT), never feed a machine directly, so one pass empties
+    /// them; the loop is a guard.
     fn drain(&mut self) {
-        loop {
-            let mut moved = false;
-            while let Some(out) = self.server.poll_output() {
-                moved = true;
-                match out {
-                    ServerOutput::Send { conn, message } => {
-                        self.tcp_down(conn.0 as u32, TcpEv::ToClient(message.to_bytes()))
-                    }
-                    ServerOutput::Close { conn } => {
-                        self.tcp_down(conn.0 as u32, TcpEv::CloseAtClient)
-                    }
-                    ServerOutput::Datagram { to, message } => {
-                        if let SocketAddr::V4(to) = to {
-                            self.server_send(to, message.to_bytes());
-                        }
-                    }
-                }
-            }
-            while let Some(e) = self.server.poll_event() {
-                self.server_event(e);
+        while self.dirty != 0 {
+            let dirty = std::mem::take(&mut self.dirty);
+            if dirty & 1 != 0 {
+                self.drain_server();
             }
             for i in 0..2 {
-                moved |= self.drain_client(i);
-            }
-            if !moved {
-                return;
+                if dirty & (2 << i) != 0 {
+                    self.drain_client(i);
+                }
             }
         }
     }
 
-    fn drain_client(&mut self, i: usize) -> bool {
-        let mut moved = false;
+    fn drain_server(&mut self) {
+        while let Some(out) = self.server.poll_output() {
+            match out {
+                ServerOutput::Send { conn, message } => {
+                    self.tcp_down(conn.0 as u32, TcpEv::ToClient(message.to_bytes()))
+                }
+                ServerOutput::Close { conn } => self.tcp_down(conn.0 as u32, TcpEv::CloseAtClient),
+                ServerOutput::Datagram { to, message } => {
+                    if let SocketAddr::V4(to) = to {
+                        self.server_send(to, message.to_bytes());
+                    }
+                }
+            }
+        }
+        while let Some(e) = self.server.poll_event() {
+            self.server_event(e);
+        }
+    }
+
+    fn drain_client(&mut self, i: usize) {
         loop {
             let Some(client) = self.sites[i].client.as_mut() else {
-                return moved;
+                return;
             };
             let Some(cmd) = client.poll_command() else {
                 break;
             };
-            moved = true;
             self.command(i, cmd);
         }
         // Events before transmits: the order does not matter to the client (they are separate
@@ -846,13 +822,11 @@ impl Sim {
             .as_mut()
             .and_then(|c| c.poll_transmit())
         {
-            moved = true;
             let SocketAddr::V4(to) = t.destination else {
                 continue;
             };
             self.host_send(i, t.slot, to, t.payload);
         }
-        moved
     }
 
     fn command(&mut self, i: usize, cmd: Command) {
