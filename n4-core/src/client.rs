@@ -926,6 +926,12 @@ impl Client {
     }
 
     fn finish(&mut self) {
+        // Nothing more will happen, so the server connection goes too (a session that gives
+        // up at `max_rounds` still holds it).
+        if self.connected {
+            self.connected = false;
+            self.commands.push_back(Command::Disconnect);
+        }
         self.phase = Phase::Done;
         self.deadline = None;
         self.probe_at = None;

@@ -48,3 +48,46 @@ fn a_new_round_reports_the_window_it_opens() {
         assert_ne!(ports[0], 30000, "{strategy:?}: the window moved on");
     }
 }
+
+/// `fuzz/` client target: a predicted round lost in a live session at `max_rounds` gave up
+/// without a `Disconnect`, leaving the TCP connection open and the finished client still
+/// reporting what the server said on it.
+#[test]
+fn giving_up_inside_a_session_lets_the_server_connection_go() {
+    let now = Instant::now();
+    let config = ClientConfig {
+        max_rounds: Some(1),
+        probes: 0,
+        ..ClientConfig::default()
+    };
+    let mut c = Client::new(config, now).unwrap();
+    c.handle_connected(now);
+    c.handle_stream_data(now, &Message::Ready(Some(Token(7))).to_bytes());
+    c.handle_stream_data(now, &Message::Hint(Hint(20)).to_bytes());
+    c.handle_stream_data(
+        now,
+        &Message::PeerInfo("203.0.113.12:40000".parse().unwrap()).to_bytes(),
+    );
+    let _ = drain(&mut c);
+    // No PUNCH comes: the round is lost, and with it the last round.
+    let mut commands = Vec::new();
+    let mut events = Vec::new();
+    let mut at = now;
+    for _ in 0..10 {
+        let Some(t) = c.poll_timeout() else { break };
+        at = t;
+        c.handle_timeout(at);
+        let (cmds, evs) = drain(&mut c);
+        commands.extend(cmds);
+        events.extend(evs);
+    }
+    assert!(c.is_finished());
+    assert_eq!(events.last(), Some(&Event::GaveUp { rounds: 1 }));
+    assert_eq!(commands, vec![Command::Disconnect]);
+    c.handle_stream_data(at, &Message::Hint(Hint(21)).to_bytes());
+    assert_eq!(
+        drain(&mut c),
+        (vec![], vec![]),
+        "a finished client is silent"
+    );
+}
