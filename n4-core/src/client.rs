@@ -471,7 +471,14 @@ impl Client {
             self.on_server_message(now, m);
         }
         if !ok && self.connected {
-            self.lose(now, LoseReason::ServerGarbage);
+            if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
+                self.lose(now, LoseReason::ServerGarbage);
+            } else {
+                // Punches are out or the round is won: it no longer needs the server, whose
+                // stream is unusable now, so only the connection goes.
+                self.connected = false;
+                self.commands.push_back(Command::Disconnect);
+            }
         }
     }
 

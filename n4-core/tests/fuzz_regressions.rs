@@ -91,3 +91,43 @@ fn giving_up_inside_a_session_lets_the_server_connection_go() {
         "a finished client is silent"
     );
 }
+
+/// `fuzz/` client target: garbage from the server after WIN lost the won round (LOSE after
+/// WIN), cut the acknowledgement burst short and started a new round.
+#[test]
+fn server_garbage_after_win_only_drops_the_connection() {
+    let now = Instant::now();
+    let config = ClientConfig {
+        strategy: Strategy::V1,
+        ..ClientConfig::default()
+    };
+    let mut c = Client::new(config, now).unwrap();
+    c.handle_connected(now);
+    c.handle_stream_data(now, &Message::Ready(None).to_bytes());
+    let peer = "203.0.113.12:40020".parse().unwrap();
+    let punch = Message::Punch(Ident::default()).to_bytes();
+    c.handle_datagram(now, 4, peer, &punch); // early: kept until PEERINFO
+    c.handle_stream_data(
+        now,
+        &Message::PeerInfo("203.0.113.12:40000".parse().unwrap()).to_bytes(),
+    );
+    let (_, events) = drain(&mut c);
+    assert!(
+        matches!(events.last(), Some(Event::Win { .. })),
+        "{events:?}"
+    );
+
+    c.handle_stream_data(now, &[0; 8]); // not a message
+    let (commands, events) = drain(&mut c);
+    assert_eq!(commands, vec![Command::Disconnect]);
+    assert_eq!(events, vec![]);
+    let mut at = now;
+    let mut events = Vec::new();
+    while let Some(t) = c.poll_timeout() {
+        at = t;
+        c.handle_timeout(at);
+        events.extend(drain(&mut c).1);
+    }
+    assert_eq!(events, vec![Event::Finished]);
+    assert!(c.is_finished() && at > now);
+}
