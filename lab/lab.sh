@@ -30,7 +30,9 @@ lab/lab.sh — real-kernel NAT lab for N4 (run as root)
 
   lab.sh up [OPTIONS]              build a lab; print its env file (KEY=VALUE lines) on stdout;
                                    the lab lives until `lab.sh down NAME`
-  lab.sh down NAME|ENVFILE|all     tear a lab down (all: every n4l-* namespace on this machine)
+  lab.sh down NAME|ENVFILE|stale|all   tear a lab down; stale: labs of a `run`/`demo` whose
+                                   lab.sh died (SIGKILL); all: EVERY lab on this machine, also
+                                   other users' running ones
   lab.sh exec [NAME] ROLE CMD...   run CMD inside ROLE's namespace (NAME may be left out when
                                    LAB_NAME is set, e.g. inside `run`)
   lab.sh run [OPTIONS] -- CMD...   up, run CMD (on the host, with the LAB_* variables exported),
@@ -59,7 +61,7 @@ OPTIONS (each also settable by the environment variable shown; options win):
                     LAB_N4_SERVER_ARGS, LAB_N4_CLIENT_ARGS   extra arguments for n4 -s / n4 -c
 
 Exported to CMD by `run` and written to the env file by `up`:
-  LAB_NAME LAB_DIR LAB_ENV LAB_SH
+  LAB_NAME LAB_DIR LAB_ENV LAB_SH LAB_OWNER_PID (run/demo: the lab.sh pid; up: empty)
   LAB_NS_SERVER LAB_NS_ROUTER LAB_NS_NAT_A LAB_NS_NAT_B LAB_NS_A LAB_NS_B
   LAB_IP_SERVER=192.0.2.2 LAB_IP_NAT_A=198.51.100.3 LAB_IP_NAT_B=203.0.113.12
   LAB_IP_A=192.168.1.101 LAB_IP_B=192.168.0.112
@@ -295,6 +297,7 @@ LAB_NAME=$NAME
 LAB_DIR=$DIR
 LAB_ENV=$DIR/env
 LAB_SH=$LAB_HOME/lab.sh
+LAB_OWNER_PID=${OWNER_PID:-}
 LAB_NS_SERVER=$S
 LAB_NS_ROUTER=$R
 LAB_NS_NAT_A=$NA
@@ -349,7 +352,8 @@ CLEANUP_NAMES=()
 CHILD=
 cleanup() {
   local rc=$? n
-  trap - EXIT INT TERM
+  trap - EXIT INT TERM HUP PIPE
+  trap '' PIPE  # a closed stdout (e.g. `lab.sh demo | head`) must not stop the tear-down
   if [ -n "$CHILD" ] && kill -0 "$CHILD" 2>/dev/null; then
     kill -TERM "$CHILD" 2>/dev/null || true
     wait "$CHILD" 2>/dev/null || true
@@ -363,9 +367,15 @@ cleanup() {
   done
   exit "$rc"
 }
-trap_cleanup() { trap cleanup EXIT; trap 'exit 130' INT; trap 'exit 143' TERM; }
+# Every way out runs cleanup: normal exit, errors (set -e), Ctrl-C, TERM, hang-up, and a reader
+# that went away (SIGPIPE would otherwise kill bash without running the EXIT trap).
+trap_cleanup() {
+  trap cleanup EXIT
+  trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; trap 'exit 141' PIPE
+}
 
 up_registered() { # lab_up, registered for tear-down first (so a half-built lab goes too)
+  OWNER_PID=$$  # this lab dies with this process; `down stale` removes it if that was SIGKILLed
   NAME=$(new_name)
   CLEANUP_NAMES+=("$NAME")
   lab_up "$NAME"
@@ -430,14 +440,26 @@ cmd_demo() {
   # shellcheck disable=SC2086
   nsx "$HB" "$N4" -c -h $IP_SERVER -b 31000 ${LAB_N4_CLIENT_ARGS:-} >"$cb" 2>&1 &
   local bpid=$!
-  local ok=1
-  wait_for 60 "$ca" '\[ WIN \]' $apid || ok=0
-  wait_for $((60 - (SECONDS - t0) + 1)) "$cb" '\[ WIN \]' $bpid || ok=0
+  # Until both logs show [ WIN ], 60 s pass, or a client exits without WIN (then the other
+  # cannot win either).
+  local ok=0 wa wb
+  while [ $((SECONDS - t0)) -lt 60 ]; do
+    wa=0 wb=0
+    grep -q '\[ WIN \]' "$ca" && wa=1
+    grep -q '\[ WIN \]' "$cb" && wb=1
+    if [ $wa = 1 ] && [ $wb = 1 ]; then ok=1; break; fi
+    if { [ $wa = 0 ] && ! kill -0 $apid 2>/dev/null; } || { [ $wb = 0 ] && ! kill -0 $bpid 2>/dev/null; }; then
+      sleep 0.2  # a last look: the log may trail the exit
+      grep -q '\[ WIN \]' "$ca" && grep -q '\[ WIN \]' "$cb" && ok=1
+      break
+    fi
+    sleep 0.1
+  done
   echo "== host-a log"; sed 's/^/  a| /' "$ca"
   echo "== host-b log"; sed 's/^/  b| /' "$cb"
   if [ $ok = 0 ]; then
     echo "== server log"; sed 's/^/  s| /' "$srv"
-    die "no [ WIN ] on both sides within 60 s"
+    die "no [ WIN ] on both sides ($((SECONDS - t0)) s; a client exits without WIN, or 60 s pass)"
   fi
   local la lb
   la=$(nc_line "$ca") lb=$(nc_line "$cb")
@@ -473,8 +495,8 @@ cmd_up() {
   need_root; ensure_tools
   NAME=$(new_name)
   # The lab outlives `up`, unless `up` fails half-way: then it goes.
-  trap 'rc=$?; [ $rc = 0 ] || lab_down "$NAME"; exit $rc' EXIT
-  trap 'exit 130' INT; trap 'exit 143' TERM
+  trap 'rc=$?; trap "" PIPE; [ $rc = 0 ] || lab_down "$NAME"; exit $rc' EXIT
+  trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; trap 'exit 141' PIPE
   lab_up "$NAME"
   cat "$DIR/env"
 }
@@ -512,11 +534,24 @@ cmd_exec() {
 
 cmd_down() {
   need_root
-  [ $# -ge 1 ] || die "usage: lab.sh down NAME|ENVFILE|all"
+  [ $# -ge 1 ] || die "usage: lab.sh down NAME|ENVFILE|stale|all"
+  local n owner
   if [ "$1" = all ]; then
-    local n
-    for n in $(ip netns list | awk '{print $1}' | sed -n 's/^\(n4l-[0-9a-z]*\)-server$/\1/p'); do
-      log "down $n"; lab_down "$n"
+    for n in $(cmd_list); do log "down $n"; lab_down "$n"; done
+    return
+  fi
+  if [ "$1" = stale ]; then
+    # Labs of a `run`/`demo` whose lab.sh is gone (SIGKILL leaves them behind).  Labs made by
+    # `up` have no owner process and are left alone.
+    for n in $(cmd_list); do
+      owner=$(sed -n 's/^LAB_OWNER_PID=//p' "$LAB_RUN_DIR/$n/env" 2>/dev/null || true)
+      if [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null; then
+        log "down $n (stale)"; lab_down "$n"
+      elif [ ! -e "$LAB_RUN_DIR/$n" ]; then
+        # No state dir: a lab.sh killed half-way through `up`, or one from a removed /run.
+        owner=$((16#${n#n4l-} >> 8))
+        kill -0 "$owner" 2>/dev/null || { log "down $n (stale, no state)"; lab_down "$n"; }
+      fi
     done
     return
   fi
