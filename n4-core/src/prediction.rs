@@ -134,8 +134,12 @@ impl PortPredictor {
 
     /// Plans our punch window for a round whose punches leave about `horizon` after the
     /// EXCHANGE: how many slots to punch from (at most `max_window`) and the hint that puts the
-    /// peer's aim in the middle of them. `None` when we know too little to advise.
+    /// peer's aim in the middle of them. `None` when we know too little to advise (or have no
+    /// slot to punch from).
     pub fn plan(&self, horizon: Duration, max_window: u16) -> Option<Plan> {
+        if max_window == 0 {
+            return None;
+        }
         match self.behaviour() {
             NatBehaviour::Unknown => None,
             NatBehaviour::Random => Some(Plan {
@@ -156,7 +160,10 @@ impl PortPredictor {
                     .max(1e-3);
                 let rate_sd = f64::from(counted.max(1)).sqrt() / span;
                 let sd = (mean + (rate_sd * h).powi(2)).sqrt();
-                let window = (2.0 * (3.0 * sd).ceil() + 4.0).clamp(4.0, f64::from(max_window));
+                // At least 4 slots, but never more than we have (which may be fewer).
+                let window = (2.0 * (3.0 * sd).ceil() + 4.0)
+                    .max(4.0)
+                    .min(f64::from(max_window));
                 let window = window as u16;
                 let centre = 1.0 + mean + f64::from(window - 1) / 2.0;
                 let offset = (f64::from(step) * centre.round()).clamp(-32767.0, 32767.0);

@@ -131,3 +131,21 @@ fn server_garbage_after_win_only_drops_the_connection() {
     assert_eq!(events, vec![Event::Finished]);
     assert!(c.is_finished() && at > now);
 }
+
+/// `fuzz/` client target: planning for a window of fewer than 4 slots panicked in
+/// `f64::clamp(4.0, max_window)`; a predicting client with `port_count` and `max_window`
+/// both below 4 hit it as soon as two probes were answered.
+#[test]
+fn planning_fits_windows_of_fewer_than_four_slots() {
+    let t0 = Instant::now();
+    let mut p = PortPredictor::default();
+    p.observe(t0, 40000);
+    p.observe(t0 + Duration::from_millis(20), 40003);
+    for max in 1..=4u16 {
+        let plan = p
+            .plan(Duration::from_millis(50), max)
+            .expect("sequential NAT");
+        assert_eq!(plan.window, max);
+    }
+    assert_eq!(p.plan(Duration::from_millis(50), 0), None);
+}
