@@ -180,6 +180,7 @@ fi
 ALL="sequential filtering punch random preserving delay delay0 load demo-ref"
 checks=${*:-$ALL}
 failed=0
+before=$("$LAB" list)
 for c in $checks; do
   opts=()
   if [ "$c" = demo-ref ]; then
@@ -205,6 +206,8 @@ for c in $checks; do
   echo "== $c ${opts[*]}"
   "$LAB" run "${opts[@]}" -- "$0" _in_lab "$c" || failed=1
 done
-left=$("$LAB" list | wc -l)
-echo "== labs left on this machine: $left"
+# Labs this selftest left behind (others' labs, present before we started, do not count).
+left=$(comm -13 <(printf '%s\n' "$before" | sort) <("$LAB" list | sort) | grep -c . || true)
+echo "== labs left behind by this selftest: $left"
+[ "$left" = 0 ] || failed=1
 exit $failed
