@@ -327,7 +327,7 @@ EOF
 }
 
 lab_down() { # NAME
-  local name=$1 role ns pid pids i
+  local name=$1 role ns pids i
   for role in $ROLES; do
     ns=$name-$role
     [ -e "/run/netns/$ns" ] || continue
@@ -351,12 +351,14 @@ lab_down() { # NAME
 CLEANUP_NAMES=()
 CHILD=
 cleanup() {
-  local rc=$? n
+  local rc=$? n i
+  set +e        # nothing may stop the tear-down half-way (not even a failed log line)
   trap - EXIT INT TERM HUP PIPE
   trap '' PIPE  # a closed stdout (e.g. `lab.sh demo | head`) must not stop the tear-down
   if [ -n "$CHILD" ] && kill -0 "$CHILD" 2>/dev/null; then
-    kill -TERM "$CHILD" 2>/dev/null || true
-    wait "$CHILD" 2>/dev/null || true
+    kill -TERM "$CHILD" 2>/dev/null
+    for ((i = 0; i < 40; i++)); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.05; done
+    kill -KILL "$CHILD" 2>/dev/null
   fi
   for n in "${CLEANUP_NAMES[@]}"; do
     if [ "${KEEP:-0}" = 1 ] && [ "$rc" = 0 ]; then
@@ -395,19 +397,6 @@ build_n4() {
   local target=${CARGO_TARGET_DIR:-$REPO/target}
   N4=$target/release/n4
   [ -x "$N4" ] || die "no binary at $N4"
-}
-
-wait_for() { # SECONDS FILE PATTERN [PID]: 0 when PATTERN shows up in FILE
-  local deadline=$((SECONDS + $1)) file=$2 pat=$3 pid=${4:-}
-  while [ $SECONDS -lt $deadline ]; do
-    grep -q -- "$pat" "$file" 2>/dev/null && return 0
-    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-      grep -q -- "$pat" "$file" 2>/dev/null && return 0
-      return 1
-    fi
-    sleep 0.1
-  done
-  return 1
 }
 
 nc_line() { grep -o '> nc -u -p [0-9]* [0-9.]* [0-9]*' "$1" | tail -n1; }
@@ -495,7 +484,7 @@ cmd_up() {
   need_root; ensure_tools
   NAME=$(new_name)
   # The lab outlives `up`, unless `up` fails half-way: then it goes.
-  trap 'rc=$?; trap "" PIPE; [ $rc = 0 ] || lab_down "$NAME"; exit $rc' EXIT
+  trap 'rc=$?; set +e; trap "" PIPE; [ $rc = 0 ] || lab_down "$NAME"; exit $rc' EXIT
   trap 'exit 130' INT; trap 'exit 143' TERM; trap 'exit 129' HUP; trap 'exit 141' PIPE
   lab_up "$NAME"
   cat "$DIR/env"
