@@ -50,8 +50,6 @@ const MAX_OBSERVATIONS: usize = 32;
 const MAX_SEQUENTIAL_JUMP: u32 = 1000;
 /// Largest port step believed without a back-to-back pair of probes.
 const MAX_STEP: u32 = 8;
-/// Probes closer than this in time count as back to back.
-const BACK_TO_BACK: Duration = Duration::from_millis(1);
 
 impl PortPredictor {
     /// Records a mapping the server saw. Ignored once full.
@@ -97,23 +95,13 @@ impl PortPredictor {
         if !(up || down) || diffs.iter().any(|d| d.unsigned_abs() > MAX_SEQUENTIAL_JUMP) {
             return NatBehaviour::Random;
         }
-        // Two mappings made back to back are one step apart (others rarely fit in between);
-        // without such a pair, every gap is a multiple of the step, unless others kept an
-        // even pace, so a large common divisor is read as pace, not step.
-        let back_to_back = obs
-            .windows(2)
-            .zip(&diffs)
-            .filter(|(w, _)| w[1].sent - w[0].sent < BACK_TO_BACK)
-            .map(|(_, d)| d.unsigned_abs())
-            .min();
-        let step = back_to_back.unwrap_or_else(|| {
-            let g = diffs.iter().fold(0u32, |g, d| gcd(g, d.unsigned_abs()));
-            if g <= MAX_STEP {
-                g
-            } else {
-                1
-            }
-        });
+        // Every gap is a multiple of the step. Others rarely keep an even pace, and the client
+        // sends its first two probes back to back (a gap of one step, usually), so the common
+        // divisor is the step; a large one is read as an even pace of others instead.
+        let step = match diffs.iter().fold(0u32, |g, d| gcd(g, d.unsigned_abs())) {
+            g if g <= MAX_STEP => g,
+            _ => 1,
+        };
         let counted: u32 = diffs
             .iter()
             .map(|d| (d.unsigned_abs() / step).saturating_sub(1))
