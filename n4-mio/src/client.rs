@@ -118,11 +118,7 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
         }
         _ => None,
     };
-    let client = Client::new(options.config.clone(), start).map_err(|e| Error::Resolve {
-        // Unreachable in the binary (flags are validated first); kept as an error, not a panic.
-        host: options.config.server.to_string(),
-        reason: e.to_string(),
-    })?;
+    let client = Client::new(options.config.clone(), start)?;
     let mut driver = Driver {
         client,
         poll,
@@ -174,7 +170,10 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
                 }
                 TCP => driver.tcp_event(now, event, &mut buf),
                 FORWARD => driver.forward_readable(now, &mut buf),
-                Token(t) => driver.slot_readable(now, t - WINDOW_BASE, &mut buf),
+                Token(t) if t >= WINDOW_BASE => {
+                    driver.slot_readable(now, t - WINDOW_BASE, &mut buf)
+                }
+                Token(_) => {}
             }
             if let Some(outcome) = driver.drain(now)? {
                 return Ok(outcome);

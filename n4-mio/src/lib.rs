@@ -41,8 +41,8 @@ pub mod exit {
     pub const INTERRUPTED: i32 = 130;
 }
 
-/// What stops a driver before it could do its job. Every variant is a network-side problem
-/// (exit code [`exit::NETWORK`]); bad flags are caught before a driver starts.
+/// What stops a driver before it could do its job. The binary exits with [`exit::NETWORK`]
+/// for all of them; bad flags are caught before a driver starts.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The server host name did not resolve to an IPv4 address.
@@ -89,6 +89,10 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+    /// The client's settings cannot run (the binary checks its flags before, so it does not
+    /// meet this).
+    #[error("bad client configuration: {0}")]
+    Config(#[from] n4_core::ConfigError),
     /// The poller itself failed (or signals could not be registered).
     #[error("event loop: {0}")]
     Poll(#[from] io::Error),

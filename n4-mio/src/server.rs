@@ -135,7 +135,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
                         driver.receive(now, probe, true, &mut buf);
                     }
                 }
-                Token(t) => {
+                Token(t) if t >= CONN_BASE => {
                     let conn = ConnId((t - CONN_BASE) as u64);
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
                         driver.read(now, conn, &mut buf);
@@ -144,6 +144,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
                         driver.flush(now, conn);
                     }
                 }
+                Token(_) => {}
             }
             driver.drain(now);
             answer_probes(probe.as_ref(), &mut driver.probe_answers);
