@@ -183,6 +183,15 @@ impl Entry {
     }
 }
 
+/// Which entries hold an external port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortHolders {
+    None,
+    One(usize),
+    /// Port reuse towards different destinations (preserving NATs): scan them all.
+    Many,
+}
+
 /// A new mapping, for the trace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NewMapping {
@@ -211,6 +220,13 @@ pub(crate) struct Nat {
     externals: Vec<u16>,
     /// Which bits of a key the mapping behaviour compares.
     mask: u64,
+    /// Bumped whenever entries are added or removed; guards `port_memo`.
+    generation: u64,
+    /// The entries holding one external port, as of `generation`: a burst of punches aims at
+    /// one port, so the next inbound datagram usually asks for the same one.
+    port_memo: Option<(u16, u64, PortHolders)>,
+    /// Where the last outbound lookup hit: a window's passes ask for entries in order.
+    last_out: usize,
     /// Sequential counter, as an index into the port range.
     counter: u32,
     next_background: Duration,
@@ -243,6 +259,9 @@ impl Nat {
             entries: Vec::with_capacity(64),
             keys: Vec::with_capacity(64),
             externals: Vec::with_capacity(64),
+            generation: 0,
+            port_memo: None,
+            last_out: 0,
             mask: match config.mapping {
                 Mapping::EndpointIndependent => 0xffff << 48,
                 Mapping::AddressDependent => !0xffff,
@@ -276,11 +295,20 @@ impl Nat {
     ) -> Option<(u16, Option<NewMapping>)> {
         let lifetime = self.config.lifetime;
         let want = key(internal, remote) & self.mask;
-        let found =
-            self.keys.iter().zip(&self.entries).position(|(&k, e)| {
-                k & self.mask == want && e.expires > now && e.internal == internal
-            });
+        let hit = |i: usize| {
+            self.keys.get(i).is_some_and(|&k| k & self.mask == want)
+                && self.entries[i].expires > now
+                && self.entries[i].internal == internal
+        };
+        // Keys are unique among live entries, so a hit at the guess is the hit.
+        let guess = self.last_out + 1;
+        let found = if hit(guess) {
+            Some(guess)
+        } else {
+            (0..self.keys.len()).find(|&i| hit(i))
+        };
         if let Some(i) = found {
+            self.last_out = i;
             let e = &mut self.entries[i];
             e.expires = now + lifetime;
             if e.remote != remote && !e.more.contains(&remote) {
@@ -300,6 +328,7 @@ impl Nat {
         });
         self.keys.push(key(internal, remote));
         self.externals.push(external);
+        self.generation += 1;
         let background = self.background_total - self.background_reported;
         self.background_reported = self.background_total;
         Some((external, Some(NewMapping { background })))
@@ -322,6 +351,7 @@ impl Nat {
         self.entries.truncate(kept);
         self.keys.truncate(kept);
         self.externals.truncate(kept);
+        self.generation += 1;
     }
 
     /// An inbound datagram from `from` to external port `port` at `now`: the internal endpoint
@@ -333,6 +363,37 @@ impl Nat {
         port: u16,
     ) -> Result<SocketAddrV4, Drop> {
         let (filtering, lifetime) = (self.config.filtering, self.config.lifetime);
+        let holders = match self.port_memo {
+            Some((p, g, h)) if p == port && g == self.generation => h,
+            _ => {
+                let mut h = PortHolders::None;
+                for (i, &p) in self.externals.iter().enumerate() {
+                    if p == port {
+                        h = match h {
+                            PortHolders::None => PortHolders::One(i),
+                            _ => PortHolders::Many,
+                        };
+                    }
+                }
+                self.port_memo = Some((port, self.generation, h));
+                h
+            }
+        };
+        match holders {
+            PortHolders::None => return Err(Drop::NoMapping),
+            PortHolders::One(i) => {
+                let e = &mut self.entries[i];
+                if e.expires <= now {
+                    return Err(Drop::NoMapping);
+                }
+                if !e.permits(from, filtering) {
+                    return Err(Drop::Filtered);
+                }
+                e.expires = now + lifetime;
+                return Ok(e.internal);
+            }
+            PortHolders::Many => {}
+        }
         let mut seen = false;
         let mut from_index = 0;
         // Usually no entry or one has the port; scan the dense port list, not the entries.

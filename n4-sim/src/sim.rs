@@ -156,11 +156,11 @@ enum Ev {
         to: SocketAddrV4,
         payload: [u8; 8],
     },
-    /// A datagram reaches a public address (the server or a NAT).
+    /// Datagrams `first..first + len` of the WAN arena reach their public addresses (the
+    /// server or a NAT), in order: a burst sent over one fixed-delay path is one entry.
     Wan {
-        from: SocketAddrV4,
-        to: SocketAddrV4,
-        payload: [u8; 8],
+        first: u32,
+        len: u32,
     },
     /// A datagram reaches a host's port.
     Ingress {
@@ -173,6 +173,14 @@ enum Ev {
         conn: u32,
         ev: TcpEv,
     },
+}
+
+/// A datagram between public addresses.
+#[derive(Clone, Copy, Debug)]
+struct WanDatagram {
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    payload: [u8; 8],
 }
 
 struct Conn {
@@ -244,6 +252,9 @@ pub struct Sim {
     queue: EventQueue<Ev>,
     /// Machines that got input since they were last drained: bit 0 server, 1 A, 2 B.
     dirty: u8,
+    /// Datagrams of queued [`Ev::Wan`] entries; cleared when none is queued.
+    wan: Vec<WanDatagram>,
+    wan_queued: u32,
     events: u64,
     server: Server,
     server_addr: SocketAddrV4,
@@ -326,6 +337,8 @@ impl Sim {
             rng,
             queue: EventQueue::with_capacity(256),
             dirty: 0,
+            wan: Vec::with_capacity(256),
+            wan_queued: 0,
             events: 0,
             server,
             server_addr: scenario.server_addr,
@@ -489,7 +502,18 @@ impl Sim {
                 to,
                 payload,
             } => self.egress(usize::from(site), port, to, payload),
-            Ev::Wan { from, to, payload } => self.wan(from, to, payload),
+            Ev::Wan { first, len } => {
+                self.events += u64::from(len) - 1;
+                for k in first..first + len {
+                    let d = self.wan[k as usize];
+                    self.wan(d.from, d.to, d.payload);
+                    self.drain();
+                }
+                self.wan_queued -= 1;
+                if self.wan_queued == 0 {
+                    self.wan.clear();
+                }
+            }
             Ev::Ingress {
                 site,
                 port,
@@ -541,6 +565,39 @@ impl Sim {
                 true
             }
         }
+    }
+
+    /// Sends a datagram between public addresses over `path`: lost, delivered once, or twice.
+    fn over_wan(&mut self, path: &Link, d: WanDatagram) -> bool {
+        match path.sample(&mut self.rng) {
+            Fate::Lost => false,
+            Fate::Arrives(t, copy) => {
+                self.schedule_wan(self.now + t, d);
+                if let Some(t2) = copy {
+                    self.schedule_wan(self.now + t2, d);
+                }
+                true
+            }
+        }
+    }
+
+    fn schedule_wan(&mut self, at: Duration, d: WanDatagram) {
+        let next = self.wan.len() as u32;
+        self.wan.push(d);
+        if let Some(Ev::Wan { first, len }) = self.queue.last_at_mut(at) {
+            if *first + *len == next {
+                *len += 1;
+                return;
+            }
+        }
+        self.wan_queued += 1;
+        self.queue.push(
+            at,
+            Ev::Wan {
+                first: next,
+                len: 1,
+            },
+        );
     }
 
     fn node_of(&self, ip: &Ipv4Addr) -> Option<usize> {
@@ -598,7 +655,7 @@ impl Sim {
             return;
         };
         let path = self.paths[i + 1][dst];
-        let delivered = self.over(&path, |_| Ev::Wan { from, to, payload });
+        let delivered = self.over_wan(&path, WanDatagram { from, to, payload });
         if !delivered {
             self.sites[i].drops.lost += 1;
             trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
@@ -620,7 +677,7 @@ impl Sim {
             return;
         };
         let path = self.paths[0][dst];
-        if !self.over(&path, |_| Ev::Wan { from, to, payload }) {
+        if !self.over_wan(&path, WanDatagram { from, to, payload }) {
             trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
         }
     }
