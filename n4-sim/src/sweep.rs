@@ -423,6 +423,24 @@ fn series_label(results: &[PointResult], p: &Point, x: XAxis) -> String {
     }
 }
 
+/// Distinct, readable line colours (ColorBrewer "Set1"), then plotters' palette.
+fn color(i: usize) -> RGBAColor {
+    const SET1: [(u8, u8, u8); 8] = [
+        (228, 26, 28),
+        (55, 126, 184),
+        (77, 175, 74),
+        (152, 78, 163),
+        (255, 127, 0),
+        (166, 86, 40),
+        (247, 129, 191),
+        (90, 90, 90),
+    ];
+    match SET1.get(i) {
+        Some(&(r, g, b)) => RGBColor(r, g, b).to_rgba(),
+        None => Palette99::pick(i).to_rgba(),
+    }
+}
+
 /// Draws success rate (top) and median time-to-WIN (bottom) against `x`, a line per series.
 pub fn plot_svg(
     results: &[PointResult],
@@ -462,12 +480,19 @@ pub fn plot_svg(
         .x_label_area_size(36)
         .y_label_area_size(56)
         .build_cartesian_2d(x_lo..x_hi, 0.0..100.0)?;
+    let x_fmt = |v: &f64| match x {
+        XAxis::Loss => format!("{v:.2}"),
+        _ => format!("{v:.0}"),
+    };
     c.configure_mesh()
+        .light_line_style(WHITE)
         .x_desc(x.label())
-        .y_desc("success (%)")
+        .x_label_formatter(&x_fmt)
+        .y_desc("both WIN (%)")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (i, (label, rs)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = color(i);
         let pts: Vec<(f64, f64)> = rs
             .iter()
             .map(|r| (x.value(&r.point), r.success() * 100.0))
@@ -480,7 +505,7 @@ pub fn plot_svg(
     c.configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::LowerLeft)
         .draw()?;
 
     let mut c = ChartBuilder::on(&bottom)
@@ -489,11 +514,14 @@ pub fn plot_svg(
         .y_label_area_size(56)
         .build_cartesian_2d(x_lo..x_hi, 0.0..t_hi)?;
     c.configure_mesh()
+        .light_line_style(WHITE)
         .x_desc(x.label())
+        .x_label_formatter(&x_fmt)
         .y_desc("median time to WIN (ms)")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (i, (_, rs)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = color(i);
         let pts: Vec<(f64, f64)> = rs
             .iter()
             .filter_map(|r| Some((x.value(&r.point), r.median?.as_secs_f64() * 1000.0)))
