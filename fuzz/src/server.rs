@@ -434,7 +434,8 @@ impl Harness {
             let probes = stats.probes - self.probes;
             self.ignored = stats.ignored_datagrams;
             self.probes = stats.probes;
-            let is_probe = d.from.is_some() && d.message == Some(Message::Probe);
+            let is_probe =
+                d.from.is_some() && matches!(d.message, Some(Message::Probe | Message::ProbeOther));
             assert_eq!(probes, u64::from(is_probe), "probe count");
             assert!(ignored <= 1, "one datagram ignored {ignored} times");
             if outputs > 0 || is_probe {
@@ -515,7 +516,10 @@ impl Harness {
                 ServerOutput::Datagram { to, message } => {
                     let d = datagram.expect("a datagram output without a datagram");
                     let from = d.from.expect("a datagram output to an IPv6 source");
-                    assert_eq!(d.message, Some(Message::Probe), "answered a non-PROBE");
+                    assert!(
+                        matches!(d.message, Some(Message::Probe | Message::ProbeOther)),
+                        "answered a non-PROBE"
+                    );
                     assert_eq!((to, message), (SocketAddr::V4(from), Message::Seen(from)));
                     assert!(!seen, "two answers to one datagram");
                     seen = true;

@@ -20,6 +20,7 @@ const CMD_PUNCH: u8 = 0x05;
 const CMD_SEEN: u8 = 0x06;
 const CMD_PROBE: u8 = 0x07;
 const CMD_HINT: u8 = 0x08;
+const CMD_PROBE_OTHER: u8 = 0x09;
 
 /// First two data bytes of an extended READY: `"N4"`.
 const READY_MAGIC: [u8; 2] = *b"N4";
@@ -140,6 +141,9 @@ pub enum Message {
     /// 0x08, server → extended client (TCP), extension: the partner's [`Hint`], sent just before
     /// PEERINFO when the partner gave one.
     Hint(Hint),
+    /// 0x09, client → server (UDP), extension: like [`Message::Probe`], but "answer from your
+    /// other UDP port" — whether that answer gets through shows the NAT's filtering.
+    ProbeOther,
 }
 
 /// A client's advice on where to aim at it: "my punches will leave my NAT around my EXCHANGE's
@@ -183,6 +187,7 @@ impl Message {
             Self::Seen(_) => CMD_SEEN,
             Self::Probe => CMD_PROBE,
             Self::Hint(_) => CMD_HINT,
+            Self::ProbeOther => CMD_PROBE_OTHER,
         }
     }
 
@@ -200,7 +205,7 @@ impl Message {
             Self::Hello(id) | Self::Exchange(id) | Self::Punch(id) => {
                 data.copy_from_slice(id.as_bytes())
             }
-            Self::Ready(None) | Self::Probe => {}
+            Self::Ready(None) | Self::Probe | Self::ProbeOther => {}
             Self::Hint(Hint(h)) => data[..2].copy_from_slice(&h.to_be_bytes()),
             Self::Ready(Some(Token(t))) => {
                 data[..2].copy_from_slice(&READY_MAGIC);
@@ -246,9 +251,10 @@ impl Message {
             (CMD_PUNCH, 0) => Self::Punch(ident()?),
             (CMD_SEEN, 0) => Self::Seen(get_addr(&data)),
             (CMD_PROBE, 0) if data == [0; 6] => Self::Probe,
+            (CMD_PROBE_OTHER, 0) if data == [0; 6] => Self::ProbeOther,
             (CMD_HINT, 0) if data[2..] == [0; 4] => Self::Hint(Hint((&data[..2]).get_i16())),
-            (CMD_PROBE | CMD_HINT, 0) => return Err(DecodeError::Data),
-            (CMD_HELLO..=CMD_HINT, r) => return Err(DecodeError::Reserved(r)),
+            (CMD_PROBE | CMD_HINT | CMD_PROBE_OTHER, 0) => return Err(DecodeError::Data),
+            (CMD_HELLO..=CMD_PROBE_OTHER, r) => return Err(DecodeError::Reserved(r)),
             (c, _) => return Err(DecodeError::Command(c)),
         };
         Ok(msg)
@@ -351,6 +357,7 @@ mod tests {
                 [6, 0, 198, 51, 100, 3, 0x07, 0x09],
             ),
             (Message::Probe, [7, 0, 0, 0, 0, 0, 0, 0]),
+            (Message::ProbeOther, [9, 0, 0, 0, 0, 0, 0, 0]),
             (Message::Hint(Hint(45)), [8, 0, 0, 45, 0, 0, 0, 0]),
             (Message::Hint(Hint::RANDOM), [8, 0, 0x80, 0, 0, 0, 0, 0]),
         ];
@@ -431,6 +438,7 @@ mod tests {
                 }
             }),
             Just(Message::Probe),
+            Just(Message::ProbeOther),
             any::<i16>().prop_map(|h| Message::Hint(Hint(h))),
             addr.clone().prop_map(Message::PeerInfo),
             ident.prop_map(Message::Punch),

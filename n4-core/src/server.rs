@@ -81,7 +81,9 @@ pub enum ServerOutput {
         /// The connection.
         conn: ConnId,
     },
-    /// Send this datagram from the probe port (the answer to a [`Message::Probe`]).
+    /// Send this datagram: the answer to a [`Message::Probe`] (from the port the probe arrived
+    /// on) or a [`Message::ProbeOther`] (from the other UDP port). It always follows at once the
+    /// `handle_datagram` call that caused it, so the driver knows which port that was.
     Datagram {
         /// Destination.
         to: SocketAddr,
@@ -364,8 +366,10 @@ impl Server {
     /// A UDP datagram arrived on the server port from `from`. Anything but an EXCHANGE that
     /// belongs to a seat in a pair is ignored and costs nothing else.
     ///
-    /// A [`Message::Probe`] is answered with [`ServerOutput::Datagram`]; drivers accept probes
-    /// on a second port (the listen port + 1) so that v1 servers never see them.
+    /// A [`Message::Probe`] or [`Message::ProbeOther`] is answered with
+    /// [`ServerOutput::Datagram`]. Drivers also listen on a probe port (the listen port + 1):
+    /// clients probe there so that a v1 server never sees a probe; the probe port passes only
+    /// probes in.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let Some(from) = v4(from) else {
             self.stats.ignored_datagrams += 1;
@@ -376,7 +380,7 @@ impl Server {
                 self.tokens.get(&token).map(|&s| (s, Some((round, hint))))
             }
             Ok(Message::Exchange(ident)) => self.attribute_v1(ident, from).map(|s| (s, None)),
-            Ok(Message::Probe) => {
+            Ok(Message::Probe | Message::ProbeOther) => {
                 // A stateless reflector, like STUN: 8 bytes out for 8 bytes in.
                 self.stats.probes += 1;
                 self.outputs.push_back(ServerOutput::Datagram {

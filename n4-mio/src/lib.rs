@@ -17,11 +17,13 @@
 
 mod client;
 mod log;
+mod probe;
 mod server;
 mod sockets;
 
 pub use client::{run_client, AfterWin, ClientOptions, ClientOutcome, WinReport, KEEPALIVE};
 pub use log::init_logging;
+pub use probe::{run_probe, ProbeOptions, ProbeReport};
 pub use server::{run_server, ServerOptions};
 
 use std::io;

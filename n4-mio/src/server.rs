@@ -87,6 +87,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
         server: Server::new(options.config),
         poll,
         probe_answers: Vec::new(),
+        answer_from_server_port: false,
         conns: HashMap::new(),
         lingering: BTreeSet::new(),
         next_conn: 0,
@@ -147,7 +148,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
                 Token(_) => {}
             }
             driver.drain(now);
-            answer_probes(probe.as_ref(), &mut driver.probe_answers);
+            answer_probes(&udp, probe.as_ref(), &mut driver.probe_answers);
         }
         if driver.server.poll_timeout().is_some_and(|t| t <= now) {
             driver.server.handle_timeout(now);
@@ -160,8 +161,11 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
 struct Driver {
     server: Server,
     poll: Poll,
-    /// Answers to probes, sent from the probe port (UDP, listen port + 1) by the loop.
-    probe_answers: Vec<(SocketAddr, [u8; 8])>,
+    /// Answers to probes, sent by the loop from the server port (`true`) or the probe port.
+    probe_answers: Vec<(bool, SocketAddr, [u8; 8])>,
+    /// Which port answers the probe being handled: the one it came in on, or for PROBE-OTHER
+    /// the other one.
+    answer_from_server_port: bool,
     conns: HashMap<ConnId, Conn>,
     lingering: BTreeSet<(Instant, ConnId)>,
     next_conn: u64,
@@ -176,15 +180,18 @@ impl Driver {
     /// Feeds every datagram waiting on `socket` (the server port or the probe port) to the
     /// machine, answering probes as it goes.
     ///
-    /// Each port hears only its own kind: PROBE on the probe port, everything else on the
-    /// server port, as docs/PROTOCOL.md lays out (the machine itself cannot tell the ports
-    /// apart).
+    /// The probe port hears only probes, so a stray datagram there can never touch a pairing;
+    /// the server port hears everything (`n4 probe` probes it too, to tell mappings apart). A
+    /// PROBE is answered from the port it came in on, a PROBE-OTHER from the other one.
     fn receive(&mut self, now: Instant, socket: &UdpSocket, probe_port: bool, buf: &mut [u8]) {
         loop {
             match socket.recv_from(buf) {
                 Ok((n, from)) => {
-                    let is_probe = Message::decode(&buf[..n]) == Ok(Message::Probe);
-                    if is_probe == probe_port {
+                    let msg = Message::decode(&buf[..n]);
+                    let is_probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
+                    if is_probe || !probe_port {
+                        self.answer_from_server_port =
+                            (msg == Ok(Message::ProbeOther)) == probe_port;
                         self.server.handle_datagram(now, from, &buf[..n]);
                         self.drain(now);
                     }
@@ -337,7 +344,9 @@ impl Driver {
                     }
                 }
                 ServerOutput::Datagram { to, message } => {
-                    self.probe_answers.push((to, message.to_bytes()));
+                    let from_server_port = self.answer_from_server_port;
+                    self.probe_answers
+                        .push((from_server_port, to, message.to_bytes()));
                 }
                 ServerOutput::Close { conn } => {
                     if let Some(c) = self.conns.get_mut(&conn) {
@@ -355,10 +364,15 @@ impl Driver {
     }
 }
 
-fn answer_probes(probe: Option<&UdpSocket>, answers: &mut Vec<(SocketAddr, [u8; 8])>) {
-    for (to, bytes) in answers.drain(..) {
-        if let Some(probe) = probe {
-            if let Err(e) = probe.send_to(&bytes, to) {
+fn answer_probes(
+    udp: &UdpSocket,
+    probe: Option<&UdpSocket>,
+    answers: &mut Vec<(bool, SocketAddr, [u8; 8])>,
+) {
+    for (from_server_port, to, bytes) in answers.drain(..) {
+        let socket = if from_server_port { Some(udp) } else { probe };
+        if let Some(socket) = socket {
+            if let Err(e) = socket.send_to(&bytes, to) {
                 debug!("probe answer to {to}: {e}");
             }
         }

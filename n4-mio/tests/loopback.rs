@@ -372,31 +372,36 @@ fn interrupted_before_win_exits_130() {
 }
 
 #[test]
-fn server_answers_probes_on_the_next_port_and_ignores_them_on_its_own() {
-    use n4_core::Message;
+fn server_answers_probes_from_the_port_they_hit_and_probe_other_from_the_other() {
+    use n4_core::{Ident, Message};
     let (_srv, port) = server(&[]);
     let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    // On the server port a probe is just a stray datagram: no answer (a v1 server never sees
-    // probes, and ours does not answer there either).
-    udp.send_to(&Message::Probe.to_bytes(), (Ipv4Addr::LOCALHOST, port))
-        .unwrap();
-    udp.send_to(&Message::Probe.to_bytes(), (Ipv4Addr::LOCALHOST, port + 1))
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let (n, from) = udp.recv_from(&mut buf).expect("a SEEN from the probe port");
-    assert_eq!(from, SocketAddr::from((Ipv4Addr::LOCALHOST, port + 1)));
     let me = match udp.local_addr().unwrap() {
         SocketAddr::V4(v4) => v4,
         other => panic!("{other}"),
     };
-    assert_eq!(Message::decode(&buf[..n]), Ok(Message::Seen(me)));
+    let mut buf = [0u8; 64];
+    let mut ask = |msg: Message, to: u16| {
+        udp.send_to(&msg.to_bytes(), (Ipv4Addr::LOCALHOST, to))
+            .unwrap();
+        let (n, from) = udp.recv_from(&mut buf).expect("an answer");
+        assert_eq!(Message::decode(&buf[..n]), Ok(Message::Seen(me)));
+        from.port()
+    };
+    assert_eq!(ask(Message::Probe, port + 1), port + 1);
+    assert_eq!(ask(Message::Probe, port), port);
+    assert_eq!(ask(Message::ProbeOther, port + 1), port);
+    assert_eq!(ask(Message::ProbeOther, port), port + 1);
+    // The probe port takes nothing but probes; a stray EXCHANGE there is not answered either.
+    udp.send_to(
+        &Message::Exchange(Ident::default()).to_bytes(),
+        (Ipv4Addr::LOCALHOST, port + 1),
+    )
+    .unwrap();
     udp.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    assert!(
-        udp.recv_from(&mut buf).is_err(),
-        "one answer, from the probe port only"
-    );
+    assert!(udp.recv_from(&mut buf).is_err(), "no more answers");
 }
 
 /// The original server's pairing, by hand: two HELLOs, READY with six zero bytes to both,
@@ -472,4 +477,32 @@ fn our_clients_speak_pure_v1_to_a_v1_server() {
         let v: serde_json::Value = serde_json::from_str(&p.stdout()[0]).unwrap();
         assert_eq!(v["strategy"], "v1", "{}", p.log());
     }
+}
+
+#[test]
+fn probe_reports_loopback_as_no_nat_in_words_and_json() {
+    let (_srv, port) = server(&[]);
+    let port = port.to_string();
+    let mut p = Proc::spawn("n4", &["probe", "-h", "127.0.0.1", "-p", &port, "--json"]);
+    assert_eq!(p.wait_exit(T).code(), Some(0), "{}", p.log());
+    let report: serde_json::Value = serde_json::from_str(&p.stdout().join("\n")).expect("one JSON");
+    assert_eq!(report["public_ip"], "127.0.0.1");
+    assert_eq!(report["mapping"], "none");
+    assert_eq!(report["filtering"], "port-independent");
+    assert_eq!(report["allocation"], "preserving");
+    assert_eq!(report["samples"].as_array().map(Vec::len), Some(10));
+
+    let mut p = Proc::spawn("n4", &["probe", "-h", "127.0.0.1", "-p", &port]);
+    assert_eq!(p.wait_exit(T).code(), Some(0), "{}", p.log());
+    let text = p.stdout().join("\n");
+    assert!(text.contains("mapping:        none"), "{text}");
+
+    // A port where no n4 server answers probes: one line, network exit code.
+    let closed = util::free_port().to_string();
+    let log = expect_failure(
+        &["probe", "-h", "127.0.0.1", "-p", &closed],
+        3,
+        "no answer to PROBE",
+    );
+    assert_eq!(log.trim().lines().count(), 1, "{log}");
 }

@@ -10,14 +10,15 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use n4_core::{ClientConfig, Ident, ServerConfig, Strategy};
 use n4_mio::{
-    exit, init_logging, run_client, run_server, AfterWin, ClientOptions, ClientOutcome, Error,
-    ServerOptions,
+    exit, init_logging, run_client, run_probe, run_server, AfterWin, ClientOptions, ClientOutcome,
+    Error, ProbeOptions, ServerOptions,
 };
 use tracing::{error, Level};
 
 const AFTER_HELP: &str = "\
 Examples:
   n4 -s                              server on TCP+UDP port 1721
+  n4 probe -h 192.0.2.2              what does my NAT do? (mapping, filtering, port allocation)
   n4 -c -h 192.0.2.2                 client: punch, print [ WIN ] and the nc line, exit
   n4 -c -h 192.0.2.2 --json          ... and print the result as one JSON object on stdout
   n4 -c -h 192.0.2.2 --forward 127.0.0.1:51820
@@ -42,7 +43,11 @@ Exit codes:
     after_help = AFTER_HELP,
     max_term_width = 100
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Print help (-h is the server host, as in the original)
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
@@ -207,6 +212,30 @@ struct Cli {
     forward_bind: Option<SocketAddr>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Report what the local NAT does (mapping, filtering, port allocation step, direction and
+    /// rate), asked of an n4 server of ours (it answers probes on its port + 1)
+    #[command(disable_help_flag = true)]
+    Probe {
+        /// Print help
+        #[arg(long, action = ArgAction::Help)]
+        help: Option<bool>,
+        /// Hostname of the N4 server
+        #[arg(short = 'h', long, value_name = "HOST")]
+        host: String,
+        /// Port of the N4 server (probes also go to PORT+1)
+        #[arg(short = 'p', long, value_name = "PORT", default_value_t = 1721)]
+        port: u16,
+        /// Fresh sockets used to measure port allocation
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        samples: u16,
+        /// Print the report as one JSON object on stdout
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// A usage error: one line on stderr, exit 2.
 struct Usage(String);
 
@@ -268,6 +297,33 @@ fn code(c: i32) -> ExitCode {
 
 fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
     init_logging(level);
+    if let Some(Command::Probe {
+        host,
+        port,
+        samples,
+        json,
+        ..
+    }) = &cli.command
+    {
+        if *port == 0 || *port == u16::MAX || *samples < 2 {
+            return Err(Usage("probe: -p must be 1-65534 and --samples at least 2".into()).into());
+        }
+        let report = run_probe(&ProbeOptions {
+            server: resolve_v4(host, *port)?,
+            samples: *samples,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_secs(1),
+        })?;
+        if *json {
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("a report always serializes")
+            );
+        } else {
+            print!("{}", report.to_text());
+        }
+        return Ok(exit::WIN);
+    }
     match (cli.server, cli.client) {
         (true, _) => {
             let options = server_options(&cli)?;
