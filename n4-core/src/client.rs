@@ -357,6 +357,8 @@ pub struct Client {
     commands: VecDeque<Command>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Datagrams handed to the driver so far (probes, EXCHANGEs, PUNCHes, acknowledgements).
+    datagrams_sent: u64,
 }
 
 impl Client {
@@ -400,6 +402,7 @@ impl Client {
             commands: VecDeque::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            datagrams_sent: 0,
         };
         client.start_round(now, false);
         Ok(client)
@@ -565,7 +568,14 @@ impl Client {
     /// The next datagram to send.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let t = self.transmits.pop_front()?;
+        self.datagrams_sent += 1;
+        Some(t)
+    }
+
+    /// Datagrams polled so far: the cost of punching, for comparing strategies.
+    pub fn datagrams_sent(&self) -> u64 {
+        self.datagrams_sent
     }
 
     /// The next event to report.

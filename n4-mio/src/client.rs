@@ -79,6 +79,8 @@ pub struct WinReport {
     /// The strategy that aimed the winning round: `v1` (the original's fixed offset) or
     /// `predict` (our extension, when the server and the peer are ours).
     pub strategy: &'static str,
+    /// UDP datagrams this client sent in all (probes, EXCHANGEs, PUNCHes, acknowledgements).
+    pub datagrams: u64,
     /// With `--forward`: the local relay socket the local program talks to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_via: Option<SocketAddr>,
@@ -608,6 +610,7 @@ impl Driver {
                     round,
                     elapsed_ms: now.duration_since(self.start).as_millis() as u64,
                     strategy: strategy.name(),
+                    datagrams: 0,
                     forward_via: self.forward.as_ref().and_then(|s| s.local_addr().ok()),
                 };
                 if self.options.after_win != AfterWin::Exit {
@@ -656,7 +659,8 @@ impl Driver {
             // Finished without WIN cannot happen (the machine finishes only after a WIN).
             return None;
         };
-        let (peer, report) = (won.peer, won.report.clone());
+        let (peer, mut report) = (won.peer, won.report.clone());
+        report.datagrams = self.client.datagrams_sent();
         let keep: Vec<usize> = won.paths.keys().copied().collect();
         info!(" <= Punch ");
         self.close_tcp();

@@ -81,8 +81,17 @@ fn json_result_is_one_object_with_the_documented_fields() {
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["elapsed_ms", "local_port", "peer", "round", "strategy"]
+            [
+                "datagrams",
+                "elapsed_ms",
+                "local_port",
+                "peer",
+                "round",
+                "strategy"
+            ]
         );
+        // Probes, EXCHANGEs, at least one pass of PUNCH and the acknowledgements.
+        assert!(v["datagrams"].as_u64().unwrap() >= 10, "{v}");
         let local = v["local_port"].as_u64().unwrap() as u16;
         assert!(window.contains(&local), "{local}");
         let peer: SocketAddr = v["peer"].as_str().unwrap().parse().unwrap();
