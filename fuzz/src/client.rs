@@ -268,6 +268,7 @@ pub fn run(input: &Input) -> Outcome {
         decoder: StreamDecoder::default(),
         rounds: Vec::new(),
         session_peer: None,
+        transmitted: 0,
         finished: false,
         outcome: Outcome::default(),
     };
@@ -332,6 +333,8 @@ struct Harness {
     rounds: Vec<RoundModel>,
     /// The peer as the last PEERINFO of this extended session named it.
     session_peer: Option<SocketAddrV4>,
+    /// Transmits polled so far.
+    transmitted: u64,
     finished: bool,
     outcome: Outcome,
 }
@@ -480,6 +483,12 @@ impl Harness {
         while let Some(t) = self.client.poll_transmit() {
             transmits.push(t);
         }
+        self.transmitted += transmits.len() as u64;
+        assert_eq!(
+            self.client.datagrams_sent(),
+            self.transmitted,
+            "datagrams_sent"
+        );
         let mut events = Vec::new();
         while let Some(e) = self.client.poll_event() {
             events.push(e);

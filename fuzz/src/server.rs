@@ -168,6 +168,8 @@ pub enum DatagramData {
     },
     /// A PROBE.
     Probe,
+    /// A PROBE-OTHER (answered from the other port; the same output to the driver).
+    ProbeOther,
     /// Any 8 bytes.
     Bytes8([u8; 8]),
     /// Anything.
@@ -394,6 +396,7 @@ impl Harness {
                         m.to_bytes().to_vec()
                     }
                     DatagramData::Probe => Message::Probe.to_bytes().to_vec(),
+                    DatagramData::ProbeOther => Message::ProbeOther.to_bytes().to_vec(),
                     DatagramData::Bytes8(b) => b.to_vec(),
                     DatagramData::Raw(b) => b.clone(),
                 };
@@ -845,18 +848,19 @@ impl Encode for DatagramData {
     fn encode(&self, w: &mut Writer) {
         match self {
             Self::Exchange(id) => {
-                w.variant(0, 5);
+                w.variant(0, 6);
                 id.encode(w);
             }
             Self::Token { token, round, hint } => {
-                w.variant(1, 5);
+                w.variant(1, 6);
                 token.encode(w);
                 w.u8(*round);
                 w.u16(*hint as u16);
             }
-            Self::Probe => w.variant(2, 5),
+            Self::Probe => w.variant(2, 6),
+            Self::ProbeOther => w.variant(3, 6),
             Self::Bytes8(b) => {
-                w.variant(3, 5);
+                w.variant(4, 6);
                 w.bytes(b);
             }
             Self::Raw(_) => unimplemented!("seeds use Bytes8, not Raw"),

@@ -57,6 +57,7 @@ fn codec_seeds() {
             },
         ),
         ("probe", Message::Probe),
+        ("probe-other", Message::ProbeOther),
         ("hint", Message::Hint(Hint(45))),
         ("peerinfo", Message::PeerInfo(addr)),
         ("punch", Message::Punch(Ident::new("ab").unwrap())),
@@ -161,6 +162,7 @@ mod server_seeds {
                 data: StreamData::SplitHello { ident: N4, at: 3 },
             },
             datagram(0, 0, DatagramData::Probe),
+            datagram(1, 1, DatagramData::ProbeOther),
             // Tokens are handed out first-seated first: conn 1's, then conn 0's.
             token(3, 1, 0, 1, 7),
             token(0, 0, 1, 1, -3),
