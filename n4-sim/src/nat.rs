@@ -227,6 +227,8 @@ pub(crate) struct Nat {
     port_memo: Option<(u16, u64, PortHolders)>,
     /// Where the last outbound lookup hit: a window's passes ask for entries in order.
     last_out: usize,
+    /// No entry expires before this.
+    earliest_expiry: Duration,
     /// Sequential counter, as an index into the port range.
     counter: u32,
     next_background: Duration,
@@ -262,6 +264,7 @@ impl Nat {
             generation: 0,
             port_memo: None,
             last_out: 0,
+            earliest_expiry: Duration::MAX,
             mask: match config.mapping {
                 Mapping::EndpointIndependent => 0xffff << 48,
                 Mapping::AddressDependent => !0xffff,
@@ -305,7 +308,12 @@ impl Nat {
         let found = if hit(guess) {
             Some(guess)
         } else {
-            (0..self.keys.len()).find(|&i| hit(i))
+            // `expire` runs before every allocation, so a key is held by at most one entry.
+            let mask = self.mask;
+            self.keys
+                .iter()
+                .position(|&k| k & mask == want)
+                .filter(|&i| hit(i))
         };
         if let Some(i) = found {
             self.last_out = i;
@@ -326,6 +334,7 @@ impl Nat {
             more: Vec::new(),
             expires: now + lifetime,
         });
+        self.earliest_expiry = self.earliest_expiry.min(now + lifetime);
         self.keys.push(key(internal, remote));
         self.externals.push(external);
         self.generation += 1;
@@ -336,6 +345,17 @@ impl Nat {
 
     /// Forgets expired mappings, keeping the others in order.
     fn expire(&mut self, now: Duration) {
+        // Expiry times only grow (refreshes), so the earliest one seen is a lower bound.
+        if now < self.earliest_expiry {
+            return;
+        }
+        self.earliest_expiry = self
+            .entries
+            .iter()
+            .map(|e| e.expires)
+            .filter(|&t| t > now)
+            .min()
+            .unwrap_or(Duration::MAX);
         if self.entries.iter().all(|e| e.expires > now) {
             return;
         }

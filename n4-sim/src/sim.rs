@@ -288,16 +288,18 @@ impl Sim {
                 server: scenario.server_addr,
                 ..s.client.clone()
             };
-            // Validate now even if the client starts later.
-            Client::new(config.clone(), epoch)
+            // A client starting at 0 is made now; a later one is made (and validated) now too,
+            // so that a bad configuration is an error here, and remade when it starts.
+            let client = Client::new(config.clone(), epoch)
                 .map_err(|e| ScenarioError(format!("client {name}: {e}")))?;
+            let client = s.start.is_zero().then_some(client);
             Ok(SiteRt {
                 name,
                 nat,
                 host_ip: s.host_ip,
                 lan: s.lan,
                 config,
-                client: None,
+                client,
                 start: s.start,
                 window: Vec::new(),
                 next_ephemeral: 32768 + (rng.next_u64() % 28000) as u16,
@@ -355,14 +357,21 @@ impl Sim {
             records: (options.record_mappings || options.trace.is_some()).then(Vec::new),
         };
         for i in 0..2 {
-            let at = sim.sites[i].start;
-            sim.schedule(at, Ev::Start(i as u8));
+            match sim.sites[i].client {
+                Some(_) => sim.dirty |= 2 << i,
+                None => {
+                    let at = sim.sites[i].start;
+                    sim.schedule(at, Ev::Start(i as u8));
+                }
+            }
         }
         Ok(sim)
     }
 
     /// Runs to the stop condition or the time limit and returns the outcome.
     pub fn run(&mut self) -> Outcome {
+        // Clients that start at 0 already have their first commands queued.
+        self.drain();
         loop {
             if self.stopped() {
                 break;
