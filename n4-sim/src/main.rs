@@ -293,6 +293,7 @@ fn sweep(a: SweepArgs) -> Res {
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     print!("{}", sweep::table(&results));
+    std::io::Write::flush(&mut std::io::stdout())?;
     eprintln!(
         "{total} runs in {secs:.2} s ({:.0} runs/s)",
         total as f64 / secs.max(1e-9)
