@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use n4_core::{
-    Client, ClientConfig, Command, ConnId, Event, Server, ServerConfig, ServerEvent, ServerOutput,
+    Client, ClientConfig, Command, ConnId, Event, Message, Server, ServerConfig, ServerEvent,
+    ServerOutput,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -255,6 +256,8 @@ pub struct Sim {
     /// Datagrams of queued [`Ev::Wan`] entries; cleared when none is queued.
     wan: Vec<WanDatagram>,
     wan_queued: u32,
+    /// The server port that answers the datagram the server is handling.
+    server_reply_from: SocketAddrV4,
     events: u64,
     server: Server,
     server_addr: SocketAddrV4,
@@ -341,6 +344,7 @@ impl Sim {
             dirty: 0,
             wan: Vec::with_capacity(256),
             wan_queued: 0,
+            server_reply_from: scenario.server_addr,
             events: 0,
             server,
             server_addr: scenario.server_addr,
@@ -679,9 +683,9 @@ impl Sim {
         )
     }
 
-    /// A datagram from the server's probe port onto the WAN.
+    /// A datagram from the server (the port `wan` chose for the probe it answers) onto the WAN.
     fn server_send(&mut self, to: SocketAddrV4, payload: [u8; 8]) {
-        let from = self.probe_addr();
+        let from = self.server_reply_from;
         let Some(dst) = self.node_of(to.ip()) else {
             return;
         };
@@ -694,12 +698,24 @@ impl Sim {
     /// A datagram reaches a public address.
     fn wan(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload: [u8; 8]) {
         if to.ip() == self.server_addr.ip() {
-            // The server port and the probe port (port + 1) both feed the one machine.
-            if to == self.server_addr || to == self.probe_addr() {
-                self.server
-                    .handle_datagram(self.epoch + self.now, from.into(), &payload);
-                self.dirty |= 1;
+            // As n4-mio's driver: the server port passes everything to the machine, the probe
+            // port (port + 1) only probes; a PROBE is answered from the port it came in on, a
+            // PROBE-OTHER from the other one.
+            let msg = Message::decode(&payload);
+            let is_probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
+            let on_probe_port = to == self.probe_addr();
+            if to != self.server_addr && !(on_probe_port && is_probe) {
+                return;
             }
+            let other = msg == Ok(Message::ProbeOther);
+            self.server_reply_from = if other != on_probe_port {
+                self.probe_addr()
+            } else {
+                self.server_addr
+            };
+            self.server
+                .handle_datagram(self.epoch + self.now, from.into(), &payload);
+            self.dirty |= 1;
             return;
         }
         let Some(i) = (0..2).find(|&i| self.sites[i].nat.public_ip() == *to.ip()) else {
