@@ -381,8 +381,8 @@ mod tests {
         assert_eq!(Message::decode(&[1; 7]), Err(DecodeError::Length(7)));
         assert_eq!(Message::decode(&[1; 9]), Err(DecodeError::Length(9)));
         assert_eq!(
-            Message::decode(b"\x09\x00n4n4n4"),
-            Err(DecodeError::Command(9))
+            Message::decode(b"\x0a\x00n4n4n4"),
+            Err(DecodeError::Command(10))
         );
         assert_eq!(
             Message::decode(b"\x01\x07n4n4n4"),
