@@ -345,9 +345,13 @@ pub struct Client {
     early_punches: Vec<(usize, SocketAddr)>,
     predictor: PortPredictor,
     connect_sent: Option<Instant>,
-    exchange_sent: Option<(Instant, bool)>,
+    /// This round's EXCHANGE mapping (when, which of ours), until SEEN reports its port.
+    exchange_sent: Option<(Instant, u32)>,
     probes_sent: u16,
-    probe_sent_at: Vec<Option<Instant>>,
+    probe_sent_at: Vec<Option<(Instant, u32)>>,
+    /// New NAT mappings we have made so far (probes, EXCHANGEs, first punches), so the
+    /// predictor can tell our own port use from other hosts'.
+    own_mappings: u32,
     /// Phase timer: what it does depends on the phase.
     deadline: Option<Instant>,
     /// After READY: PEERINFO must arrive by then.
@@ -395,6 +399,7 @@ impl Client {
             connect_sent: None,
             exchange_sent: None,
             probes_sent: 0,
+            own_mappings: 0,
             deadline: None,
             peer_info_deadline: None,
             probe_at: None,
@@ -670,7 +675,8 @@ impl Client {
                 break;
             }
             let i = self.probes_sent;
-            self.probe_sent_at[usize::from(i)] = Some(now);
+            self.probe_sent_at[usize::from(i)] = Some((now, self.own_mappings));
+            self.own_mappings += 1;
             self.transmits.push_back(Transmit {
                 slot: usize::from(self.config.window_slots() + i),
                 destination: self.config.probe_server().into(),
@@ -691,8 +697,8 @@ impl Client {
             return;
         };
         // One observation per probe socket: a repeat would count its mapping twice.
-        if let Some(sent) = slot.take() {
-            self.predictor.observe(sent, addr.port());
+        if let Some((sent, seq)) = slot.take() {
+            self.predictor.observe(seq, sent, addr.port());
             self.predictor
                 .observe_rtt(now.saturating_duration_since(sent));
         }
@@ -716,9 +722,8 @@ impl Client {
             }
             (_, Message::Seen(addr)) if self.token.is_some() => {
                 // The mapping of this round's EXCHANGE socket, made when it first sent.
-                if let Some((sent, false)) = self.exchange_sent {
-                    self.predictor.observe(sent, addr.port());
-                    self.exchange_sent = Some((sent, true));
+                if let Some((sent, seq)) = self.exchange_sent.take() {
+                    self.predictor.observe(seq, sent, addr.port());
                 }
                 self.events.push_back(Event::Seen(addr))
             }
@@ -765,7 +770,8 @@ impl Client {
             }
         };
         if first {
-            self.exchange_sent = Some((now, false));
+            self.exchange_sent = Some((now, self.own_mappings));
+            self.own_mappings += 1;
         }
         let slot = self.exchange_slot();
         for _ in 0..copies {
@@ -839,6 +845,8 @@ impl Client {
             };
             (count, self.config.punch_passes, self.config.round_timeout)
         };
+        // The first pass makes one new mapping per slot; later passes reuse them.
+        self.own_mappings += u32::from(slots);
         for _ in 0..passes {
             self.punch_pass(target, usize::from(slots));
         }

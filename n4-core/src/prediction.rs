@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 
 use crate::codec::Hint;
 
-/// One observed mapping: a fresh local socket sent at `sent`, the server saw `port`.
+/// One observed mapping: our `seq`-th new mapping, made at `sent`, got public `port`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Observation {
+    /// How many new mappings of ours came before this one (probes, EXCHANGEs, punches —
+    /// answered or not), so that our own unobserved mappings are not counted as others'.
+    pub seq: u32,
     /// When the datagram that created the mapping left.
     pub sent: Instant,
     /// The external port the server saw.
@@ -52,11 +55,14 @@ const MAX_SEQUENTIAL_JUMP: u32 = 1000;
 const MAX_STEP: u32 = 8;
 
 impl PortPredictor {
-    /// Records a mapping the server saw. Ignored once full.
-    pub fn observe(&mut self, sent: Instant, port: u16) {
-        if self.observations.len() < MAX_OBSERVATIONS {
-            self.observations.push(Observation { sent, port });
-            self.observations.sort_by_key(|o| o.sent);
+    /// Records that our `seq`-th new mapping, made at `sent`, got public `port`. Ignored once
+    /// full, or if `seq` was recorded already.
+    pub fn observe(&mut self, seq: u32, sent: Instant, port: u16) {
+        if self.observations.len() < MAX_OBSERVATIONS
+            && self.observations.iter().all(|o| o.seq != seq)
+        {
+            self.observations.push(Observation { seq, sent, port });
+            self.observations.sort_by_key(|o| o.seq);
         }
     }
 
@@ -86,25 +92,37 @@ impl PortPredictor {
         if obs.len() < 2 {
             return NatBehaviour::Unknown;
         }
-        let diffs: Vec<i32> = obs
+        // (port difference, our own mappings in between + 1) between neighbours.
+        let diffs: Vec<(i32, u32)> = obs
             .windows(2)
-            .map(|w| i32::from(w[1].port) - i32::from(w[0].port))
+            .map(|w| {
+                let d = i32::from(w[1].port) - i32::from(w[0].port);
+                (d, w[1].seq.saturating_sub(w[0].seq).max(1))
+            })
             .collect();
-        let up = diffs.iter().all(|&d| d > 0);
-        let down = diffs.iter().all(|&d| d < 0);
-        if !(up || down) || diffs.iter().any(|d| d.unsigned_abs() > MAX_SEQUENTIAL_JUMP) {
+        let up = diffs.iter().all(|&(d, _)| d > 0);
+        let down = diffs.iter().all(|&(d, _)| d < 0);
+        if !(up || down)
+            || diffs
+                .iter()
+                .any(|(d, _)| d.unsigned_abs() > MAX_SEQUENTIAL_JUMP)
+        {
             return NatBehaviour::Random;
         }
-        // Every gap is a multiple of the step. Others rarely keep an even pace, and the client
-        // sends its first two probes back to back (a gap of one step, usually), so the common
-        // divisor is the step; a large one is read as an even pace of others instead.
-        let step = match diffs.iter().fold(0u32, |g, d| gcd(g, d.unsigned_abs())) {
+        // Every gap between neighbouring mappings of ours is a multiple of the step. Others
+        // rarely keep an even pace, and the client sends its first two probes back to back (a
+        // gap of one step, usually), so the common divisor is the step; a large one is read as
+        // an even pace of others instead. Gaps with unobserved mappings of ours in between
+        // would mislead it (two steps look like a step of 2), so only neighbours count.
+        let neighbours = diffs.iter().filter(|(_, mine)| *mine == 1);
+        let step = match neighbours.fold(0u32, |g, (d, _)| gcd(g, d.unsigned_abs())) {
+            0 => 1,
             g if g <= MAX_STEP => g,
             _ => 1,
         };
         let counted: u32 = diffs
             .iter()
-            .map(|d| (d.unsigned_abs() / step).saturating_sub(1))
+            .map(|&(d, mine)| (d.unsigned_abs() / step).saturating_sub(mine))
             .sum();
         let span = obs[obs.len() - 1].sent - obs[0].sent;
         let rate = if span.is_zero() {

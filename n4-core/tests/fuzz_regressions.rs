@@ -139,8 +139,8 @@ fn server_garbage_after_win_only_drops_the_connection() {
 fn planning_fits_windows_of_fewer_than_four_slots() {
     let t0 = Instant::now();
     let mut p = PortPredictor::default();
-    p.observe(t0, 40000);
-    p.observe(t0 + Duration::from_millis(20), 40003);
+    p.observe(0, t0, 40000);
+    p.observe(1, t0 + Duration::from_millis(20), 40003);
     for max in 1..=4u16 {
         let plan = p
             .plan(Duration::from_millis(50), max)

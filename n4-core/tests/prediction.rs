@@ -8,8 +8,8 @@ fn predictor(samples: &[(u64, u16)]) -> PortPredictor {
     let mut p = PortPredictor::default();
     // Any fixed origin works: only differences are used.
     let origin = ORIGIN.with(|o| *o);
-    for &(ms, port) in samples {
-        p.observe(origin + Duration::from_millis(ms), port);
+    for (seq, &(ms, port)) in (0u32..).zip(samples) {
+        p.observe(seq, origin + Duration::from_millis(ms), port);
     }
     p
 }
@@ -76,4 +76,22 @@ fn random_ports_ask_the_peer_to_spray() {
         Hint::RANDOM
     );
     assert_eq!(predictor(&[(0, 1)]).plan(Duration::ZERO, 64), None);
+}
+
+#[test]
+fn our_own_unanswered_probes_are_not_taken_for_others_or_for_the_step() {
+    // Probes 0..4 at 0, 0, 20, 40, 60 ms on a quiet step-1 NAT; the answers to 1 and 3 were lost.
+    let origin = ORIGIN.with(|o| *o);
+    let mut p = PortPredictor::default();
+    for (seq, ms, port) in [(0, 0, 1000), (2, 20, 1002), (4, 60, 1004)] {
+        p.observe(seq, origin + Duration::from_millis(ms), port);
+    }
+    assert_eq!(
+        p.behaviour(),
+        NatBehaviour::Sequential {
+            step: 1,
+            rate: 0.0,
+            counted: 0
+        }
+    );
 }

@@ -133,7 +133,8 @@ pub fn run_probe(opts: &ProbeOptions) -> Result<ProbeReport, Error> {
 
     // Allocation: fresh sockets, one new mapping each.
     let mut sockets = Vec::new();
-    for i in 0..opts.samples {
+    // Sequence numbers of our new mappings: the two above came first.
+    for (seq, i) in (2u32..).zip(0..opts.samples) {
         if i >= 2 {
             thread::sleep(opts.interval);
         }
@@ -141,12 +142,12 @@ pub fn run_probe(opts: &ProbeOptions) -> Result<ProbeReport, Error> {
         let sent = Instant::now();
         sock.send_to(&Message::Probe.to_bytes(), probe_port)
             .map_err(|e| fail(e.to_string()))?;
-        sockets.push((sock, sent));
+        sockets.push((sock, sent, seq));
     }
     let mut samples = Vec::new();
-    for (sock, sent) in &sockets {
+    for (sock, sent, seq) in &sockets {
         if let Some((addr, at)) = receive_seen(sock, probe_port, opts.timeout)? {
-            predictor.observe(*sent, addr.port());
+            predictor.observe(*seq, *sent, addr.port());
             predictor.observe_rtt(at.saturating_duration_since(*sent));
             samples.push((local_port(sock)?, addr.port()));
         }
