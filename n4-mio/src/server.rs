@@ -2,16 +2,18 @@
 //! one thread, driving [`n4_core::Server`].
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
-use n4_core::{AbandonReason, ConnId, Message, Server, ServerConfig, ServerEvent, ServerOutput};
+use n4_core::{
+    AbandonReason, ConnId, Message, Server, ServerConfig, ServerEvent, ServerOutput, ServerStats,
+};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Level};
 
 use crate::{sockets, Error};
 
@@ -26,6 +28,14 @@ const CONN_BASE: usize = 16;
 /// from the client does not turn the close into a reset that could destroy our last message.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// How often, at most, the counters are logged (at debug level, and only when they changed).
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A connection whose unwritten bytes pass this is not reading: it is dropped. The protocol
+/// sends a few 8-byte messages per round and a session has at most 255 rounds, so an honest
+/// client never comes near it (the kernel's send buffer takes them all first).
+const MAX_PENDING: usize = 16 * 1024;
+
 /// What [`run_server`] needs.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -37,8 +47,13 @@ pub struct ServerOptions {
 
 struct Conn {
     stream: TcpStream,
-    /// Bytes not yet written (the server writes at most a few 8-byte messages).
+    /// Bytes the kernel did not take yet (almost always none: it has room for thousands of
+    /// our 8-byte messages), bounded by [`MAX_PENDING`].
     out: Vec<u8>,
+    /// Something was written: a close must then protect it (see [`LINGER`]).
+    wrote: bool,
+    /// Registered for writable events too (only while `out` is not empty).
+    write_interest: bool,
     /// The machine said `Close`: flush, FIN, drain until EOF or the deadline; the machine has
     /// forgotten the connection.
     closing: Option<Instant>,
@@ -56,7 +71,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
     })?;
     // With `-l 0` the TCP port is ephemeral; UDP takes the same number.
     let listen = listener.local_addr().unwrap_or(listen);
-    let mut udp = sockets::bind_udp(listen).map_err(|source| Error::Listen {
+    let mut udp = sockets::bind_server_udp(listen).map_err(|source| Error::Listen {
         proto: "UDP",
         addr: listen,
         source,
@@ -91,6 +106,8 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
         conns: HashMap::new(),
         lingering: BTreeSet::new(),
         next_conn: 0,
+        dirty: Vec::new(),
+        stats: StatsLog::new(),
     };
     info!(
         "Listening on TCP/{port} and UDP/{port}",
@@ -109,6 +126,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
 
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 4096];
+    let mut datagrams = sockets::Datagrams::new();
     loop {
         let now = Instant::now();
         let timeout = driver
@@ -130,16 +148,13 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
                     }
                 }
                 LISTENER => driver.accept(now, &listener),
-                UDP => driver.receive(now, &udp, false, &mut buf),
-                PROBE => {
-                    if let Some(probe) = &probe {
-                        driver.receive(now, probe, true, &mut buf);
-                    }
-                }
+                UDP => driver.receive(now, &udp, probe.as_ref(), false, &mut datagrams),
+                PROBE => driver.receive(now, &udp, probe.as_ref(), true, &mut datagrams),
                 Token(t) if t >= CONN_BASE => {
                     let conn = ConnId((t - CONN_BASE) as u64);
-                    if event.is_readable() || event.is_read_closed() || event.is_error() {
-                        driver.read(now, conn, &mut buf);
+                    let closed = event.is_read_closed() || event.is_error();
+                    if event.is_readable() || closed {
+                        driver.read(now, conn, &mut buf, closed);
                     }
                     if event.is_writable() {
                         driver.flush(now, conn);
@@ -155,6 +170,72 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
         }
         driver.expire_lingering(now);
         driver.drain(now);
+        driver
+            .stats
+            .tick(now, &driver.server, driver.conns.len(), !events.is_empty());
+    }
+}
+
+/// The periodic counters line (`-v`): what the machine holds, what happened since start, and
+/// the sockets the loop still owns (lingering ones included). Logged at most every
+/// [`STATS_INTERVAL`], only when something changed, so an idle server stays quiet.
+struct StatsLog {
+    enabled: bool,
+    due: Option<Instant>,
+    last: Option<(ServerStats, u64, u64, usize)>,
+    abandoned: u64,
+    rejected: u64,
+}
+
+impl StatsLog {
+    fn new() -> Self {
+        Self {
+            enabled: tracing::enabled!(Level::DEBUG),
+            due: None,
+            last: None,
+            abandoned: 0,
+            rejected: 0,
+        }
+    }
+
+    fn count(&mut self, event: &ServerEvent) {
+        match event {
+            ServerEvent::Abandoned { .. } => self.abandoned += 1,
+            ServerEvent::Rejected { .. } => self.rejected += 1,
+            _ => {}
+        }
+    }
+
+    fn tick(&mut self, now: Instant, server: &Server, sockets: usize, active: bool) {
+        if !self.enabled {
+            return;
+        }
+        if active && self.due.is_none() {
+            self.due = Some(now + STATS_INTERVAL);
+        }
+        match self.due {
+            Some(due) if now >= due => {}
+            _ => return,
+        }
+        self.due = None;
+        let s = server.stats();
+        let current = (s, self.abandoned, self.rejected, sockets);
+        if self.last != Some(current) {
+            self.last = Some(current);
+            debug!(
+                "Stats: connections {}, waiting {}, pairing {}, completed {}, abandoned {}, \
+                 rejected {}, ignored datagrams {}, probes {}, sockets {}",
+                s.connections,
+                s.waiting,
+                s.pairing,
+                s.completed,
+                self.abandoned,
+                self.rejected,
+                s.ignored_datagrams,
+                s.probes,
+                sockets
+            );
+        }
     }
 }
 
@@ -169,31 +250,59 @@ struct Driver {
     conns: HashMap<ConnId, Conn>,
     lingering: BTreeSet<(Instant, ConnId)>,
     next_conn: u64,
+    /// Connections with writes or a close gathered by `drain`, to flush.
+    dirty: Vec<ConnId>,
+    stats: StatsLog,
 }
 
 impl Driver {
     fn next_wakeup(&self) -> Option<Instant> {
         let linger = self.lingering.first().map(|l| l.0);
-        self.server.poll_timeout().into_iter().chain(linger).min()
+        let stats = self.stats.due;
+        self.server
+            .poll_timeout()
+            .into_iter()
+            .chain(linger)
+            .chain(stats)
+            .min()
     }
 
-    /// Feeds every datagram waiting on `socket` (the server port or the probe port) to the
-    /// machine, answering probes as it goes.
+    /// Feeds every datagram waiting on the server port (`probe_port` false) or the probe port
+    /// to the machine, a batch at a time, answering probes after each batch.
     ///
     /// The probe port hears only probes, so a stray datagram there can never touch a pairing;
     /// the server port hears everything (`n4 probe` probes it too, to tell mappings apart). A
     /// PROBE is answered from the port it came in on, a PROBE-OTHER from the other one.
-    fn receive(&mut self, now: Instant, socket: &UdpSocket, probe_port: bool, buf: &mut [u8]) {
+    fn receive(
+        &mut self,
+        now: Instant,
+        udp: &UdpSocket,
+        probe: Option<&UdpSocket>,
+        probe_port: bool,
+        datagrams: &mut sockets::Datagrams,
+    ) {
+        let socket = match (probe_port, probe) {
+            (false, _) => udp,
+            (true, Some(probe)) => probe,
+            (true, None) => return,
+        };
         loop {
-            match socket.recv_from(buf) {
-                Ok((n, from)) => {
-                    let msg = Message::decode(&buf[..n]);
-                    let is_probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
-                    if is_probe || !probe_port {
-                        self.answer_from_server_port =
-                            (msg == Ok(Message::ProbeOther)) == probe_port;
-                        self.server.handle_datagram(now, from, &buf[..n]);
-                        self.drain(now);
+            match datagrams.recv(socket) {
+                Ok(n) => {
+                    for (from, bytes) in datagrams.iter() {
+                        let msg = Message::decode(bytes);
+                        let is_probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
+                        if is_probe || !probe_port {
+                            self.answer_from_server_port =
+                                (msg == Ok(Message::ProbeOther)) == probe_port;
+                            self.server.handle_datagram(now, from, bytes);
+                            self.drain(now);
+                        }
+                    }
+                    answer_probes(udp, probe, &mut self.probe_answers);
+                    if n < sockets::BATCH {
+                        // Edge-triggered: the queue is empty; a new datagram is a new event.
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -209,31 +318,43 @@ impl Driver {
     fn accept(&mut self, now: Instant, listener: &TcpListener) {
         loop {
             match listener.accept() {
-                Ok((mut stream, remote)) => {
+                Ok((stream, remote)) => {
                     let conn = ConnId(self.next_conn);
                     self.next_conn += 1;
+                    // Linux hands the listener's TCP_NODELAY down to accepted sockets.
+                    #[cfg(not(target_os = "linux"))]
                     let _ = stream.set_nodelay(true);
-                    let token = Token(CONN_BASE + conn.0 as usize);
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        warn!("cannot register connection from {remote}: {e}");
-                        continue;
-                    }
                     debug!("New connection: {remote}");
                     self.conns.insert(
                         conn,
                         Conn {
                             stream,
                             out: Vec::new(),
+                            wrote: false,
+                            write_interest: false,
                             closing: None,
                         },
                     );
                     self.server.handle_connection_opened(now, conn, remote);
-                    // Apply an immediate `Close` (limits) before the next accept.
+                    // Apply an immediate `Close` (limits): such a connection is dropped before
+                    // it costs a registration.
                     self.drain(now);
+                    let Some(c) = self.conns.get_mut(&conn) else {
+                        continue;
+                    };
+                    let token = Token(CONN_BASE + conn.0 as usize);
+                    // Readable only: writes go straight out, and only a full send buffer
+                    // asks for writable events (see `flush`).
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut c.stream, token, Interest::READABLE)
+                    {
+                        warn!("cannot register connection from {remote}: {e}");
+                        self.drop_conn(conn);
+                        self.server.handle_connection_closed(now, conn);
+                        self.drain(now);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -247,7 +368,10 @@ impl Driver {
         }
     }
 
-    fn read(&mut self, now: Instant, conn: ConnId, buf: &mut [u8]) {
+    /// Reads what arrived. Edge-triggered: a read shorter than `buf` emptied the socket and
+    /// more data will be a new event, so it stops there unless the event also reported the
+    /// peer's FIN or an error (`closed`), which only another read shows.
+    fn read(&mut self, now: Instant, conn: ConnId, buf: &mut [u8], closed: bool) {
         loop {
             let Some(c) = self.conns.get_mut(&conn) else {
                 return;
@@ -266,6 +390,9 @@ impl Driver {
                         self.server.handle_stream_data(now, conn, &buf[..n]);
                         // The machine may have closed it: act before reading more.
                         self.drain(now);
+                    }
+                    if n < buf.len() && !closed {
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -289,11 +416,35 @@ impl Driver {
             return;
         };
         while !c.out.is_empty() {
-            match c.stream.write(&c.out) {
+            // With a close to follow, hold the bytes back (MSG_MORE) so that the FIN below
+            // rides in their segment: one segment and one ACK fewer per connection.
+            match send(&c.stream, &c.out, c.closing.is_some()) {
                 Ok(n) => {
+                    c.wrote = true;
                     c.out.drain(..n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if c.out.len() > MAX_PENDING {
+                        debug!("connection {}: not reading; dropped", conn.0);
+                        let closing = c.closing.is_some();
+                        self.drop_conn(conn);
+                        if !closing {
+                            self.server.handle_connection_closed(now, conn);
+                        }
+                    } else if !c.write_interest {
+                        c.write_interest = true;
+                        let token = Token(CONN_BASE + conn.0 as usize);
+                        let interest = Interest::READABLE | Interest::WRITABLE;
+                        if let Err(e) =
+                            self.poll
+                                .registry()
+                                .reregister(&mut c.stream, token, interest)
+                        {
+                            debug!("connection {}: {e}", conn.0);
+                        }
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     debug!("connection {}: {e}", conn.0);
@@ -307,16 +458,21 @@ impl Driver {
             }
         }
         if let Some(deadline) = c.closing {
-            if !self.lingering.contains(&(deadline, conn)) {
+            if !c.wrote {
+                // Nothing of ours to protect (limits, garbage, silence): close at once.
+                self.drop_conn(conn);
+            } else if !self.lingering.contains(&(deadline, conn)) {
                 let _ = c.stream.shutdown(Shutdown::Write);
                 self.lingering.insert((deadline, conn));
             }
         }
     }
 
+    /// Closes the socket. Closing the only descriptor of a socket also removes it from the
+    /// epoll set, so there is no `deregister` call to pay for; an event already fetched for it
+    /// finds no connection and is ignored.
     fn drop_conn(&mut self, conn: ConnId) {
-        if let Some(mut c) = self.conns.remove(&conn) {
-            let _ = self.poll.registry().deregister(&mut c.stream);
+        if let Some(c) = self.conns.remove(&conn) {
             if let Some(deadline) = c.closing {
                 self.lingering.remove(&(deadline, conn));
             }
@@ -334,33 +490,78 @@ impl Driver {
     }
 
     /// Applies the machine's outputs and logs its events.
+    ///
+    /// Writes and closes are gathered first and applied per connection afterwards, so that a
+    /// last message and its close leave in one segment (see [`send`]).
     fn drain(&mut self, now: Instant) {
-        while let Some(out) = self.server.poll_output() {
-            match out {
-                ServerOutput::Send { conn, message } => {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        c.out.extend_from_slice(&message.to_bytes());
-                        self.flush(now, conn);
+        loop {
+            while let Some(out) = self.server.poll_output() {
+                match out {
+                    ServerOutput::Send { conn, message } => {
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            c.out.extend_from_slice(&message.to_bytes());
+                            self.dirty.push(conn);
+                        }
                     }
-                }
-                ServerOutput::Datagram { to, message } => {
-                    let from_server_port = self.answer_from_server_port;
-                    self.probe_answers
-                        .push((from_server_port, to, message.to_bytes()));
-                }
-                ServerOutput::Close { conn } => {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        if c.closing.is_none() {
-                            c.closing = Some(now + LINGER);
-                            self.flush(now, conn);
+                    ServerOutput::Datagram { to, message } => {
+                        let from_server_port = self.answer_from_server_port;
+                        self.probe_answers
+                            .push((from_server_port, to, message.to_bytes()));
+                    }
+                    ServerOutput::Close { conn } => {
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            if c.closing.is_none() {
+                                c.closing = Some(now + LINGER);
+                                self.dirty.push(conn);
+                            }
                         }
                     }
                 }
             }
+            if self.dirty.is_empty() {
+                break;
+            }
+            // A failed write tells the machine, which may have more to say: go round again.
+            let mut dirty = std::mem::take(&mut self.dirty);
+            for conn in dirty.drain(..) {
+                self.flush(now, conn);
+            }
+            self.dirty = dirty;
         }
         while let Some(event) = self.server.poll_event() {
+            self.stats.count(&event);
             log_event(&event);
         }
+    }
+}
+
+/// `write`, but with MSG_MORE when `more` (Linux; elsewhere a plain write): the kernel keeps a
+/// short segment back until the next write or the FIN.
+fn send(stream: &TcpStream, bytes: &[u8], more: bool) -> io::Result<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+
+        let flags = libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 };
+        // SAFETY: send(2) reads `bytes.len()` bytes from a live slice.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                flags,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = more;
+        io::Write::write(&mut &*stream, bytes)
     }
 }
 

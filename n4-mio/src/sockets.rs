@@ -27,14 +27,43 @@ pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
     Ok(mio::net::UdpSocket::from_std(socket.into()))
 }
 
+/// The server's UDP port: [`bind_udp`] with a receive queue large enough to ride out a burst
+/// (v1 clients send each EXCHANGE only three times, all at once, and never again, so a datagram
+/// dropped because the queue was full is a pair lost). The kernel caps the size at
+/// `net.core.rmem_max` (and doubles it for its bookkeeping); an 8-byte datagram costs about
+/// 1 KiB of it.
+pub(crate) fn bind_server_udp(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECV_BUFFER) {
+        tracing::debug!("UDP receive buffer: {e}");
+    }
+    if let Ok(size) = socket.recv_buffer_size() {
+        tracing::debug!("UDP receive buffer: {size} bytes");
+    }
+    socket.bind(&addr.into())?;
+    Ok(mio::net::UdpSocket::from_std(socket.into()))
+}
+
+/// What the server asks for its accept queue (see [`listen_tcp`]).
+const LISTEN_BACKLOG: i32 = 65_535;
+
+/// What the server asks for its UDP receive queue (see [`bind_server_udp`]).
+const UDP_RECV_BUFFER: usize = 8 << 20;
+
 /// A nonblocking TCP listener with SO_REUSEADDR (restart without waiting out TIME_WAIT; on
-/// Linux it does not let two listeners share a port).
+/// Linux it does not let two listeners share a port) and a long accept queue: thousands of
+/// clients may connect within one turn of the loop, and a SYN dropped on a full queue costs
+/// its client a one-second retransmission. The kernel caps it at `net.core.somaxconn`.
 pub(crate) fn listen_tcp(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
+    // Our messages are 8 bytes and must not wait for an ACK (Nagle). On Linux accepted sockets
+    // inherit this, which saves a system call per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(1024)?;
+    socket.listen(LISTEN_BACKLOG)?;
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
@@ -59,5 +88,124 @@ pub(crate) fn raise_fd_limit() {
                 }
             }
         }
+    }
+}
+
+/// Datagrams received per system call by [`Datagrams::recv`].
+pub(crate) const BATCH: usize = 64;
+/// Bytes kept of each datagram: every N4 message is 8; anything longer is garbage whatever
+/// follows, so a cut copy is judged the same.
+const DATAGRAM_BUF: usize = 64;
+
+/// A batch of received datagrams: on Linux up to [`BATCH`] per `recvmmsg` call, elsewhere one
+/// per `recv_from`. Under a flood of garbage this is what keeps each datagram cheap.
+pub(crate) struct Datagrams {
+    bufs: Box<[[u8; DATAGRAM_BUF]; BATCH]>,
+    lens: [usize; BATCH],
+    from: [Option<SocketAddr>; BATCH],
+    count: usize,
+}
+
+impl Datagrams {
+    pub(crate) fn new() -> Self {
+        Self {
+            bufs: Box::new([[0; DATAGRAM_BUF]; BATCH]),
+            lens: [0; BATCH],
+            from: [None; BATCH],
+            count: 0,
+        }
+    }
+
+    /// The received datagrams with their source (those whose source is not an IP address,
+    /// which cannot happen on an IP socket, are skipped).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
+        (0..self.count).filter_map(|i| Some((self.from[i]?, &self.bufs[i][..self.lens[i]])))
+    }
+
+    /// Receives what is queued, up to a batch: `Ok(n)` with `n ≥ 1`, or `WouldBlock`. A batch
+    /// shorter than [`BATCH`] means the queue was empty.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn recv(&mut self, socket: &mio::net::UdpSocket) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+
+        self.count = 0;
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for i in 0..BATCH {
+            iovs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: DATAGRAM_BUF,
+            };
+            let hdr = &mut msgs[i].msg_hdr;
+            hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = &mut iovs[i];
+            hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at a buffer and an address slot of ours that outlive the
+        // call, with their true sizes.
+        let n = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        for i in 0..n {
+            self.lens[i] = (msgs[i].msg_len as usize).min(DATAGRAM_BUF);
+            self.from[i] = socket_addr(&addrs[i]);
+        }
+        self.count = n;
+        Ok(n)
+    }
+
+    /// Receives one datagram: `Ok(1)`, or `WouldBlock`.
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn recv(&mut self, socket: &mio::net::UdpSocket) -> io::Result<usize> {
+        self.count = 0;
+        let (n, from) = socket.recv_from(&mut self.bufs[0])?;
+        self.lens[0] = n;
+        self.from[0] = Some(from);
+        self.count = 1;
+        Ok(1)
+    }
+}
+
+/// The IP address the kernel wrote into a `recvmmsg` address slot.
+#[cfg(target_os = "linux")]
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the slot holds a sockaddr_in, which fits in the storage.
+            let a =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the slot holds a sockaddr_in6, which fits in the storage.
+            let a = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                u32::from_be(a.sin6_flowinfo),
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
     }
 }
