@@ -277,9 +277,33 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
+/// `/proc/PID/status` and `/proc/PID/stat` of the server, opened once at the start: by the time
+/// they are read the generator may have used up its descriptors.
+struct ProcFiles {
+    status: std::fs::File,
+    stat: std::fs::File,
+}
+
+impl ProcFiles {
+    fn open(pid: u32) -> Option<Self> {
+        Some(Self {
+            status: std::fs::File::open(format!("/proc/{pid}/status")).ok()?,
+            stat: std::fs::File::open(format!("/proc/{pid}/stat")).ok()?,
+        })
+    }
+}
+
+fn read_again(mut file: &std::fs::File) -> Option<String> {
+    use std::io::Seek;
+    file.seek(io::SeekFrom::Start(0)).ok()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
 /// VmRSS and VmHWM of a process, in KiB.
-fn memory_kib(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+fn memory_kib(proc: &ProcFiles) -> Option<(u64, u64)> {
+    let status = read_again(&proc.status)?;
     let field = |name: &str| {
         status
             .lines()
@@ -288,6 +312,27 @@ fn memory_kib(pid: u32) -> Option<(u64, u64)> {
             .and_then(|v| v.parse().ok())
     };
     Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_of(proc: &ProcFiles) -> Option<Duration> {
+    let stat = read_again(&proc.stat)?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+/// CPU time this process has used.
+fn own_cpu() -> Duration {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -893,6 +938,11 @@ fn main() {
         .as_deref()
         .map(|cmd| spawn_server(cmd, cli.server_log.as_deref(), cli.server));
     let pid = child.as_ref().map(Child::id).or(cli.server_pid);
+    let proc = pid.and_then(ProcFiles::open);
+    if let (Some(pid), None) = (pid, &proc) {
+        eprintln!("cannot read /proc/{pid}: no RSS or CPU figures");
+    }
+    let proc = proc.as_ref();
 
     let pairs = cli.pairs;
     let clients = (0..2 * pairs)
@@ -964,7 +1014,7 @@ fn main() {
             g.poll_once(&mut events, Duration::from_millis(20));
             g.dispatch(&events, Instant::now());
         }
-        waiting_rss = pid.and_then(memory_kib);
+        waiting_rss = proc.and_then(memory_kib);
         let held = g.waiters.iter().filter(|w| w.stream.is_some()).count();
         eprintln!(
             "waiting: {held} of {} clients held after HELLO ({:.2} s to open){}",
@@ -978,6 +1028,8 @@ fn main() {
     }
 
     // Phase 2: pairs, with abuse spread over the launches.
+    let server_cpu0 = proc.and_then(cpu_of);
+    let own_cpu0 = own_cpu();
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs_f64(g.cli.timeout);
     let retry = Duration::from_secs_f64(g.cli.retry_ms / 1000.0);
@@ -1047,6 +1099,10 @@ fn main() {
         g.dispatch(&events, Instant::now());
     }
     let elapsed = t0.elapsed();
+    let cpu = Cpu {
+        server: server_cpu0.and_then(|c0| Some(cpu_of(proc?)?.saturating_sub(c0))),
+        own: own_cpu().saturating_sub(own_cpu0),
+    };
     // Abuse launched after the last pair (pairs = 0, or rounding).
     while silent_opened < n_silent {
         g.open_abuse(AbuseKind::Silent);
@@ -1069,9 +1125,9 @@ fn main() {
         g.poll_once(&mut events, Duration::from_millis(10));
         g.dispatch(&events, Instant::now());
     }
-    let final_rss = pid.and_then(memory_kib);
+    let final_rss = proc.and_then(memory_kib);
 
-    report(&g, elapsed, waiting_rss, final_rss, fd_limit);
+    report(&g, elapsed, cpu, waiting_rss, final_rss, fd_limit);
     let ok = verdict(&g);
     if let Some(child) = child.as_mut() {
         // SAFETY: kill(2) with our own child's pid.
@@ -1128,9 +1184,17 @@ fn verdict(g: &Gen) -> bool {
     m.matched_pairs == g.cli.pairs && m.wrong == 0 && garbage_open == 0
 }
 
+/// CPU used during the pairs phase.
+#[derive(Clone, Copy)]
+struct Cpu {
+    server: Option<Duration>,
+    own: Duration,
+}
+
 fn report(
     g: &Gen,
     elapsed: Duration,
+    cpu: Cpu,
     waiting_rss: Option<(u64, u64)>,
     final_rss: Option<(u64, u64)>,
     fd_limit: u64,
@@ -1178,6 +1242,24 @@ fn report(
         ms(p99),
         ms(max)
     );
+    let per_pair = |d: Duration| d.as_secs_f64() * 1e6 / (m.matched_pairs.max(1) as f64);
+    if let Some(server) = cpu.server {
+        println!(
+            "CPU during the pairs: server {:.2} s ({:.1} us/pair: {:.0} pairs per server CPU-second), \
+             generator {:.2} s ({:.1} us/pair)",
+            server.as_secs_f64(),
+            per_pair(server),
+            1e6 / per_pair(server).max(1e-9),
+            cpu.own.as_secs_f64(),
+            per_pair(cpu.own)
+        );
+    } else {
+        println!(
+            "CPU during the pairs: generator {:.2} s ({:.1} us/pair)",
+            cpu.own.as_secs_f64(),
+            per_pair(cpu.own)
+        );
+    }
     if !failures.is_empty() {
         let mut f: Vec<_> = failures.iter().collect();
         f.sort();
@@ -1230,7 +1312,8 @@ fn report(
              \"seconds\":{:.4},\"pairs_per_s\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\
              \"max_ms\":{:.3},\"silent\":{},\"garbage_conns\":{},\"garbage_conns_closed\":{},\
              \"garbage_datagrams\":{},\"waiting\":{},\"waiting_held\":{},\
-             \"rss_waiting_kib\":{},\"rss_end_kib\":{},\"rss_peak_kib\":{},\"fd_limit\":{}}}",
+             \"rss_waiting_kib\":{},\"rss_end_kib\":{},\"rss_peak_kib\":{},\"fd_limit\":{},\
+             \"server_cpu_s\":{},\"generator_cpu_s\":{:.3}}}",
             g.cli.pairs,
             m.matched_pairs,
             m.wrong,
@@ -1250,7 +1333,10 @@ fn report(
             opt(waiting_rss, 0),
             opt(final_rss, 0),
             opt(final_rss, 1),
-            fd_limit
+            fd_limit,
+            cpu.server
+                .map_or("null".to_string(), |c| format!("{:.3}", c.as_secs_f64())),
+            cpu.own.as_secs_f64()
         );
     }
 }

@@ -61,8 +61,19 @@ struct Conn {
 
 /// Runs the server until SIGINT/SIGTERM. Returns an error only when it cannot start (port in
 /// use) or the poller fails.
-pub fn run_server(options: ServerOptions) -> Result<(), Error> {
-    sockets::raise_fd_limit();
+pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
+    // Each connection is a descriptor, and so is each closed one that still lingers; keep a
+    // margin so that the machine refuses the excess (closing it at once) before accept(2)
+    // runs out of descriptors and leaves connections hanging in the backlog.
+    let max = options.config.max_connections as u64;
+    let files = sockets::raise_fd_limit(max + fd_margin(max));
+    let fit = files.saturating_sub(fd_margin(files)).max(1);
+    if fit < max {
+        warn!(
+            "Open files limited to {files}: serving at most {fit} connections (--max-conns {max})"
+        );
+        options.config.max_connections = fit as usize;
+    }
     let listen = options.listen;
     let mut listener = sockets::listen_tcp(listen).map_err(|source| Error::Listen {
         proto: "TCP",
@@ -107,6 +118,7 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
         lingering: BTreeSet::new(),
         next_conn: 0,
         dirty: Vec::new(),
+        accept_warned: None,
         stats: StatsLog::new(),
     };
     info!(
@@ -174,6 +186,12 @@ pub fn run_server(options: ServerOptions) -> Result<(), Error> {
             .stats
             .tick(now, &driver.server, driver.conns.len(), !events.is_empty());
     }
+}
+
+/// Descriptors kept free beside `connections` open ones: the listener, the UDP ports, the
+/// poller, and connections that linger after their close (see [`LINGER`]).
+fn fd_margin(connections: u64) -> u64 {
+    64 + connections / 16
 }
 
 /// The periodic counters line (`-v`): what the machine holds, what happened since start, and
@@ -252,6 +270,8 @@ struct Driver {
     next_conn: u64,
     /// Connections with writes or a close gathered by `drain`, to flush.
     dirty: Vec<ConnId>,
+    /// Until when an accept error is not logged again.
+    accept_warned: Option<Instant>,
     stats: StatsLog,
 }
 
@@ -360,8 +380,12 @@ impl Driver {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and friends: the connection waits in the backlog; try again on
-                    // the next event rather than spinning.
-                    warn!("accept: {e}");
+                    // the next event rather than spinning. Said once a second at most: under
+                    // a flood every new connection would say it again.
+                    if !matches!(self.accept_warned, Some(quiet_until) if now < quiet_until) {
+                        warn!("accept: {e}");
+                        self.accept_warned = Some(now + Duration::from_secs(1));
+                    }
                     return;
                 }
             }

@@ -67,9 +67,11 @@ pub(crate) fn listen_tcp(addr: SocketAddr) -> io::Result<mio::net::TcpListener> 
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
-/// Raises the soft limit on open files to the hard limit: every waiting client holds a TCP
-/// connection, and the usual soft limit (1024) is far below what one thread can serve.
-pub(crate) fn raise_fd_limit() {
+/// Raises the limit on open files so that `want` descriptors fit: every waiting client holds
+/// a TCP connection, and the usual soft limit (1024) is far below what one thread can serve.
+/// The soft limit goes up to the hard one; a privileged process raises the hard one too (up
+/// to `want`). Returns the soft limit in force.
+pub(crate) fn raise_fd_limit(want: u64) -> u64 {
     #[cfg(unix)]
     {
         let mut limit = libc::rlimit {
@@ -78,16 +80,36 @@ pub(crate) fn raise_fd_limit() {
         };
         // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
         unsafe {
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
-                && limit.rlim_cur < limit.rlim_max
-            {
-                let before = limit.rlim_cur;
-                limit.rlim_cur = limit.rlim_max;
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                    tracing::debug!("open files: {before} -> {}", limit.rlim_max);
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return u64::MAX;
+            }
+            let before = limit.rlim_cur;
+            if limit.rlim_max < want as libc::rlim_t {
+                let raised = libc::rlimit {
+                    rlim_cur: want as libc::rlim_t,
+                    rlim_max: want as libc::rlim_t,
+                };
+                // Fails without CAP_SYS_RESOURCE, or above fs.nr_open: keep the hard limit.
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
                 }
             }
+            if limit.rlim_cur < limit.rlim_max {
+                limit.rlim_cur = limit.rlim_max;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    limit.rlim_cur = before;
+                }
+            }
+            if limit.rlim_cur != before {
+                tracing::debug!("open files: {before} -> {}", limit.rlim_cur);
+            }
+            limit.rlim_cur as u64
         }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = want;
+        u64::MAX
     }
 }
 
