@@ -214,6 +214,17 @@ struct Pair {
     completed: u8,
 }
 
+impl Pair {
+    /// The IPs under which [`Server::attribute_v1`] must find this pair: each seat's TCP peer
+    /// IP (an EXCHANGE from there may be its seat's) and the source IP of each seat's latest
+    /// EXCHANGE (a repeat from that address must be ignored, not given to a later pair).
+    fn v1_ips(&self) -> [Option<IpAddr>; 4] {
+        let [a, b] = &self.sides;
+        let exchanged = |s: &Side| s.exchanged.map(|e| IpAddr::V4(*e.ip()));
+        [Some(a.ip), Some(b.ip), exchanged(a), exchanged(b)]
+    }
+}
+
 #[derive(Debug)]
 struct Side {
     conn: ConnId,
@@ -238,8 +249,10 @@ pub struct Server {
     /// At most one waiting client per identifier: a second one is paired at once.
     waiting: BTreeMap<Ident, ConnId>,
     pairs: BTreeMap<PairId, Pair>,
-    /// Pairs by identifier, in pairing order, for attributing v1 EXCHANGEs.
-    pairs_by_ident: BTreeSet<(Ident, PairId)>,
+    /// Pairs by identifier and IP address, in pairing order, for attributing v1 EXCHANGEs: a
+    /// pair is listed under every IP its v1 rule can match (see [`Pair::v1_ips`]), so that an
+    /// EXCHANGE visits only the pairs that could take it, not every pair with its identifier.
+    v1_index: BTreeSet<(Ident, IpAddr, PairId)>,
     tokens: BTreeMap<Token, (PairId, usize)>,
     /// Connection deadlines (hello, wait) and pair deadlines, earliest first.
     conn_deadlines: BTreeSet<(Instant, ConnId)>,
@@ -260,7 +273,7 @@ impl Server {
             per_ip: BTreeMap::new(),
             waiting: BTreeMap::new(),
             pairs: BTreeMap::new(),
-            pairs_by_ident: BTreeSet::new(),
+            v1_index: BTreeSet::new(),
             tokens: BTreeMap::new(),
             conn_deadlines: BTreeSet::new(),
             pair_deadlines: BTreeSet::new(),
@@ -502,7 +515,9 @@ impl Server {
             second: self.conns[&conn].remote,
         });
         self.pair_deadlines.insert((deadline, pair));
-        self.pairs_by_ident.insert((ident, pair));
+        for ip in p.v1_ips().into_iter().flatten() {
+            self.v1_index.insert((ident, ip, pair));
+        }
         self.pairs.insert(pair, p);
     }
 
@@ -510,9 +525,15 @@ impl Server {
     /// whose TCP peer IP equals the datagram's source IP and no EXCHANGE yet, first-seated side
     /// first. A repeat from an address already attributed in that pair is ignored (v1 clients
     /// send three), so two v1 clients behind one IP are told apart by arrival order.
+    ///
+    /// Only pairs listed under the datagram's IP can match either test, so only they are
+    /// visited: a flood of EXCHANGEs for a busy identifier from elsewhere costs one lookup each.
     fn attribute_v1(&self, ident: Ident, from: SocketAddrV4) -> Option<(PairId, usize)> {
         let ip = IpAddr::V4(*from.ip());
-        for &(_, pair) in self.pairs_by_ident.range((ident, 0)..=(ident, PairId::MAX)) {
+        for &(_, _, pair) in self
+            .v1_index
+            .range((ident, ip, 0)..=(ident, ip, PairId::MAX))
+        {
             let sides = &self.pairs[&pair].sides;
             if sides.iter().any(|s| s.exchanged == Some(from)) {
                 return None;
@@ -548,10 +569,28 @@ impl Server {
             self.stats.ignored_datagrams += 1;
             return;
         }
+        let listed = pair.v1_ips();
+        let s = &mut pair.sides[side];
         s.ext |= ext.is_some();
         s.round = round;
         s.exchanged = Some(from);
         s.hint = hint;
+        let now_listed = pair.v1_ips();
+        for ip in listed
+            .iter()
+            .flatten()
+            .filter(|ip| !now_listed.contains(&Some(**ip)))
+        {
+            self.v1_index.remove(&(pair.ident, *ip, pair_id));
+        }
+        for ip in now_listed
+            .iter()
+            .flatten()
+            .filter(|ip| !listed.contains(&Some(**ip)))
+        {
+            self.v1_index.insert((pair.ident, *ip, pair_id));
+        }
+        let s = &mut pair.sides[side];
         if s.ext {
             // Only a client of ours echoes a token, so a v1 client never receives SEEN.
             let conn = s.conn;
@@ -610,7 +649,9 @@ impl Server {
         let Some(pair) = self.pairs.remove(&pair_id) else {
             return;
         };
-        self.pairs_by_ident.remove(&(pair.ident, pair_id));
+        for ip in pair.v1_ips().into_iter().flatten() {
+            self.v1_index.remove(&(pair.ident, ip, pair_id));
+        }
         self.pair_deadlines.remove(&(pair.deadline, pair_id));
         for side in &pair.sides {
             self.tokens.remove(&side.token);
