@@ -182,9 +182,7 @@ pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
         }
         driver.expire_lingering(now);
         driver.drain(now);
-        driver
-            .stats
-            .tick(now, &driver.server, driver.conns.len(), !events.is_empty());
+        driver.stats.tick(now, &driver.server, driver.conns.len());
     }
 }
 
@@ -224,36 +222,35 @@ impl StatsLog {
         }
     }
 
-    fn tick(&mut self, now: Instant, server: &Server, sockets: usize, active: bool) {
+    fn tick(&mut self, now: Instant, server: &Server, sockets: usize) {
         if !self.enabled {
             return;
         }
-        if active && self.due.is_none() {
-            self.due = Some(now + STATS_INTERVAL);
-        }
-        match self.due {
-            Some(due) if now >= due => {}
-            _ => return,
-        }
-        self.due = None;
         let s = server.stats();
         let current = (s, self.abandoned, self.rejected, sockets);
-        if self.last != Some(current) {
-            self.last = Some(current);
-            debug!(
-                "Stats: connections {}, waiting {}, pairing {}, completed {}, abandoned {}, \
-                 rejected {}, ignored datagrams {}, probes {}, sockets {}",
-                s.connections,
-                s.waiting,
-                s.pairing,
-                s.completed,
-                self.abandoned,
-                self.rejected,
-                s.ignored_datagrams,
-                s.probes,
-                sockets
-            );
+        if self.last == Some(current) {
+            self.due = None;
+            return;
         }
+        let due = *self.due.get_or_insert(now + STATS_INTERVAL);
+        if now < due {
+            return;
+        }
+        self.due = None;
+        self.last = Some(current);
+        debug!(
+            "Stats: connections {}, waiting {}, pairing {}, completed {}, abandoned {}, \
+             rejected {}, ignored datagrams {}, probes {}, sockets {}",
+            s.connections,
+            s.waiting,
+            s.pairing,
+            s.completed,
+            self.abandoned,
+            self.rejected,
+            s.ignored_datagrams,
+            s.probes,
+            sockets
+        );
     }
 }
 

@@ -103,7 +103,9 @@ pub(crate) fn raise_fd_limit(want: u64) -> u64 {
             if limit.rlim_cur != before {
                 tracing::debug!("open files: {before} -> {}", limit.rlim_cur);
             }
-            limit.rlim_cur as u64
+            #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
+            let files = limit.rlim_cur as u64;
+            files
         }
     }
     #[cfg(not(unix))]
