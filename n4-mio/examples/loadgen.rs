@@ -113,9 +113,14 @@ struct Cli {
     settle: f64,
 
     /// Retry a refused connection (a v1 server closes its listener between pairs) after this
-    /// many milliseconds
+    /// many milliseconds, up to 1000 times per client
     #[arg(long, default_value_t = 1.0)]
     retry_ms: f64,
+
+    /// Also retry a connection closed or reset before READY: a v1 server resets the
+    /// connections queued on its listener when it closes it after each pair
+    #[arg(long)]
+    retry_closed: bool,
 
     /// Each client sends its EXCHANGEs from a UDP socket of its own (v1's way; slower) instead
     /// of the shared sender (one port, the client's own source address, batched)
@@ -152,6 +157,7 @@ struct Client {
     len: usize,
     hello_at: Option<Instant>,
     retry_at: Option<Instant>,
+    retries: u16,
     exchange_addr: Option<SocketAddrV4>,
     peer: Option<SocketAddrV4>,
     latency: Option<Duration>,
@@ -406,7 +412,7 @@ impl Gen {
                     }
                 }
             }
-            Err(e) if is_refused(&e) => self.refused.push(i),
+            Err(e) if is_refused(&e) => self.retry_or_fail(i, "connection refused"),
             Err(e) => c.phase = Phase::Failed(leak(format!("connect: {e}"))),
         }
     }
@@ -423,12 +429,30 @@ impl Gen {
                 c.phase = Phase::AwaitReady;
             }
             Ok(false) => {}
-            Err(e) if is_refused(&e) => {
-                c.stream = None;
-                self.refused.push(i);
+            Err(e)
+                if is_refused(&e)
+                    || (self.cli.retry_closed && e.kind() == ErrorKind::ConnectionReset) =>
+            {
+                self.retry_or_fail(i, leak(format!("hello: {e}")))
             }
             Err(e) => self.fail(i, leak(format!("hello: {e}"))),
         }
+    }
+
+    /// Starts client `i` again after `--retry-ms` (a fresh connection and HELLO), unless it
+    /// has been retried too often already.
+    fn retry_or_fail(&mut self, i: usize, why: &'static str) {
+        const MAX_RETRIES: u16 = 1000;
+        let c = &mut self.clients[i];
+        if c.retries >= MAX_RETRIES {
+            return self.fail(i, why);
+        }
+        c.retries += 1;
+        c.stream = None;
+        c.hello_at = None;
+        c.len = 0;
+        c.phase = Phase::Idle;
+        self.refused.push(i);
     }
 
     fn fail(&mut self, i: usize, why: &'static str) {
@@ -447,9 +471,7 @@ impl Gen {
             match stream.take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) if is_refused(&e) => {
-                    c.stream = None;
-                    self.refused.push(i);
-                    return;
+                    return self.retry_or_fail(i, "connection refused");
                 }
                 Ok(Some(e)) | Err(e) => {
                     self.fail(i, leak(format!("connect: {e}")));
@@ -471,23 +493,23 @@ impl Gen {
                 return;
             };
             let n = match stream.read(&mut tmp) {
-                Ok(0) => {
-                    let why = if c.phase == Phase::AwaitReady {
-                        "closed before READY"
-                    } else {
-                        "closed before PEERINFO"
-                    };
-                    return self.fail(i, why);
+                Ok(0) if c.phase == Phase::AwaitReady && self.cli.retry_closed => {
+                    return self.retry_or_fail(i, "closed before READY");
                 }
+                Ok(0) if c.phase == Phase::AwaitReady => {
+                    return self.fail(i, "closed before READY");
+                }
+                Ok(0) => return self.fail(i, "closed before PEERINFO"),
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if is_refused(&e) && c.phase == Phase::AwaitReady && c.len == 0 => {
-                    // A v1 server whose listener closed under the SYN: try again.
-                    c.stream = None;
-                    c.hello_at = None;
-                    self.refused.push(i);
-                    return;
+                Err(e)
+                    if c.phase == Phase::AwaitReady
+                        && (is_refused(&e)
+                            || (self.cli.retry_closed
+                                && e.kind() == ErrorKind::ConnectionReset)) =>
+                {
+                    return self.retry_or_fail(i, leak(format!("read: {e}")));
                 }
                 Err(e) => return self.fail(i, leak(format!("read: {e}"))),
             };
@@ -956,6 +978,7 @@ fn main() {
             len: 0,
             hello_at: None,
             retry_at: None,
+            retries: 0,
             exchange_addr: None,
             peer: None,
             latency: None,
@@ -1243,7 +1266,8 @@ fn report(
         ms(max)
     );
     let per_pair = |d: Duration| d.as_secs_f64() * 1e6 / (m.matched_pairs.max(1) as f64);
-    if let Some(server) = cpu.server {
+    // /proc counts CPU in clock ticks (10 ms): below a few ticks the figure means nothing.
+    if let Some(server) = cpu.server.filter(|c| *c >= Duration::from_millis(50)) {
         println!(
             "CPU during the pairs: server {:.2} s ({:.1} us/pair: {:.0} pairs per server CPU-second), \
              generator {:.2} s ({:.1} us/pair)",
@@ -1266,7 +1290,10 @@ fn report(
         println!("client failures: {f:?}");
     }
     if g.retries > 0 {
-        println!("refused connections retried: {}", g.retries);
+        println!(
+            "connections retried (refused, or reset before READY): {}",
+            g.retries
+        );
     }
     if !g.abuse.is_empty() || g.garbage_sent > 0 {
         println!(
