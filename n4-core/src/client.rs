@@ -307,8 +307,13 @@ enum Phase {
 
 /// Punches that arrive before PEERINFO says who the peer is; kept (bounded) and judged then.
 const EARLY_PUNCHES: usize = 16;
-/// How often an extended client repeats its EXCHANGE until PEERINFO arrives.
+/// How often an extended client repeats its EXCHANGE until PEERINFO arrives, once it has
+/// stopped refreshing it.
 const EXCHANGE_RESEND: Duration = Duration::from_millis(250);
+/// Fresh EXCHANGEs an extended client sends per round while its partner is late.
+const MAX_REFRESHES: u32 = 3;
+/// Shortest wait before a refresh.
+const MIN_REFRESH: Duration = Duration::from_millis(50);
 /// RTT assumed before any was measured.
 const DEFAULT_RTT: Duration = Duration::from_millis(100);
 /// Acknowledgements to a peer of ours: it wins on the first, the rest cover loss.
@@ -349,6 +354,13 @@ pub struct Client {
     exchange_sent: Option<(Instant, u32)>,
     probes_sent: u16,
     probe_sent_at: Vec<Option<(Instant, u32)>>,
+    /// EXCHANGE sockets used so far (each a fresh mapping), and the current one.
+    exchanges_made: usize,
+    exchange_slot: usize,
+    /// Refreshed EXCHANGEs in this round.
+    refreshes: u32,
+    /// The server has acknowledged (SEEN) our latest EXCHANGE.
+    exchange_acked: bool,
     /// New NAT mappings we have made so far (probes, EXCHANGEs, first punches), so the
     /// predictor can tell our own port use from other hosts'.
     own_mappings: u32,
@@ -400,6 +412,10 @@ impl Client {
             exchange_sent: None,
             probes_sent: 0,
             own_mappings: 0,
+            exchanges_made: 0,
+            exchange_slot: 0,
+            refreshes: 0,
+            exchange_acked: false,
             deadline: None,
             peer_info_deadline: None,
             probe_at: None,
@@ -630,6 +646,7 @@ impl Client {
         self.deadline = None;
         self.peer_info_deadline = None;
         self.exchange_sent = None;
+        self.refreshes = 0;
         // A fresh round moves the window first, so that RoundStarted names the one it opens.
         if !in_session && self.round > 1 {
             self.window_start = next_window_start(
@@ -655,6 +672,7 @@ impl Client {
         self.decoder = StreamDecoder::default();
         self.token = None;
         self.session_round = 0;
+        self.exchanges_made = 0;
         self.session_peer = None;
         self.commands.push_back(Command::OpenWindow {
             ports: self.window(),
@@ -721,6 +739,7 @@ impl Client {
                 self.events.push_back(Event::PeerHint(hint));
             }
             (_, Message::Seen(addr)) if self.token.is_some() => {
+                self.exchange_acked = true;
                 // The mapping of this round's EXCHANGE socket, made when it first sent.
                 if let Some((sent, seq)) = self.exchange_sent.take() {
                     self.predictor.observe(seq, sent, addr.port());
@@ -739,44 +758,62 @@ impl Client {
         }
     }
 
-    /// Slot the EXCHANGE of this session round leaves from: one that has not talked to the
-    /// server yet, so its mapping is fresh.
-    fn exchange_slot(&self) -> usize {
-        usize::from(self.session_round.saturating_sub(1)) % usize::from(self.config.window_slots())
-    }
-
-    /// Sends (or re-sends) this round's EXCHANGE and arms the PEERINFO timer.
+    /// Sends this round's first EXCHANGE, or on the timer a follow-up: while the partner is
+    /// late, an extended client refreshes its EXCHANGE from a fresh socket now and then (the
+    /// server keeps the newest, so the partner aims at a port of now, not of when we started
+    /// waiting); after a few refreshes, or without the extension, it just repeats it.
     fn send_exchange(&mut self, now: Instant) {
         let first = self.peer_info_deadline.is_none();
         let give_up = *self
             .peer_info_deadline
             .get_or_insert(now + self.config.round_timeout);
+        // Refresh only while the server holds our EXCHANGE (SEEN came) and has not paired the
+        // round (no HINT yet): then the partner is late. Otherwise PEERINFO may be on its way,
+        // delayed by TCP, and a refresh would only move our ports past the partner's aim; the
+        // few refreshes allowed move them by at most that many, well inside the window.
+        let refresh = !first
+            && self.token.is_some()
+            && self.exchange_acked
+            && self.peer_hint.is_none()
+            && self.refreshes < MAX_REFRESHES;
+        let repeat = !first && !refresh && !self.exchange_acked;
+        if first || refresh {
+            self.exchange_acked = false;
+            if !first {
+                self.refreshes += 1;
+                // Its SEEN could be confused with the first one's: observe neither.
+                self.exchange_sent = None;
+            } else {
+                self.exchange_sent = Some((now, self.own_mappings));
+            }
+            // A socket that has not talked to the server yet makes a fresh mapping.
+            self.exchange_slot = self.exchanges_made % usize::from(self.config.window_slots());
+            self.exchanges_made += 1;
+            self.own_mappings += 1;
+        }
         let (msg, copies) = match self.token {
             None => (
                 Message::Exchange(self.config.ident),
-                self.config.exchange_count,
+                if first { self.config.exchange_count } else { 0 },
             ),
             Some(token) => {
-                if first {
+                if first || refresh {
                     self.plan_round();
                 }
                 let hint = self.plan.map_or(Hint::NONE, |p| p.hint);
                 let round = self.session_round;
-                // Two copies: a lost EXCHANGE costs a resend interval.
-                (
-                    Message::ExchangeToken { token, round, hint },
-                    if first { 2 } else { 1 },
-                )
+                // Two copies of the first: a lost EXCHANGE costs a resend interval.
+                let copies = match (first, refresh, repeat) {
+                    (true, ..) => 2,
+                    (_, true, _) | (_, _, true) => 1,
+                    _ => 0,
+                };
+                (Message::ExchangeToken { token, round, hint }, copies)
             }
         };
-        if first {
-            self.exchange_sent = Some((now, self.own_mappings));
-            self.own_mappings += 1;
-        }
-        let slot = self.exchange_slot();
         for _ in 0..copies {
             self.transmits.push_back(Transmit {
-                slot,
+                slot: self.exchange_slot,
                 destination: self.config.server.into(),
                 payload: msg.to_bytes(),
             });
@@ -784,9 +821,14 @@ impl Client {
         if first {
             self.events.push_back(Event::ExchangeSent);
         }
-        // Our server dedups by token and round, so an extended client repeats until PEERINFO.
+        // PEERINFO normally comes one RTT after our EXCHANGE; later means the partner is late.
+        let wait = if refresh || first && self.token.is_some() {
+            (self.rtt() * 5 / 4 + Duration::from_millis(10)).max(MIN_REFRESH)
+        } else {
+            EXCHANGE_RESEND
+        };
         self.deadline = Some(match self.token {
-            Some(_) => give_up.min(now + EXCHANGE_RESEND),
+            Some(_) => give_up.min(now + wait),
             None => give_up,
         });
     }

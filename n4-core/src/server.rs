@@ -565,7 +565,11 @@ impl Server {
             .expect("token/ident index is in sync");
         let s = &mut pair.sides[side];
         let (round, hint) = ext.unwrap_or((1, Hint::NONE));
-        if round <= s.round {
+        // A newer round replaces the seat's EXCHANGE; so does a refresh of the current round
+        // from a new address (a client of ours whose partner is late sends a fresher one)
+        // until the round completes. Repeats and stale rounds are ignored.
+        let refresh = round == s.round && round > pair.completed && s.exchanged != Some(from);
+        if round < s.round || (round == s.round && !refresh) {
             self.stats.ignored_datagrams += 1;
             return;
         }

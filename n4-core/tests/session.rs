@@ -485,3 +485,35 @@ fn predicting_clients_learn_their_nat_from_probes_before_exchange() {
     // Probe replies take one RTT: 2 × 25 ms.
     assert_eq!(planned, Some((1, 0, Some(Duration::from_millis(50)))));
 }
+
+#[test]
+fn while_its_partner_is_late_ours_refreshes_its_exchange_so_the_partner_aims_at_a_fresh_port() {
+    let mut w = World::new(ServerConfig::default());
+    let ours = w.add_client([198, 51, 100, 3], client(30000));
+    // A v1 partner that says HELLO at once but sends its EXCHANGE only 300 ms after READY.
+    let late = w.raw_connect(SocketAddr::from(([203, 0, 113, 12], 40000)));
+    w.raw_send(late, &Message::Hello(Ident::default()).to_bytes());
+    assert!(w.run_until(Duration::from_secs(1), |w| w.raw[&late].received.len() >= 8));
+    w.run_for(Duration::from_millis(300));
+    let from = SocketAddr::from(([203, 0, 113, 12], 5000));
+    w.datagram_to_server(from, &Message::Exchange(Ident::default()).to_bytes());
+    assert!(
+        w.run_until(Duration::from_secs(1), |w| w.raw[&late].received.len()
+            >= 16)
+    );
+    let told = Message::decode(&w.raw[&late].received[8..16]).unwrap();
+    // Slot 0 sent the first EXCHANGE; the partner was told about a later, fresher socket.
+    let Message::PeerInfo(addr) = told else {
+        panic!("{told:?}");
+    };
+    assert!(addr.port() > 30000 && addr.port() <= 30003, "{addr}");
+    let plans = w.hosts[ours]
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Planned { .. }))
+        .count();
+    assert!(
+        (2..=4).contains(&plans),
+        "first EXCHANGE and up to 3 refreshes: {plans}"
+    );
+}
