@@ -78,7 +78,7 @@ impl Link {
     }
 
     /// Whether the link delivers everything after exactly `latency`, with no randomness.
-    fn is_fixed(&self) -> bool {
+    pub(crate) fn is_fixed(&self) -> bool {
         self.jitter.is_zero() && self.loss <= 0.0 && self.duplicate <= 0.0 && self.reorder <= 0.0
     }
 

@@ -289,6 +289,7 @@ impl Nat {
 
     /// An outbound datagram from `internal` to `remote` at `now`: the external port it leaves
     /// from (and whether a mapping was made for it), or `None` if no port is free.
+    #[inline]
     pub(crate) fn outbound(
         &mut self,
         now: Duration,
@@ -296,34 +297,60 @@ impl Nat {
         remote: SocketAddrV4,
         rng: &mut ChaCha8Rng,
     ) -> Option<(u16, Option<NewMapping>)> {
-        let lifetime = self.config.lifetime;
-        let want = key(internal, remote) & self.mask;
-        let hit = |i: usize| {
-            self.keys.get(i).is_some_and(|&k| k & self.mask == want)
-                && self.entries[i].expires > now
-                && self.entries[i].internal == internal
-        };
+        match self.find_out(now, internal, remote) {
+            Some(i) => {
+                self.last_out = i;
+                let e = &mut self.entries[i];
+                e.expires = now + self.config.lifetime;
+                if e.remote != remote {
+                    Self::add_remote(e, remote);
+                }
+                Some((e.external, None))
+            }
+            None => self.outbound_new(now, internal, remote, rng),
+        }
+    }
+
+    /// The live entry that an outbound datagram from `internal` to `remote` uses, if any.
+    #[inline]
+    fn find_out(
+        &self,
+        now: Duration,
+        internal: SocketAddrV4,
+        remote: SocketAddrV4,
+    ) -> Option<usize> {
+        let mask = self.mask;
+        let want = key(internal, remote) & mask;
+        let hit = |i: usize| self.entries[i].expires > now && self.entries[i].internal == internal;
         // Keys are unique among live entries, so a hit at the guess is the hit.
         let guess = self.last_out + 1;
-        let found = if hit(guess) {
-            Some(guess)
-        } else {
-            // `expire` runs before every allocation, so a key is held by at most one entry.
-            let mask = self.mask;
-            self.keys
-                .iter()
-                .position(|&k| k & mask == want)
-                .filter(|&i| hit(i))
-        };
-        if let Some(i) = found {
-            self.last_out = i;
-            let e = &mut self.entries[i];
-            e.expires = now + lifetime;
-            if e.remote != remote && !e.more.contains(&remote) {
-                e.more.push(remote);
-            }
-            return Some((e.external, None));
+        if self.keys.get(guess).is_some_and(|&k| k & mask == want) && hit(guess) {
+            return Some(guess);
         }
+        // `expire` runs before every allocation, so a key is held by at most one entry.
+        self.keys
+            .iter()
+            .position(|&k| k & mask == want)
+            .filter(|&i| hit(i))
+    }
+
+    #[cold]
+    fn add_remote(e: &mut Entry, remote: SocketAddrV4) {
+        if !e.more.contains(&remote) {
+            e.more.push(remote);
+        }
+    }
+
+    /// [`Nat::outbound`] without a live mapping: make one.
+    #[inline(never)]
+    fn outbound_new(
+        &mut self,
+        now: Duration,
+        internal: SocketAddrV4,
+        remote: SocketAddrV4,
+        rng: &mut ChaCha8Rng,
+    ) -> Option<(u16, Option<NewMapping>)> {
+        let lifetime = self.config.lifetime;
         self.expire(now);
         self.run_background(now, rng);
         let external = self.allocate(internal, remote, rng)?;

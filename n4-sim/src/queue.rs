@@ -65,13 +65,11 @@ impl<E> EventQueue<E> {
         }
     }
 
-    /// The latest entry, if it is due exactly at `at` and nothing was pushed after it: an
-    /// entry pushed now at `at` would be delivered right after it, so the caller may merge
-    /// into it instead. (Every heap entry pushed after the lane's back is earlier than it.)
-    pub(crate) fn last_at_mut(&mut self, at: Duration) -> Option<&mut E> {
-        let at = at.as_nanos() as u64;
-        let back = self.lane.back_mut()?;
-        (back.at == at && back.seq == self.seq).then_some(&mut back.ev)
+    /// The sequence number of the entry pushed last (0 before the first). While that entry
+    /// is queued, an entry pushed now for the same time would be delivered right after it (no
+    /// sequence number sorts between the two), so a caller may merge into it instead.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.seq
     }
 
     /// Time of the earliest entry.

@@ -157,11 +157,11 @@ enum Ev {
         to: SocketAddrV4,
         payload: [u8; 8],
     },
-    /// Datagrams `first..first + len` of the WAN arena reach their public addresses (the
-    /// server or a NAT), in order: a burst sent over one fixed-delay path is one entry.
+    /// The datagrams of burst `burst` (`Sim::bursts`: a range of the WAN arena) reach their
+    /// public addresses (the server or a NAT), in order: datagrams scheduled one after the
+    /// other for the same time (a burst sent over one fixed-delay path) are one entry.
     Wan {
-        first: u32,
-        len: u32,
+        burst: u32,
     },
     /// A datagram reaches a host's port.
     Ingress {
@@ -203,6 +203,8 @@ struct SiteRt {
     nat: Nat,
     host_ip: Ipv4Addr,
     lan: Link,
+    /// `lan.is_instant()`: the host and its NAT hand datagrams over directly.
+    lan_instant: bool,
     config: ClientConfig,
     client: Option<Client>,
     start: Duration,
@@ -255,6 +257,11 @@ pub struct Sim {
     dirty: u8,
     /// Datagrams of queued [`Ev::Wan`] entries; cleared when none is queued.
     wan: Vec<WanDatagram>,
+    /// `(first, len)` in `wan` of each [`Ev::Wan`] entry; cleared with `wan`.
+    bursts: Vec<(u32, u32)>,
+    /// Queue sequence number and time of the last [`Ev::Wan`] entry pushed, while it is still
+    /// queued: a datagram scheduled right after it for the same time joins its burst.
+    wan_tail: (u64, Duration),
     wan_queued: u32,
     /// The server port that answers the datagram the server is handling.
     server_reply_from: SocketAddrV4,
@@ -264,6 +271,8 @@ pub struct Sim {
     sites: [SiteRt; 2],
     /// `paths[src][dst]` over nodes 0 = server, 1 = site A, 2 = site B: uplink then uplink.
     paths: [[Link; 3]; 3],
+    /// `Some(latency)` where `paths` delivers everything after exactly that (draws nothing).
+    fixed: [[Option<Duration>; 3]; 3],
     /// Host → server for each site's TCP leg: LAN, uplink, server uplink.
     tcp_paths: [Link; 2],
     tcp_rto: Duration,
@@ -301,6 +310,7 @@ impl Sim {
                 nat,
                 host_ip: s.host_ip,
                 lan: s.lan,
+                lan_instant: s.lan.is_instant(),
                 config,
                 client,
                 start: s.start,
@@ -327,7 +337,9 @@ impl Sim {
             scenario.sites[0].uplink,
             scenario.sites[1].uplink,
         ];
-        let paths = std::array::from_fn(|s| std::array::from_fn(|d| up[s].then(&up[d])));
+        let paths: [[Link; 3]; 3] =
+            std::array::from_fn(|s| std::array::from_fn(|d| up[s].then(&up[d])));
+        let fixed = paths.map(|row| row.map(|p| p.is_fixed().then_some(p.latency)));
         let tcp_paths = std::array::from_fn(|i| {
             scenario.sites[i]
                 .lan
@@ -343,6 +355,8 @@ impl Sim {
             queue: EventQueue::with_capacity(256),
             dirty: 0,
             wan: Vec::with_capacity(256),
+            bursts: Vec::with_capacity(16),
+            wan_tail: (0, Duration::ZERO),
             wan_queued: 0,
             server_reply_from: scenario.server_addr,
             events: 0,
@@ -350,6 +364,7 @@ impl Sim {
             server_addr: scenario.server_addr,
             sites,
             paths,
+            fixed,
             tcp_paths,
             tcp_rto: scenario.tcp_rto,
             tcp_syn_rto: scenario.tcp_syn_rto,
@@ -515,7 +530,10 @@ impl Sim {
                 to,
                 payload,
             } => self.egress(usize::from(site), port, to, payload),
-            Ev::Wan { first, len } => {
+            Ev::Wan { burst } => {
+                // Out of the queue: nothing may join it any more.
+                self.wan_tail.0 = 0;
+                let (first, len) = self.bursts[burst as usize];
                 self.events += u64::from(len) - 1;
                 for k in first..first + len {
                     let d = self.wan[k as usize];
@@ -525,6 +543,7 @@ impl Sim {
                 self.wan_queued -= 1;
                 if self.wan_queued == 0 {
                     self.wan.clear();
+                    self.bursts.clear();
                 }
             }
             Ev::Ingress {
@@ -552,11 +571,11 @@ impl Sim {
             return;
         };
         self.sites[i].outcome.datagrams_sent += 1;
-        let lan = self.sites[i].lan;
-        if lan.is_instant() {
+        if self.sites[i].lan_instant {
             self.egress(i, port, to, payload);
             return;
         }
+        let lan = self.sites[i].lan;
         let ev = |_| Ev::Egress {
             site: i as u8,
             port,
@@ -594,23 +613,24 @@ impl Sim {
         }
     }
 
+    #[inline(always)]
     fn schedule_wan(&mut self, at: Duration, d: WanDatagram) {
         let next = self.wan.len() as u32;
         self.wan.push(d);
-        if let Some(Ev::Wan { first, len }) = self.queue.last_at_mut(at) {
-            if *first + *len == next {
-                *len += 1;
+        // The last entry pushed is this burst and it is due at `at`: a datagram pushed now
+        // would be delivered right after it (nothing sorts between two consecutive sequence
+        // numbers at the same time), so it joins the burst. Its datagrams end at `next`.
+        if self.wan_tail == (self.queue.last_seq(), at) {
+            if let Some(b) = self.bursts.last_mut() {
+                b.1 += 1;
                 return;
             }
         }
         self.wan_queued += 1;
-        self.queue.push(
-            at,
-            Ev::Wan {
-                first: next,
-                len: 1,
-            },
-        );
+        let burst = self.bursts.len() as u32;
+        self.bursts.push((next, 1));
+        self.queue.push(at, Ev::Wan { burst });
+        self.wan_tail = (self.queue.last_seq(), at);
     }
 
     fn node_of(&self, ip: &Ipv4Addr) -> Option<usize> {
@@ -667,8 +687,14 @@ impl Sim {
             );
             return;
         };
+        let d = WanDatagram { from, to, payload };
+        if let Some(latency) = self.fixed[i + 1][dst] {
+            // What `over_wan` does for a fixed path, without copying the link.
+            self.schedule_wan(self.now + latency, d);
+            return;
+        }
         let path = self.paths[i + 1][dst];
-        let delivered = self.over_wan(&path, WanDatagram { from, to, payload });
+        let delivered = self.over_wan(&path, d);
         if !delivered {
             self.sites[i].drops.lost += 1;
             trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
@@ -689,8 +715,13 @@ impl Sim {
         let Some(dst) = self.node_of(to.ip()) else {
             return;
         };
+        let d = WanDatagram { from, to, payload };
+        if let Some(latency) = self.fixed[0][dst] {
+            self.schedule_wan(self.now + latency, d);
+            return;
+        }
         let path = self.paths[0][dst];
-        if !self.over_wan(&path, WanDatagram { from, to, payload }) {
+        if !self.over_wan(&path, d) {
             trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
         }
     }
@@ -723,11 +754,11 @@ impl Sim {
         };
         match self.sites[i].nat.inbound(self.now, from, to.port()) {
             Ok(internal) => {
-                let lan = self.sites[i].lan;
                 let port = internal.port();
-                if lan.is_instant() {
+                if self.sites[i].lan_instant {
                     self.ingress(i, port, from, payload);
                 } else {
+                    let lan = self.sites[i].lan;
                     self.over(&lan, |_| Ev::Ingress {
                         site: i as u8,
                         port,
@@ -851,7 +882,15 @@ impl Sim {
     /// Moves the output of every machine that got input into the network. Outputs only ever
     /// schedule deliveries (or pass a NAT), never feed a machine directly, so one pass empties
     /// them; the loop is a guard.
+    #[inline]
     fn drain(&mut self) {
+        if self.dirty != 0 {
+            self.drain_dirty();
+        }
+    }
+
+    #[inline(never)]
+    fn drain_dirty(&mut self) {
         while self.dirty != 0 {
             let dirty = std::mem::take(&mut self.dirty);
             if dirty & 1 != 0 {
@@ -916,6 +955,7 @@ impl Sim {
             Command::OpenWindow { ports } => {
                 let s = &mut self.sites[i];
                 s.window.clear();
+                s.window.reserve(ports.len());
                 for &p in &ports {
                     let p = if p == 0 {
                         // Like the kernel's ephemeral range; never a port this window binds.
