@@ -218,6 +218,9 @@ pub(crate) struct Nat {
     keys: Vec<u64>,
     /// External port of each entry, same order.
     externals: Vec<u16>,
+    /// Every port in `externals` lies in `held_range.0..=held_range.1` (empty when `.0 > .1`):
+    /// a sequential counter usually moves past them all, and then `held` needs no scan.
+    held_range: (u16, u16),
     /// Which bits of a key the mapping behaviour compares.
     mask: u64,
     /// Bumped whenever entries are added or removed; guards `port_memo`.
@@ -261,6 +264,7 @@ impl Nat {
             entries: Vec::with_capacity(64),
             keys: Vec::with_capacity(64),
             externals: Vec::with_capacity(64),
+            held_range: (u16::MAX, 0),
             generation: 0,
             port_memo: None,
             last_out: 0,
@@ -364,6 +368,10 @@ impl Nat {
         self.earliest_expiry = self.earliest_expiry.min(now + lifetime);
         self.keys.push(key(internal, remote));
         self.externals.push(external);
+        self.held_range = (
+            self.held_range.0.min(external),
+            self.held_range.1.max(external),
+        );
         self.generation += 1;
         let background = self.background_total - self.background_reported;
         self.background_reported = self.background_total;
@@ -398,12 +406,43 @@ impl Nat {
         self.entries.truncate(kept);
         self.keys.truncate(kept);
         self.externals.truncate(kept);
+        self.held_range = self
+            .externals
+            .iter()
+            .fold((u16::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
         self.generation += 1;
     }
 
     /// An inbound datagram from `from` to external port `port` at `now`: the internal endpoint
     /// it goes to, or why it is dropped. A dropped datagram leaves no state behind.
+    #[inline]
     pub(crate) fn inbound(
+        &mut self,
+        now: Duration,
+        from: SocketAddrV4,
+        port: u16,
+    ) -> Result<SocketAddrV4, Drop> {
+        // A burst of punches aims at one port: the memo usually names its one holder.
+        if let Some((p, g, PortHolders::One(i))) = self.port_memo {
+            if p == port && g == self.generation {
+                let (filtering, lifetime) = (self.config.filtering, self.config.lifetime);
+                let e = &mut self.entries[i];
+                if e.expires <= now {
+                    return Err(Drop::NoMapping);
+                }
+                if !e.permits(from, filtering) {
+                    return Err(Drop::Filtered);
+                }
+                e.expires = now + lifetime;
+                return Ok(e.internal);
+            }
+        }
+        self.inbound_slow(now, from, port)
+    }
+
+    /// [`Nat::inbound`] without a memo for `port`, or with several holders.
+    #[inline(never)]
+    fn inbound_slow(
         &mut self,
         now: Duration,
         from: SocketAddrV4,
@@ -500,7 +539,8 @@ impl Nat {
     }
 
     fn held(&self, port: u16) -> bool {
-        self.externals.contains(&port)
+        let (lo, hi) = self.held_range;
+        (lo..=hi).contains(&port) && self.externals.contains(&port)
     }
 
     fn allocate(

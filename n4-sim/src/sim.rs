@@ -176,12 +176,31 @@ enum Ev {
     },
 }
 
-/// A datagram between public addresses.
+/// A datagram between public addresses, packed into scalars (`ip << 16 | port`, the payload
+/// as a `u64`) so that it is built in registers and stored with plain word moves.
 #[derive(Clone, Copy, Debug)]
 struct WanDatagram {
-    from: SocketAddrV4,
-    to: SocketAddrV4,
-    payload: [u8; 8],
+    from: u64,
+    to: u64,
+    payload: u64,
+}
+
+impl WanDatagram {
+    #[inline(always)]
+    fn new(from: SocketAddrV4, to: SocketAddrV4, payload: [u8; 8]) -> Self {
+        let pack = |a: SocketAddrV4| u64::from(a.ip().to_bits()) << 16 | u64::from(a.port());
+        Self {
+            from: pack(from),
+            to: pack(to),
+            payload: u64::from_ne_bytes(payload),
+        }
+    }
+
+    #[inline(always)]
+    fn unpack(self) -> (SocketAddrV4, SocketAddrV4, [u8; 8]) {
+        let addr = |a: u64| SocketAddrV4::new(Ipv4Addr::from_bits((a >> 16) as u32), a as u16);
+        (addr(self.from), addr(self.to), self.payload.to_ne_bytes())
+    }
 }
 
 struct Conn {
@@ -536,8 +555,8 @@ impl Sim {
                 let (first, len) = self.bursts[burst as usize];
                 self.events += u64::from(len) - 1;
                 for k in first..first + len {
-                    let d = self.wan[k as usize];
-                    self.wan(d.from, d.to, d.payload);
+                    let (from, to, payload) = self.wan[k as usize].unpack();
+                    self.wan(from, to, payload);
                     self.drain();
                 }
                 self.wan_queued -= 1;
@@ -600,6 +619,7 @@ impl Sim {
     }
 
     /// Sends a datagram between public addresses over `path`: lost, delivered once, or twice.
+    #[inline(always)]
     fn over_wan(&mut self, path: &Link, d: WanDatagram) -> bool {
         match path.sample(&mut self.rng) {
             Fate::Lost => false,
@@ -687,7 +707,7 @@ impl Sim {
             );
             return;
         };
-        let d = WanDatagram { from, to, payload };
+        let d = WanDatagram::new(from, to, payload);
         if let Some(latency) = self.fixed[i + 1][dst] {
             // What `over_wan` does for a fixed path, without copying the link.
             self.schedule_wan(self.now + latency, d);
@@ -715,7 +735,7 @@ impl Sim {
         let Some(dst) = self.node_of(to.ip()) else {
             return;
         };
-        let d = WanDatagram { from, to, payload };
+        let d = WanDatagram::new(from, to, payload);
         if let Some(latency) = self.fixed[0][dst] {
             self.schedule_wan(self.now + latency, d);
             return;
@@ -727,26 +747,10 @@ impl Sim {
     }
 
     /// A datagram reaches a public address.
+    #[inline]
     fn wan(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload: [u8; 8]) {
         if to.ip() == self.server_addr.ip() {
-            // As n4-mio's driver: the server port passes everything to the machine, the probe
-            // port (port + 1) only probes; a PROBE is answered from the port it came in on, a
-            // PROBE-OTHER from the other one.
-            let msg = Message::decode(&payload);
-            let is_probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
-            let on_probe_port = to == self.probe_addr();
-            if to != self.server_addr && !(on_probe_port && is_probe) {
-                return;
-            }
-            let other = msg == Ok(Message::ProbeOther);
-            self.server_reply_from = if other != on_probe_port {
-                self.probe_addr()
-            } else {
-                self.server_addr
-            };
-            self.server
-                .handle_datagram(self.epoch + self.now, from.into(), &payload);
-            self.dirty |= 1;
+            self.wan_to_server(from, to, payload);
             return;
         }
         let Some(i) = (0..2).find(|&i| self.sites[i].nat.public_ip() == *to.ip()) else {
@@ -781,6 +785,29 @@ impl Sim {
                 );
             }
         }
+    }
+
+    /// A datagram reaches the server's IP.
+    #[inline(never)]
+    fn wan_to_server(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload: [u8; 8]) {
+        // As n4-mio's driver: the server port passes everything to the machine, the probe
+        // port (port + 1) only probes; a PROBE is answered from the port it came in on, a
+        // PROBE-OTHER from the other one.
+        let msg = Message::decode(&payload);
+        let is_probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
+        let on_probe_port = to == self.probe_addr();
+        if to != self.server_addr && !(on_probe_port && is_probe) {
+            return;
+        }
+        let other = msg == Ok(Message::ProbeOther);
+        self.server_reply_from = if other != on_probe_port {
+            self.probe_addr()
+        } else {
+            self.server_addr
+        };
+        self.server
+            .handle_datagram(self.epoch + self.now, from.into(), &payload);
+        self.dirty |= 1;
     }
 
     /// A datagram reaches a host port: the client gets it if the port is in its window.
