@@ -284,6 +284,9 @@ pub enum LoseReason {
     ServerGarbage,
     /// `peer_port + offset` is not a port.
     TargetOutOfRange,
+    /// A retry round found no partner within the round timeout (the partner of the first
+    /// round gave up). The first round waits for a partner as long as it takes, like v1.
+    NoPartner,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,6 +315,9 @@ const EARLY_PUNCHES: usize = 16;
 const EXCHANGE_RESEND: Duration = Duration::from_millis(250);
 /// Fresh EXCHANGEs an extended client sends per round while its partner is late.
 const MAX_REFRESHES: u32 = 3;
+/// How long an EXCHANGE may wait for probe answers after READY: about one RTT, within these.
+const PROBE_WAIT_MIN: Duration = Duration::from_millis(20);
+const PROBE_WAIT_MAX: Duration = Duration::from_millis(150);
 /// Shortest wait before a refresh.
 const MIN_REFRESH: Duration = Duration::from_millis(50);
 /// RTT assumed before any was measured.
@@ -361,6 +367,8 @@ pub struct Client {
     refreshes: u32,
     /// The server has acknowledged (SEEN) our latest EXCHANGE.
     exchange_acked: bool,
+    /// READY came before two probe answers: the EXCHANGE waits for them (briefly).
+    exchange_deferred: bool,
     /// New NAT mappings we have made so far (probes, EXCHANGEs, first punches), so the
     /// predictor can tell our own port use from other hosts'.
     own_mappings: u32,
@@ -416,6 +424,7 @@ impl Client {
             exchange_slot: 0,
             refreshes: 0,
             exchange_acked: false,
+            exchange_deferred: false,
             deadline: None,
             peer_info_deadline: None,
             probe_at: None,
@@ -474,6 +483,10 @@ impl Client {
         self.commands
             .push_back(Command::Send(Message::Hello(self.config.ident)));
         self.events.push_back(Event::HelloSent);
+        if self.round > 1 {
+            // A partner that played the last round with us comes back at once, or not at all.
+            self.deadline = Some(now + self.config.round_timeout);
+        }
     }
 
     /// The TCP connection to the server could not be made. The client stops.
@@ -562,6 +575,10 @@ impl Client {
             _ => return,
         }
         match self.phase {
+            Phase::AwaitPeerInfo if self.exchange_deferred => {
+                self.exchange_deferred = false;
+                self.send_exchange(now);
+            }
             Phase::AwaitPeerInfo => {
                 if self.peer_info_deadline.is_some_and(|d| d > now) {
                     self.send_exchange(now);
@@ -576,7 +593,8 @@ impl Client {
                 peer,
                 acks_left,
             } => self.send_ack(now, slot, peer, acks_left),
-            Phase::Connecting | Phase::AwaitReady | Phase::Done => {}
+            Phase::AwaitReady => self.lose(now, LoseReason::NoPartner),
+            Phase::Connecting | Phase::Done => {}
         }
     }
 
@@ -647,6 +665,7 @@ impl Client {
         self.peer_info_deadline = None;
         self.exchange_sent = None;
         self.refreshes = 0;
+        self.exchange_deferred = false;
         // A fresh round moves the window first, so that RoundStarted names the one it opens.
         if !in_session && self.round > 1 {
             self.window_start = next_window_start(
@@ -720,6 +739,10 @@ impl Client {
             self.predictor
                 .observe_rtt(now.saturating_duration_since(sent));
         }
+        if self.exchange_deferred && self.predictor.len() >= 2 {
+            self.exchange_deferred = false;
+            self.send_exchange(now);
+        }
     }
 
     fn on_server_message(&mut self, now: Instant, msg: Message) {
@@ -728,10 +751,18 @@ impl Client {
                 self.token = token.filter(|_| self.config.strategy == Strategy::Predict);
                 self.phase = Phase::AwaitPeerInfo;
                 self.session_round = 1;
+                self.deadline = None;
                 self.events.push_back(Event::Ready {
                     extended: self.token.is_some(),
                 });
-                self.send_exchange(now);
+                if self.token.is_some() && self.predictor.len() < 2 && self.probes_sent > 0 {
+                    // READY came before our probes' answers (a partner already waiting, a
+                    // short RTT): without them we could give no hint. Wait for them a little.
+                    self.exchange_deferred = true;
+                    self.deadline = Some(now + self.rtt().clamp(PROBE_WAIT_MIN, PROBE_WAIT_MAX));
+                } else {
+                    self.send_exchange(now);
+                }
             }
             (Phase::AwaitPeerInfo, Message::PeerInfo(peer)) => self.on_peer_info(now, peer),
             (_, Message::Hint(hint)) if self.token.is_some() => {

@@ -114,10 +114,15 @@ impl PortPredictor {
         // gap of one step, usually), so the common divisor is the step; a large one is read as
         // an even pace of others instead. Gaps with unobserved mappings of ours in between
         // would mislead it (two steps look like a step of 2), so only neighbours count.
-        let neighbours = diffs.iter().filter(|(_, mine)| *mine == 1);
-        let step = match neighbours.fold(0u32, |g, (d, _)| gcd(g, d.unsigned_abs())) {
-            0 => 1,
-            g if g <= MAX_STEP => g,
+        // A step above 1 must also show itself once as a gap with nobody in between: a busy
+        // NAT's gaps are all even now and then by chance, its step is still 1.
+        let neighbours: Vec<u32> = diffs
+            .iter()
+            .filter(|(_, mine)| *mine == 1)
+            .map(|(d, _)| d.unsigned_abs())
+            .collect();
+        let step = match neighbours.iter().fold(0u32, |g, &d| gcd(g, d)) {
+            g if (2..=MAX_STEP).contains(&g) && neighbours.contains(&g) => g,
             _ => 1,
         };
         let counted: u32 = diffs

@@ -517,3 +517,62 @@ fn while_its_partner_is_late_ours_refreshes_its_exchange_so_the_partner_aims_at_
         "first EXCHANGE and up to 3 refreshes: {plans}"
     );
 }
+
+#[test]
+fn ready_before_the_probe_answers_waits_for_them_to_give_a_hint() {
+    // A partner already waiting and a short RTT: READY arrives before our probes come back.
+    let t0 = Instant::now();
+    let mut c = Client::new(client(30000), t0).unwrap();
+    let probe_server = SocketAddr::from(c.config().probe_server());
+    while c.poll_command().is_some() {}
+    assert_eq!(c.poll_timeout(), Some(t0), "probing starts at once");
+    c.handle_timeout(t0);
+    let mut probes = Vec::new();
+    while let Some(t) = c.poll_transmit() {
+        probes.push(t.slot);
+    }
+    assert_eq!(probes.len(), 2, "the first two probes go back to back");
+    let t1 = t0 + Duration::from_millis(2);
+    c.handle_connected(t1);
+    c.handle_stream_data(t1, &Message::Ready(Some(Token(9))).to_bytes());
+    while c.poll_command().is_some() {}
+    assert_eq!(c.poll_transmit(), None, "no EXCHANGE without a plan yet");
+    // The answers arrive: sequential ports, so the EXCHANGE leaves at once, with a hint.
+    let t2 = t0 + Duration::from_millis(3);
+    for (slot, port) in probes.iter().zip([20000u16, 20001]) {
+        let seen = Message::Seen(SocketAddrV4::new([198, 51, 100, 3].into(), port));
+        c.handle_datagram(t2, *slot, probe_server, &seen.to_bytes());
+    }
+    let exchange = c.poll_transmit().expect("the EXCHANGE");
+    let Ok(Message::ExchangeToken { hint, .. }) = Message::decode(&exchange.payload) else {
+        panic!("{exchange:?}");
+    };
+    assert!(hint.0 > 0, "{hint:?}");
+}
+
+#[test]
+fn a_retry_round_without_a_partner_is_lost_instead_of_waiting_forever() {
+    let mut w = World::new(ServerConfig::default());
+    let mut cfg = client(30000);
+    cfg.max_rounds = Some(2);
+    cfg.round_timeout = Duration::from_secs(1);
+    let a = w.add_client([198, 51, 100, 3], cfg);
+    // A partner that plays one round (HELLO, EXCHANGE) and never comes back.
+    let partner = w.raw_connect(SocketAddr::from(([203, 0, 113, 12], 40000)));
+    w.raw_send(partner, &Message::Hello(Ident::default()).to_bytes());
+    assert!(
+        w.run_until(Duration::from_secs(1), |w| w.raw[&partner].received.len()
+            >= 8)
+    );
+    let from = SocketAddr::from(([203, 0, 113, 12], 5000));
+    w.datagram_to_server(from, &Message::Exchange(Ident::default()).to_bytes());
+    assert!(w.run_until(Duration::from_secs(10), |w| w.hosts[a].client.is_finished()));
+    assert!(w.hosts[a].events.iter().any(|e| matches!(
+        e,
+        Event::Lose {
+            round: 2,
+            reason: LoseReason::NoPartner
+        }
+    )));
+    assert_eq!(w.hosts[a].events.last(), Some(&Event::GaveUp { rounds: 2 }));
+}

@@ -632,6 +632,9 @@ impl Driver {
                         warn!("the server closed the connection before sending peer info")
                     }
                     LoseReason::ServerGarbage => warn!("the server broke the protocol"),
+                    LoseReason::NoPartner => {
+                        warn!("no partner came back for this round; it may have given up")
+                    }
                     LoseReason::TargetOutOfRange => {
                         warn!("the predicted peer port is out of range")
                     }
