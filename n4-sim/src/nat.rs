@@ -293,7 +293,7 @@ impl Nat {
 
     /// An outbound datagram from `internal` to `remote` at `now`: the external port it leaves
     /// from (and whether a mapping was made for it), or `None` if no port is free.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn outbound(
         &mut self,
         now: Duration,
@@ -301,18 +301,31 @@ impl Nat {
         remote: SocketAddrV4,
         rng: &mut ChaCha8Rng,
     ) -> Option<(u16, Option<NewMapping>)> {
-        match self.find_out(now, internal, remote) {
-            Some(i) => {
-                self.last_out = i;
-                let e = &mut self.entries[i];
-                e.expires = now + self.config.lifetime;
-                if e.remote != remote {
-                    Self::add_remote(e, remote);
-                }
-                Some((e.external, None))
-            }
-            None => self.outbound_new(now, internal, remote, rng),
+        match self.outbound_existing(now, internal, remote) {
+            Some(external) => Some((external, None)),
+            None => self
+                .outbound_new(now, internal, remote, rng)
+                .map(|(external, n)| (external, Some(n))),
         }
+    }
+
+    /// [`Nat::outbound`] through a live mapping: its external port, or `None` if there is
+    /// none (then call [`Nat::outbound_new`]).
+    #[inline]
+    pub(crate) fn outbound_existing(
+        &mut self,
+        now: Duration,
+        internal: SocketAddrV4,
+        remote: SocketAddrV4,
+    ) -> Option<u16> {
+        let i = self.find_out(now, internal, remote)?;
+        self.last_out = i;
+        let e = &mut self.entries[i];
+        e.expires = now + self.config.lifetime;
+        if e.remote != remote {
+            Self::add_remote(e, remote);
+        }
+        Some(e.external)
     }
 
     /// The live entry that an outbound datagram from `internal` to `remote` uses, if any.
@@ -345,15 +358,16 @@ impl Nat {
         }
     }
 
-    /// [`Nat::outbound`] without a live mapping: make one.
+    /// [`Nat::outbound`] without a live mapping (after [`Nat::outbound_existing`] found
+    /// none): make one, or `None` if no port is free.
     #[inline(never)]
-    fn outbound_new(
+    pub(crate) fn outbound_new(
         &mut self,
         now: Duration,
         internal: SocketAddrV4,
         remote: SocketAddrV4,
         rng: &mut ChaCha8Rng,
-    ) -> Option<(u16, Option<NewMapping>)> {
+    ) -> Option<(u16, NewMapping)> {
         let lifetime = self.config.lifetime;
         self.expire(now);
         self.run_background(now, rng);
@@ -375,7 +389,7 @@ impl Nat {
         self.generation += 1;
         let background = self.background_total - self.background_reported;
         self.background_reported = self.background_total;
-        Some((external, Some(NewMapping { background })))
+        Some((external, NewMapping { background }))
     }
 
     /// Forgets expired mappings, keeping the others in order.
@@ -530,8 +544,17 @@ impl Nat {
     }
 
     fn step_counter(&mut self, step: i32) {
+        // `(counter + step).rem_euclid(size)` without a division: `check` keeps |step| ≤ size,
+        // so one correction brings the sum back into `0..size`.
         let size = i64::from(self.size());
-        self.counter = (i64::from(self.counter) + i64::from(step)).rem_euclid(size) as u32;
+        let next = i64::from(self.counter) + i64::from(step);
+        self.counter = if next >= size {
+            next - size
+        } else if next < 0 {
+            next + size
+        } else {
+            next
+        } as u32;
     }
 
     fn port_at(&self, index: u32) -> u16 {

@@ -664,41 +664,17 @@ impl Sim {
     }
 
     /// The NAT translates an outbound datagram and puts it on the WAN.
+    #[inline]
     fn egress(&mut self, i: usize, port: u16, to: SocketAddrV4, payload: [u8; 8]) {
         let internal = SocketAddrV4::new(self.sites[i].host_ip, port);
-        let Some((ext, new)) = self.sites[i]
-            .nat
-            .outbound(self.now, internal, to, &mut self.rng)
-        else {
-            trace!(
-                self,
-                TraceLevel::Events,
-                "nat{} out of ports: {internal} -> {to} dropped",
-                self.sites[i].name
-            );
-            return;
+        let ext = match self.sites[i].nat.outbound_existing(self.now, internal, to) {
+            Some(ext) => ext,
+            None => match self.new_mapping(i, internal, to) {
+                Some(ext) => ext,
+                None => return,
+            },
         };
         let from = SocketAddrV4::new(self.sites[i].nat.public_ip(), ext);
-        if let Some(n) = new {
-            self.sites[i].mappings += 1;
-            if let Some(r) = self.records.as_mut() {
-                r.push(MappingRecord {
-                    at: self.now,
-                    site: i,
-                    internal,
-                    external: from,
-                    remote: to,
-                    background: n.background,
-                });
-            }
-            trace!(
-                self,
-                TraceLevel::Events,
-                "nat{} {internal} -> ({from}) -> {to}  bg +{}",
-                self.sites[i].name,
-                n.background
-            );
-        }
         let Some(dst) = self.node_of(to.ip()) else {
             trace!(
                 self,
@@ -707,15 +683,65 @@ impl Sim {
             );
             return;
         };
-        let d = WanDatagram::new(from, to, payload);
-        if let Some(latency) = self.fixed[i + 1][dst] {
+        match self.fixed[i + 1][dst] {
             // What `over_wan` does for a fixed path, without copying the link.
-            self.schedule_wan(self.now + latency, d);
-            return;
+            Some(latency) => {
+                self.schedule_wan(self.now + latency, WanDatagram::new(from, to, payload))
+            }
+            None => self.egress_sampled(i, dst, from, to, payload),
         }
+    }
+
+    /// The NAT makes a new mapping for an outbound datagram: its external port, or `None`
+    /// (and the datagram is dropped) if no port is free.
+    #[inline(never)]
+    fn new_mapping(&mut self, i: usize, internal: SocketAddrV4, to: SocketAddrV4) -> Option<u16> {
+        let Some((ext, n)) = self.sites[i]
+            .nat
+            .outbound_new(self.now, internal, to, &mut self.rng)
+        else {
+            trace!(
+                self,
+                TraceLevel::Events,
+                "nat{} out of ports: {internal} -> {to} dropped",
+                self.sites[i].name
+            );
+            return None;
+        };
+        let from = SocketAddrV4::new(self.sites[i].nat.public_ip(), ext);
+        self.sites[i].mappings += 1;
+        if let Some(r) = self.records.as_mut() {
+            r.push(MappingRecord {
+                at: self.now,
+                site: i,
+                internal,
+                external: from,
+                remote: to,
+                background: n.background,
+            });
+        }
+        trace!(
+            self,
+            TraceLevel::Events,
+            "nat{} {internal} -> ({from}) -> {to}  bg +{}",
+            self.sites[i].name,
+            n.background
+        );
+        Some(ext)
+    }
+
+    /// An outbound datagram on a path with randomness (jitter, loss, …) from site `i`.
+    #[inline(never)]
+    fn egress_sampled(
+        &mut self,
+        i: usize,
+        dst: usize,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        payload: [u8; 8],
+    ) {
         let path = self.paths[i + 1][dst];
-        let delivered = self.over_wan(&path, d);
-        if !delivered {
+        if !self.over_wan(&path, WanDatagram::new(from, to, payload)) {
             self.sites[i].drops.lost += 1;
             trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
         }
