@@ -153,6 +153,14 @@ impl NatConfig {
     }
 }
 
+/// Virtual time in nanoseconds, saturating (584 years fit, as in the event queue): expiry
+/// checks on the hot path compare and add plain integers.
+pub(crate) fn ns(t: Duration) -> u64 {
+    t.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(t.subsec_nanos()))
+}
+
 /// A lookup key: internal port, remote IP, remote port (one host per NAT, so the internal IP
 /// is checked only on a match).
 fn key(internal: SocketAddrV4, remote: SocketAddrV4) -> u64 {
@@ -169,7 +177,8 @@ struct Entry {
     remote: SocketAddrV4,
     /// Further destinations sent to through this mapping (EIM/ADM only), for filtering.
     more: Vec<SocketAddrV4>,
-    expires: Duration,
+    /// Nanoseconds of virtual time (see [`ns`]).
+    expires: u64,
 }
 
 impl Entry {
@@ -230,8 +239,10 @@ pub(crate) struct Nat {
     port_memo: Option<(u16, u64, PortHolders)>,
     /// Where the last outbound lookup hit: a window's passes ask for entries in order.
     last_out: usize,
-    /// No entry expires before this.
-    earliest_expiry: Duration,
+    /// No entry expires before this (ns).
+    earliest_expiry: u64,
+    /// `config.lifetime` in ns.
+    lifetime: u64,
     /// Sequential counter, as an index into the port range.
     counter: u32,
     next_background: Duration,
@@ -268,7 +279,8 @@ impl Nat {
             generation: 0,
             port_memo: None,
             last_out: 0,
-            earliest_expiry: Duration::MAX,
+            earliest_expiry: u64::MAX,
+            lifetime: ns(config.lifetime),
             mask: match config.mapping {
                 Mapping::EndpointIndependent => 0xffff << 48,
                 Mapping::AddressDependent => !0xffff,
@@ -301,7 +313,7 @@ impl Nat {
         remote: SocketAddrV4,
         rng: &mut ChaCha8Rng,
     ) -> Option<(u16, Option<NewMapping>)> {
-        match self.outbound_existing(now, internal, remote) {
+        match self.outbound_existing(ns(now), internal, remote) {
             Some(external) => Some((external, None)),
             None => self
                 .outbound_new(now, internal, remote, rng)
@@ -314,14 +326,14 @@ impl Nat {
     #[inline]
     pub(crate) fn outbound_existing(
         &mut self,
-        now: Duration,
+        now: u64,
         internal: SocketAddrV4,
         remote: SocketAddrV4,
     ) -> Option<u16> {
         let i = self.find_out(now, internal, remote)?;
         self.last_out = i;
         let e = &mut self.entries[i];
-        e.expires = now + self.config.lifetime;
+        e.expires = now.saturating_add(self.lifetime);
         if e.remote != remote {
             Self::add_remote(e, remote);
         }
@@ -330,12 +342,7 @@ impl Nat {
 
     /// The live entry that an outbound datagram from `internal` to `remote` uses, if any.
     #[inline]
-    fn find_out(
-        &self,
-        now: Duration,
-        internal: SocketAddrV4,
-        remote: SocketAddrV4,
-    ) -> Option<usize> {
+    fn find_out(&self, now: u64, internal: SocketAddrV4, remote: SocketAddrV4) -> Option<usize> {
         let mask = self.mask;
         let want = key(internal, remote) & mask;
         let hit = |i: usize| self.entries[i].expires > now && self.entries[i].internal == internal;
@@ -368,8 +375,9 @@ impl Nat {
         remote: SocketAddrV4,
         rng: &mut ChaCha8Rng,
     ) -> Option<(u16, NewMapping)> {
-        let lifetime = self.config.lifetime;
-        self.expire(now);
+        let at = ns(now);
+        let expires = at.saturating_add(self.lifetime);
+        self.expire(at);
         self.run_background(now, rng);
         let external = self.allocate(internal, remote, rng)?;
         self.entries.push(Entry {
@@ -377,9 +385,9 @@ impl Nat {
             external,
             remote,
             more: Vec::new(),
-            expires: now + lifetime,
+            expires,
         });
-        self.earliest_expiry = self.earliest_expiry.min(now + lifetime);
+        self.earliest_expiry = self.earliest_expiry.min(expires);
         self.keys.push(key(internal, remote));
         self.externals.push(external);
         self.held_range = (
@@ -393,7 +401,7 @@ impl Nat {
     }
 
     /// Forgets expired mappings, keeping the others in order.
-    fn expire(&mut self, now: Duration) {
+    fn expire(&mut self, now: u64) {
         // Expiry times only grow (refreshes), so the earliest one seen is a lower bound.
         if now < self.earliest_expiry {
             return;
@@ -404,7 +412,7 @@ impl Nat {
             .map(|e| e.expires)
             .filter(|&t| t > now)
             .min()
-            .unwrap_or(Duration::MAX);
+            .unwrap_or(u64::MAX);
         if self.entries.iter().all(|e| e.expires > now) {
             return;
         }
@@ -432,14 +440,14 @@ impl Nat {
     #[inline]
     pub(crate) fn inbound(
         &mut self,
-        now: Duration,
+        now: u64,
         from: SocketAddrV4,
         port: u16,
     ) -> Result<SocketAddrV4, Drop> {
         // A burst of punches aims at one port: the memo usually names its one holder.
         if let Some((p, g, PortHolders::One(i))) = self.port_memo {
             if p == port && g == self.generation {
-                let (filtering, lifetime) = (self.config.filtering, self.config.lifetime);
+                let (filtering, lifetime) = (self.config.filtering, self.lifetime);
                 let e = &mut self.entries[i];
                 if e.expires <= now {
                     return Err(Drop::NoMapping);
@@ -447,7 +455,7 @@ impl Nat {
                 if !e.permits(from, filtering) {
                     return Err(Drop::Filtered);
                 }
-                e.expires = now + lifetime;
+                e.expires = now.saturating_add(lifetime);
                 return Ok(e.internal);
             }
         }
@@ -458,11 +466,11 @@ impl Nat {
     #[inline(never)]
     fn inbound_slow(
         &mut self,
-        now: Duration,
+        now: u64,
         from: SocketAddrV4,
         port: u16,
     ) -> Result<SocketAddrV4, Drop> {
-        let (filtering, lifetime) = (self.config.filtering, self.config.lifetime);
+        let (filtering, lifetime) = (self.config.filtering, self.lifetime);
         let holders = match self.port_memo {
             Some((p, g, h)) if p == port && g == self.generation => h,
             _ => {
@@ -489,7 +497,7 @@ impl Nat {
                 if !e.permits(from, filtering) {
                     return Err(Drop::Filtered);
                 }
-                e.expires = now + lifetime;
+                e.expires = now.saturating_add(lifetime);
                 return Ok(e.internal);
             }
             PortHolders::Many => {}
@@ -506,7 +514,7 @@ impl Nat {
             }
             seen = true;
             if e.permits(from, filtering) {
-                e.expires = now + lifetime;
+                e.expires = now.saturating_add(lifetime);
                 return Ok(e.internal);
             }
         }
@@ -659,12 +667,15 @@ mod tests {
             ..NatConfig::default()
         });
         let t = Duration::from_millis(5);
-        assert_eq!(n.inbound(t, P, 1801), Err(Drop::NoMapping));
+        assert_eq!(n.inbound(ns(t), P, 1801), Err(Drop::NoMapping));
         assert_eq!(out(&mut n, &mut rng, 10, 30000, S), 1801);
-        assert_eq!(n.inbound(t, P, 1801), Err(Drop::Filtered));
+        assert_eq!(n.inbound(ns(t), P, 1801), Err(Drop::Filtered));
         let s2 = SocketAddrV4::new(*S.ip(), 9);
-        assert_eq!(n.inbound(t, s2, 1801), Err(Drop::Filtered));
-        assert_eq!(n.inbound(t, S, 1801), Ok(SocketAddrV4::new(HOST, 30000)));
+        assert_eq!(n.inbound(ns(t), s2, 1801), Err(Drop::Filtered));
+        assert_eq!(
+            n.inbound(ns(t), S, 1801),
+            Ok(SocketAddrV4::new(HOST, 30000))
+        );
     }
 
     #[test]
@@ -683,9 +694,9 @@ mod tests {
                 "EIM reuses the mapping"
             );
             let t = Duration::from_millis(2);
-            assert_eq!(n.inbound(t, s2, e).is_ok(), from_s2, "{filtering:?}");
+            assert_eq!(n.inbound(ns(t), s2, e).is_ok(), from_s2, "{filtering:?}");
             let p2 = SocketAddrV4::new(*P.ip(), 1);
-            assert_eq!(n.inbound(t, p2, e).is_ok(), from_p, "{filtering:?}");
+            assert_eq!(n.inbound(ns(t), p2, e).is_ok(), from_p, "{filtering:?}");
         }
     }
 
@@ -700,7 +711,7 @@ mod tests {
         assert_eq!(out(&mut n, &mut rng, 99, 30000, S), 5000);
         assert_eq!(out(&mut n, &mut rng, 250, 30000, S), 5001);
         assert_eq!(
-            n.inbound(Duration::from_millis(400), S, 5001),
+            n.inbound(ns(Duration::from_millis(400)), S, 5001),
             Err(Drop::NoMapping)
         );
     }

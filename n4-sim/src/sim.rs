@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::link::{Fate, Link};
-use crate::nat::{Drop, Nat};
+use crate::nat::{ns, Drop, Nat};
 use crate::queue::EventQueue;
 use crate::scenario::{Scenario, Stop};
 
@@ -268,6 +268,8 @@ macro_rules! trace {
 pub struct Sim {
     epoch: Instant,
     now: Duration,
+    /// `now` in nanoseconds, for the NATs' expiry checks.
+    now_ns: u64,
     time_limit: Duration,
     stop: Stop,
     rng: ChaCha8Rng,
@@ -368,6 +370,7 @@ impl Sim {
         let mut sim = Self {
             epoch,
             now: Duration::ZERO,
+            now_ns: 0,
             time_limit: scenario.time_limit,
             stop: scenario.stop,
             rng,
@@ -419,10 +422,12 @@ impl Sim {
             };
             if next > self.time_limit {
                 self.now = self.time_limit;
+                self.now_ns = ns(self.now);
                 trace!(self, TraceLevel::Events, "time limit");
                 break;
             }
             self.now = self.now.max(next);
+            self.now_ns = ns(self.now);
             while let Some(ev) = self.queue.pop_due(self.now) {
                 self.events += 1;
                 self.handle(ev);
@@ -584,16 +589,9 @@ impl Sim {
 
     // ------------------------------------------------------------------------------- UDP
 
-    /// A client's datagram from window slot `slot`: over the LAN to the NAT.
-    fn host_send(&mut self, i: usize, slot: usize, to: SocketAddrV4, payload: [u8; 8]) {
-        let Some(&port) = self.sites[i].window.get(slot) else {
-            return;
-        };
-        self.sites[i].outcome.datagrams_sent += 1;
-        if self.sites[i].lan_instant {
-            self.egress(i, port, to, payload);
-            return;
-        }
+    /// A client's datagram from host port `port` over a LAN with delay or randomness.
+    #[inline(never)]
+    fn host_send_lan(&mut self, i: usize, port: u16, to: SocketAddrV4, payload: [u8; 8]) {
         let lan = self.sites[i].lan;
         let ev = |_| Ev::Egress {
             site: i as u8,
@@ -664,10 +662,19 @@ impl Sim {
     }
 
     /// The NAT translates an outbound datagram and puts it on the WAN.
-    #[inline]
+    #[inline(never)]
     fn egress(&mut self, i: usize, port: u16, to: SocketAddrV4, payload: [u8; 8]) {
+        self.egress_inline(i, port, to, payload);
+    }
+
+    /// [`Sim::egress`], for the loop that sends a client's datagrams.
+    #[inline(always)]
+    fn egress_inline(&mut self, i: usize, port: u16, to: SocketAddrV4, payload: [u8; 8]) {
         let internal = SocketAddrV4::new(self.sites[i].host_ip, port);
-        let ext = match self.sites[i].nat.outbound_existing(self.now, internal, to) {
+        let ext = match self.sites[i]
+            .nat
+            .outbound_existing(self.now_ns, internal, to)
+        {
             Some(ext) => ext,
             None => match self.new_mapping(i, internal, to) {
                 Some(ext) => ext,
@@ -782,7 +789,7 @@ impl Sim {
         let Some(i) = (0..2).find(|&i| self.sites[i].nat.public_ip() == *to.ip()) else {
             return;
         };
-        match self.sites[i].nat.inbound(self.now, from, to.port()) {
+        match self.sites[i].nat.inbound(self.now_ns, from, to.port()) {
             Ok(internal) => {
                 let port = internal.port();
                 if self.sites[i].lan_instant {
@@ -991,6 +998,12 @@ impl Sim {
         while let Some(e) = self.sites[i].client.as_mut().and_then(|c| c.poll_event()) {
             self.client_event(i, e);
         }
+        self.send_transmits(i);
+    }
+
+    /// Moves client `i`'s datagrams out: over the LAN, or straight through the NAT.
+    #[inline(never)]
+    fn send_transmits(&mut self, i: usize) {
         while let Some(t) = self.sites[i]
             .client
             .as_mut()
@@ -999,7 +1012,15 @@ impl Sim {
             let SocketAddr::V4(to) = t.destination else {
                 continue;
             };
-            self.host_send(i, t.slot, to, t.payload);
+            let Some(&port) = self.sites[i].window.get(t.slot) else {
+                continue;
+            };
+            self.sites[i].outcome.datagrams_sent += 1;
+            if self.sites[i].lan_instant {
+                self.egress_inline(i, port, to, t.payload);
+            } else {
+                self.host_send_lan(i, port, to, t.payload);
+            }
         }
     }
 
