@@ -51,9 +51,15 @@ impl<E> EventQueue<E> {
     }
 
     pub(crate) fn push(&mut self, at: Duration, ev: E) {
+        self.push_ns(at.as_nanos() as u64, ev);
+    }
+
+    /// [`EventQueue::push`] with the time in nanoseconds.
+    #[inline]
+    pub(crate) fn push_ns(&mut self, at: u64, ev: E) {
         self.seq += 1;
         let e = Entry {
-            at: at.as_nanos() as u64,
+            at,
             seq: self.seq,
             ev,
         };

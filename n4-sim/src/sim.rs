@@ -282,7 +282,7 @@ pub struct Sim {
     bursts: Vec<(u32, u32)>,
     /// Queue sequence number and time of the last [`Ev::Wan`] entry pushed, while it is still
     /// queued: a datagram scheduled right after it for the same time joins its burst.
-    wan_tail: (u64, Duration),
+    wan_tail: (u64, u64),
     wan_queued: u32,
     /// The server port that answers the datagram the server is handling.
     server_reply_from: SocketAddrV4,
@@ -293,7 +293,7 @@ pub struct Sim {
     /// `paths[src][dst]` over nodes 0 = server, 1 = site A, 2 = site B: uplink then uplink.
     paths: [[Link; 3]; 3],
     /// `Some(latency)` where `paths` delivers everything after exactly that (draws nothing).
-    fixed: [[Option<Duration>; 3]; 3],
+    fixed: [[Option<u64>; 3]; 3],
     /// Host → server for each site's TCP leg: LAN, uplink, server uplink.
     tcp_paths: [Link; 2],
     tcp_rto: Duration,
@@ -360,25 +360,34 @@ impl Sim {
         ];
         let paths: [[Link; 3]; 3] =
             std::array::from_fn(|s| std::array::from_fn(|d| up[s].then(&up[d])));
-        let fixed = paths.map(|row| row.map(|p| p.is_fixed().then_some(p.latency)));
+        let fixed = paths.map(|row| row.map(|p| p.is_fixed().then(|| ns(p.latency))));
         let tcp_paths = std::array::from_fn(|i| {
             scenario.sites[i]
                 .lan
                 .then(&scenario.sites[i].uplink)
                 .then(&scenario.server_uplink)
         });
-        let mut sim = Self {
+        let mut queue = EventQueue::with_capacity(256);
+        let mut dirty = 0;
+        for (i, site) in sites.iter().enumerate() {
+            match site.client {
+                Some(_) => dirty |= 2 << i,
+                None => queue.push(site.start, Ev::Start(i as u8)),
+            }
+        }
+        // Built as the tail expression, so that it is written in place, not copied.
+        Ok(Self {
             epoch,
             now: Duration::ZERO,
             now_ns: 0,
             time_limit: scenario.time_limit,
             stop: scenario.stop,
             rng,
-            queue: EventQueue::with_capacity(256),
-            dirty: 0,
+            queue,
+            dirty,
             wan: Vec::with_capacity(256),
             bursts: Vec::with_capacity(16),
-            wan_tail: (0, Duration::ZERO),
+            wan_tail: (0, 0),
             wan_queued: 0,
             server_reply_from: scenario.server_addr,
             events: 0,
@@ -396,17 +405,7 @@ impl Sim {
                 out: String::with_capacity(4096),
             }),
             records: (options.record_mappings || options.trace.is_some()).then(Vec::new),
-        };
-        for i in 0..2 {
-            match sim.sites[i].client {
-                Some(_) => sim.dirty |= 2 << i,
-                None => {
-                    let at = sim.sites[i].start;
-                    sim.schedule(at, Ev::Start(i as u8));
-                }
-            }
-        }
-        Ok(sim)
+        })
     }
 
     /// Runs to the stop condition or the time limit and returns the outcome.
@@ -622,9 +621,9 @@ impl Sim {
         match path.sample(&mut self.rng) {
             Fate::Lost => false,
             Fate::Arrives(t, copy) => {
-                self.schedule_wan(self.now + t, d);
+                self.schedule_wan(ns(self.now + t), d);
                 if let Some(t2) = copy {
-                    self.schedule_wan(self.now + t2, d);
+                    self.schedule_wan(ns(self.now + t2), d);
                 }
                 true
             }
@@ -632,7 +631,7 @@ impl Sim {
     }
 
     #[inline(always)]
-    fn schedule_wan(&mut self, at: Duration, d: WanDatagram) {
+    fn schedule_wan(&mut self, at: u64, d: WanDatagram) {
         let next = self.wan.len() as u32;
         self.wan.push(d);
         // The last entry pushed is this burst and it is due at `at`: a datagram pushed now
@@ -647,7 +646,7 @@ impl Sim {
         self.wan_queued += 1;
         let burst = self.bursts.len() as u32;
         self.bursts.push((next, 1));
-        self.queue.push(at, Ev::Wan { burst });
+        self.queue.push_ns(at, Ev::Wan { burst });
         self.wan_tail = (self.queue.last_seq(), at);
     }
 
@@ -692,9 +691,10 @@ impl Sim {
         };
         match self.fixed[i + 1][dst] {
             // What `over_wan` does for a fixed path, without copying the link.
-            Some(latency) => {
-                self.schedule_wan(self.now + latency, WanDatagram::new(from, to, payload))
-            }
+            Some(latency) => self.schedule_wan(
+                self.now_ns.saturating_add(latency),
+                WanDatagram::new(from, to, payload),
+            ),
             None => self.egress_sampled(i, dst, from, to, payload),
         }
     }
@@ -770,7 +770,7 @@ impl Sim {
         };
         let d = WanDatagram::new(from, to, payload);
         if let Some(latency) = self.fixed[0][dst] {
-            self.schedule_wan(self.now + latency, d);
+            self.schedule_wan(self.now_ns.saturating_add(latency), d);
             return;
         }
         let path = self.paths[0][dst];
@@ -1190,7 +1190,11 @@ impl Sim {
 
 /// Runs a scenario without a trace.
 pub fn run(scenario: &Scenario) -> Result<Outcome, ScenarioError> {
-    Ok(Sim::new(scenario, SimOptions::default())?.run())
+    // Run it where it was built: moving a `Sim` out of the `Result` copies kilobytes.
+    match &mut Sim::new(scenario, SimOptions::default()) {
+        Ok(sim) => Ok(sim.run()),
+        Err(e) => Err(e.clone()),
+    }
 }
 
 /// Runs a scenario with a trace at `level`; returns the outcome and the trace.
