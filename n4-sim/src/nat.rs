@@ -323,7 +323,7 @@ impl Nat {
 
     /// [`Nat::outbound`] through a live mapping: its external port, or `None` if there is
     /// none (then call [`Nat::outbound_new`]).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn outbound_existing(
         &mut self,
         now: u64,
@@ -341,7 +341,7 @@ impl Nat {
     }
 
     /// The live entry that an outbound datagram from `internal` to `remote` uses, if any.
-    #[inline]
+    #[inline(always)]
     fn find_out(&self, now: u64, internal: SocketAddrV4, remote: SocketAddrV4) -> Option<usize> {
         let mask = self.mask;
         let want = key(internal, remote) & mask;
