@@ -12,18 +12,19 @@
 //! this test process dies, the pipe closes just the same. All traffic stays inside the lab's
 //! namespaces; lab names are unique per run, so the tests run in parallel.
 
+mod util;
+
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const N4: &str = env!("CARGO_BIN_EXE_n4");
+use util::{collect, wait_until, Lines, Proc, N4};
+
 const LAB_SH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/lab.sh");
 
 /// How long a lab may take to come up, and to go down.
@@ -63,43 +64,6 @@ fn lab_available() -> bool {
         missing.join(", ")
     );
     true
-}
-
-/// Lines a reader thread collects from a child's pipe.
-type Lines = Arc<Mutex<Vec<String>>>;
-
-fn collect(reader: impl Read + Send + 'static, tx: Option<mpsc::Sender<String>>) -> Lines {
-    let lines: Lines = Arc::default();
-    let sink = lines.clone();
-    thread::spawn(move || {
-        for line in BufReader::new(reader).lines() {
-            let Ok(line) = line else { break };
-            if let Some(tx) = &tx {
-                let _ = tx.send(line.clone());
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
-
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill(2) on the pid of a child we have not reaped yet.
-    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-}
-
-/// Waits for `child` until `limit`; `None` if it is still running then.
-fn wait_until(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for a child") {
-            return Some(status);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A lab of `lab.sh run`, torn down when dropped.
@@ -180,26 +144,17 @@ impl Lab {
         self.var("LAB_IP_SERVER")
     }
 
-    /// `n4 ARGS` inside ROLE's namespace.
-    fn n4(&self, role: &str, args: &[&str]) -> NsProc {
-        let mut child = Command::new("ip")
+    /// `n4 ARGS` inside ROLE's namespace (`ip netns exec` execs it: the pid is n4's).
+    fn n4(&self, role: &str, args: &[&str]) -> Proc {
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", self.ns(role), N4])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ip netns exec n4");
-        NsProc {
-            name: format!("{role} (n4 {})", args.join(" ")),
-            stdout: collect(child.stdout.take().unwrap(), None),
-            stderr: collect(child.stderr.take().unwrap(), None),
-            child,
-        }
+            .args(args);
+        Proc::spawn_command(&format!("{role} (n4 {})", args.join(" ")), command)
     }
 
     /// `n4 -s ARGS` in the server's namespace, once it listens.
-    fn server(&self, args: &[&str]) -> NsProc {
+    fn server(&self, args: &[&str]) -> Proc {
         let mut all = vec!["-s"];
         all.extend_from_slice(args);
         let s = self.n4("server", &all);
@@ -208,7 +163,7 @@ impl Lab {
     }
 
     /// `n4 -c -h SERVER -b START ARGS` in host `role`'s namespace.
-    fn client(&self, role: &str, start: u16, args: &[&str]) -> NsProc {
+    fn client(&self, role: &str, start: u16, args: &[&str]) -> Proc {
         let start = start.to_string();
         let mut all = vec!["-c", "-h", self.server_ip(), "-b", &start];
         all.extend_from_slice(args);
@@ -239,7 +194,8 @@ impl Drop for Lab {
         // EOF for the holder: lab.sh tears down and exits.
         drop(self.stdin.take());
         if wait_until(&mut self.child, LAB_DOWN).is_none() {
-            signal(&self.child, libc::SIGTERM);
+            // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
             if wait_until(&mut self.child, LAB_DOWN).is_none() {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
@@ -253,83 +209,6 @@ impl Drop for Lab {
     }
 }
 
-/// A process inside a namespace (`ip netns exec` execs it: same pid), killed when dropped.
-struct NsProc {
-    name: String,
-    child: Child,
-    stdout: Lines,
-    stderr: Lines,
-}
-
-impl NsProc {
-    fn log(&self) -> String {
-        self.stderr.lock().unwrap().join("\n")
-    }
-
-    fn stdout(&self) -> Vec<String> {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn wait_log(&self, needle: &str, limit: Duration) {
-        let end = Instant::now() + limit;
-        while !self
-            .stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-        {
-            assert!(
-                Instant::now() < end,
-                "{}: no {needle:?} within {limit:?}; log:\n{}",
-                self.name,
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_stdout(&self, limit: Duration) -> String {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(l) = self.stdout.lock().unwrap().first() {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < end,
-                "{}: nothing on stdout within {limit:?}; log:\n{}",
-                self.name,
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The exit status within `limit`; panics with the log (and kills it, on drop) otherwise.
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let status = wait_until(&mut self.child, limit).unwrap_or_else(|| {
-            panic!(
-                "{}: still running after {limit:?}; log:\n{}",
-                self.name,
-                self.log()
-            )
-        });
-        thread::sleep(Duration::from_millis(50)); // the readers catch the last lines
-        status
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for NsProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The `--json` line of a client that won.
 struct Won {
     local_port: u16,
@@ -338,7 +217,7 @@ struct Won {
     json: serde_json::Value,
 }
 
-fn won(p: &mut NsProc) -> Won {
+fn won(p: &mut Proc) -> Won {
     let line = p.wait_stdout(WIN);
     let json: serde_json::Value = serde_json::from_str(&line)
         .unwrap_or_else(|e| panic!("{}: stdout {line:?} is not JSON: {e}", p.name));
@@ -361,7 +240,7 @@ fn won(p: &mut NsProc) -> Won {
 }
 
 /// Both clients exited 0 after WIN; returns their results.
-fn both_won(a: &mut NsProc, b: &mut NsProc) -> (Won, Won) {
+fn both_won(a: &mut Proc, b: &mut Proc) -> (Won, Won) {
     let (wa, wb) = (won(a), won(b));
     for p in [a, b] {
         let status = p.wait_exit(WIN);
@@ -399,26 +278,25 @@ fn datagrams_cross_the_hole(lab: &Lab, wa: &Won, wb: &Won) {
     let sa = lab.udp("a", any(wa.local_port));
     let sb = lab.udp("b", any(wb.local_port));
     let mut buf = [0u8; 1500];
-    sa.send_to(b"hello B, this is A", wa.peer).unwrap();
-    let (n, from) = sb
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("A -> B through the hole: {e}; A {} B {}", wa.json, wb.json));
-    assert_eq!(&buf[..n], b"hello B, this is A");
-    assert_eq!(
-        from,
-        SocketAddr::V4(wb.peer),
-        "B hears A from the peer it reported"
-    );
-    sb.send_to(b"hello A, this is B", wb.peer).unwrap();
-    let (n, from) = sa
-        .recv_from(&mut buf)
-        .unwrap_or_else(|e| panic!("B -> A through the hole: {e}; A {} B {}", wa.json, wb.json));
-    assert_eq!(&buf[..n], b"hello A, this is B");
-    assert_eq!(
-        from,
-        SocketAddr::V4(wa.peer),
-        "A hears B from the peer it reported"
-    );
+    // Each side: its name, its socket, and the peer it reported.
+    let a = ("A", &sa, wa.peer);
+    let b = ("B", &sb, wb.peer);
+    for ((x, from, aim), (y, to, seen_as)) in [(a, b), (b, a)] {
+        let text = format!("hello {y}, this is {x}");
+        from.send_to(text.as_bytes(), aim).unwrap();
+        let (n, src) = to.recv_from(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "{x} -> {y} through the hole: {e}; A {} B {}",
+                wa.json, wb.json
+            )
+        });
+        assert_eq!(&buf[..n], text.as_bytes());
+        assert_eq!(
+            src,
+            SocketAddr::V4(seen_as),
+            "{y} hears {x} from the peer it reported"
+        );
+    }
 }
 
 /// (a) The original's behaviour (`--no-ext`: fixed offset 20, 25 ports) through two
@@ -519,7 +397,7 @@ fn forward_relays_local_programs_through_the_kernel_nats() {
 
     for p in [&mut a, &mut b] {
         assert!(p.is_running(), "{}: exited; log:\n{}", p.name, p.log());
-        signal(&p.child, libc::SIGINT);
+        p.signal("-INT");
         let status = p.wait_exit(Duration::from_secs(10));
         assert_eq!(
             status.code(),

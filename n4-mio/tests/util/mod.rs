@@ -1,11 +1,12 @@
-//! Real `n4` processes on loopback for the tests: spawn, watch their log and stdout, wait with
-//! a deadline, and kill on drop so a failing test leaves nothing behind.
+//! Real `n4` processes for the tests (on loopback, or inside a lab's network namespaces):
+//! spawn, watch their log and stdout, wait with a deadline, and kill on drop so a failing test
+//! leaves nothing behind.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,37 +14,66 @@ use n4_core::{Ident, Message};
 
 pub const N4: &str = env!("CARGO_BIN_EXE_n4");
 
+/// Lines a reader thread collects from a child's pipe.
+pub type Lines = Arc<Mutex<Vec<String>>>;
+
 /// A running `n4`, killed when dropped.
 pub struct Proc {
     pub name: String,
     child: Child,
-    stderr: Arc<Mutex<Vec<String>>>,
-    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Lines,
+    stdout: Lines,
 }
 
-fn collect(reader: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
+/// Collects the lines of `reader` on a thread of its own, each also sent to `tx` if given.
+pub fn collect(reader: impl Read + Send + 'static, tx: Option<mpsc::Sender<String>>) -> Lines {
+    let lines: Lines = Arc::default();
     let sink = lines.clone();
     thread::spawn(move || {
         for line in BufReader::new(reader).lines() {
             let Ok(line) = line else { break };
+            if let Some(tx) = &tx {
+                let _ = tx.send(line.clone());
+            }
             sink.lock().unwrap().push(line);
         }
     });
     lines
 }
 
+/// Waits for `child` until `limit`; `None` if it is still running then.
+pub fn wait_until(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for a child") {
+            return Some(status);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Proc {
+    /// `n4 ARGS`.
     pub fn spawn(name: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(N4)
-            .args(args)
+        let mut command = Command::new(N4);
+        command.args(args);
+        Self::spawn_command(name, command)
+    }
+
+    /// `command` (which runs `n4` in the end, e.g. through `ip netns exec`: the pid must be
+    /// n4's for [`Proc::signal`]), with stdout and stderr collected.
+    pub fn spawn_command(name: &str, mut command: Command) -> Self {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn n4");
-        let stderr = collect(child.stderr.take().unwrap());
-        let stdout = collect(child.stdout.take().unwrap());
+            .unwrap_or_else(|e| panic!("{name}: spawn {:?}: {e}", command.get_program()));
+        let stderr = collect(child.stderr.take().unwrap(), None);
+        let stdout = collect(child.stdout.take().unwrap(), None);
         Self {
             name: name.to_string(),
             child,
@@ -100,23 +130,18 @@ impl Proc {
         }
     }
 
-    /// Waits for the exit status; panics with the log after `limit`.
+    /// Waits for the exit status; panics with the log (and kills it, on drop) after `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader threads catch the last lines.
-                thread::sleep(Duration::from_millis(50));
-                return status;
-            }
-            assert!(
-                Instant::now() < end,
+        let status = wait_until(&mut self.child, limit).unwrap_or_else(|| {
+            panic!(
                 "{}: still running after {limit:?}; log:\n{}",
                 self.name,
                 self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+            )
+        });
+        // Let the reader threads catch the last lines.
+        thread::sleep(Duration::from_millis(50));
+        status
     }
 
     pub fn is_running(&mut self) -> bool {
