@@ -399,11 +399,7 @@ impl Driver {
             };
             match c.stream.read(buf) {
                 Ok(0) => {
-                    let closing = c.closing.is_some();
-                    self.drop_conn(conn);
-                    if !closing {
-                        self.server.handle_connection_closed(now, conn);
-                    }
+                    self.lose_conn(now, conn);
                     return;
                 }
                 Ok(n) => {
@@ -420,11 +416,7 @@ impl Driver {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     debug!("connection {}: {e}", conn.0);
-                    let closing = c.closing.is_some();
-                    self.drop_conn(conn);
-                    if !closing {
-                        self.server.handle_connection_closed(now, conn);
-                    }
+                    self.lose_conn(now, conn);
                     return;
                 }
             }
@@ -447,11 +439,7 @@ impl Driver {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if c.out.len() > MAX_PENDING {
                         debug!("connection {}: not reading; dropped", conn.0);
-                        let closing = c.closing.is_some();
-                        self.drop_conn(conn);
-                        if !closing {
-                            self.server.handle_connection_closed(now, conn);
-                        }
+                        self.lose_conn(now, conn);
                     } else if !c.write_interest {
                         c.write_interest = true;
                         let token = Token(CONN_BASE + conn.0 as usize);
@@ -469,11 +457,7 @@ impl Driver {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     debug!("connection {}: {e}", conn.0);
-                    let closing = c.closing.is_some();
-                    self.drop_conn(conn);
-                    if !closing {
-                        self.server.handle_connection_closed(now, conn);
-                    }
+                    self.lose_conn(now, conn);
                     return;
                 }
             }
@@ -486,6 +470,16 @@ impl Driver {
                 let _ = c.stream.shutdown(Shutdown::Write);
                 self.lingering.insert((deadline, conn));
             }
+        }
+    }
+
+    /// The peer closed or the socket failed: closes it and, unless the machine closed it
+    /// first (and has forgotten it), tells the machine.
+    fn lose_conn(&mut self, now: Instant, conn: ConnId) {
+        let closing = self.conns.get(&conn).is_some_and(|c| c.closing.is_some());
+        self.drop_conn(conn);
+        if !closing {
+            self.server.handle_connection_closed(now, conn);
         }
     }
 
