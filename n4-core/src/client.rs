@@ -606,6 +606,7 @@ impl Client {
 
     /// The next datagram to send.
     #[must_use]
+    #[inline] // one call per datagram: let drivers in other crates inline it
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         let t = self.transmits.pop_front()?;
         self.datagrams_sent += 1;
