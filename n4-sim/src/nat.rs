@@ -447,19 +447,26 @@ impl Nat {
         // A burst of punches aims at one port: the memo usually names its one holder.
         if let Some((p, g, PortHolders::One(i))) = self.port_memo {
             if p == port && g == self.generation {
-                let (filtering, lifetime) = (self.config.filtering, self.lifetime);
-                let e = &mut self.entries[i];
-                if e.expires <= now {
-                    return Err(Drop::NoMapping);
-                }
-                if !e.permits(from, filtering) {
-                    return Err(Drop::Filtered);
-                }
-                e.expires = now.saturating_add(lifetime);
-                return Ok(e.internal);
+                return self.inbound_to(i, now, from);
             }
         }
         self.inbound_slow(now, from, port)
+    }
+
+    /// An inbound datagram from `from` to the one entry `i` that holds its port: delivered
+    /// (refreshing the mapping) unless the entry expired or its filtering refuses `from`.
+    #[inline(always)]
+    fn inbound_to(&mut self, i: usize, now: u64, from: SocketAddrV4) -> Result<SocketAddrV4, Drop> {
+        let (filtering, lifetime) = (self.config.filtering, self.lifetime);
+        let e = &mut self.entries[i];
+        if e.expires <= now {
+            return Err(Drop::NoMapping);
+        }
+        if !e.permits(from, filtering) {
+            return Err(Drop::Filtered);
+        }
+        e.expires = now.saturating_add(lifetime);
+        Ok(e.internal)
     }
 
     /// [`Nat::inbound`] without a memo for `port`, or with several holders.
@@ -489,17 +496,7 @@ impl Nat {
         };
         match holders {
             PortHolders::None => return Err(Drop::NoMapping),
-            PortHolders::One(i) => {
-                let e = &mut self.entries[i];
-                if e.expires <= now {
-                    return Err(Drop::NoMapping);
-                }
-                if !e.permits(from, filtering) {
-                    return Err(Drop::Filtered);
-                }
-                e.expires = now.saturating_add(lifetime);
-                return Ok(e.internal);
-            }
+            PortHolders::One(i) => return self.inbound_to(i, now, from),
             PortHolders::Many => {}
         }
         let mut seen = false;
