@@ -259,6 +259,23 @@ fn try_send(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<bool> {
     }
 }
 
+/// Reads and discards what the server sent: `true` once it closed the connection (EOF or
+/// reset), `false` while it is open (or, before the connect completes, not open yet).
+fn server_closed(stream: &mut TcpStream) -> bool {
+    let mut tmp = [0u8; 64];
+    loop {
+        match stream.read(&mut tmp) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::NotConnected) => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
 fn raise_fd_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -653,19 +670,10 @@ impl Gen {
         let Some(stream) = a.stream.as_mut() else {
             return;
         };
-        let mut tmp = [0u8; 64];
-        loop {
-            match stream.read(&mut tmp) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == ErrorKind::NotConnected => return,
-                Err(_) => break, // reset: closed by the server too
-            }
+        if server_closed(stream) {
+            a.closed_by_server = true;
+            a.stream = None;
         }
-        a.closed_by_server = true;
-        a.stream = None;
     }
 
     fn send_garbage_datagram(&mut self) {
@@ -745,18 +753,10 @@ impl Gen {
                 }
             }
         }
-        let mut tmp = [0u8; 16];
-        loop {
-            match stream.read(&mut tmp) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
+        if server_closed(stream) {
+            w.closed_by_server = true;
+            w.stream = None;
         }
-        w.closed_by_server = true;
-        w.stream = None;
     }
 
     fn dispatch(&mut self, events: &Events, now: Instant) {
