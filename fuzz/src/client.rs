@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use n4_core::{
-    Client, ClientConfig, Command, Event, Hint, Ident, LoseReason, Message, Strategy,
-    StreamDecoder, Token, Transmit,
+    Client, ClientConfig, Command, Event, Hint, LoseReason, Message, Strategy, StreamDecoder,
+    Token, Transmit,
 };
 
+use crate::ident;
 use crate::seed::{Encode, Writer};
 
 /// The rendezvous server's address (probes go to its port + 1).
@@ -56,9 +57,6 @@ pub const PORT_STARTS: [u16; 4] = [30000, 0, 65531, 1];
 
 /// `peer_port_offset` choices, the last out of range.
 pub const OFFSETS: [i32; 6] = [20, 0, -1, 65535, 1000, -65536];
-
-/// Identifiers the fuzzer can name by index; `IDENTS[0]` is the client's.
-pub const IDENTS: [&str; 3] = ["n4n4n4", "ab", ""];
 
 /// A step may fire timers at one instant at most this often before it counts as a livelock.
 const MAX_FIRES_PER_STEP: usize = 10_000;
@@ -175,7 +173,7 @@ pub enum StreamData {
 pub enum DatagramData {
     /// The client's own PUNCH bytes (what its peer sends).
     Punch,
-    /// A PUNCH with an identifier from [`IDENTS`].
+    /// A PUNCH with an identifier from [`crate::IDENTS`].
     PunchWith(u8),
     /// The server's answer to a PROBE: SEEN from the probe port (the source is forced).
     ProbeReply {
@@ -277,11 +275,6 @@ pub fn run(input: &Input) -> Outcome {
         h.apply(op);
     }
     h.outcome
-}
-
-/// `IDENTS[i % 3]`.
-pub fn ident(i: u8) -> Ident {
-    Ident::new(IDENTS[usize::from(i) % IDENTS.len()]).expect("IDENTS are valid")
 }
 
 /// What the harness did in one step, to judge what comes out.

@@ -9,7 +9,18 @@
 //! into the bytes `arbitrary` reads, so the committed seed corpora are real stories (a v1
 //! pairing, an extended round that wins…) rather than random bytes.
 
+use n4_core::Ident;
+
 pub mod client;
 pub mod codec;
 pub mod seed;
 pub mod server;
+
+/// Identifiers the fuzzer can name by index. `IDENTS[0]` is the client's in the client target,
+/// and the only one allowed in the server target when `only_ident` is set.
+pub const IDENTS: [&str; 3] = ["n4n4n4", "ab", ""];
+
+/// `IDENTS[i % 3]`.
+pub fn ident(i: u8) -> Ident {
+    Ident::new(IDENTS[usize::from(i) % IDENTS.len()]).expect("IDENTS are valid")
+}

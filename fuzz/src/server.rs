@@ -23,10 +23,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
-use n4_core::{
-    ConnId, Hint, Ident, Message, Server, ServerConfig, ServerEvent, ServerOutput, Token,
-};
+use n4_core::{ConnId, Hint, Message, Server, ServerConfig, ServerEvent, ServerOutput, Token};
 
+use crate::ident;
 use crate::seed::{Encode, Writer};
 
 /// `ServerConfig::max_connections` under test.
@@ -56,10 +55,6 @@ pub const HOSTS: [IpAddr; 5] = [
 
 /// UDP source ports datagrams come from: few, so repeats from one address happen.
 pub const UDP_PORTS: [u16; 4] = [40000, 40001, 1721, 0];
-
-/// Identifiers the fuzzer can name by index; the first is the only one allowed when
-/// [`Config::only_ident`] is set.
-pub const IDENTS: [&str; 3] = ["n4n4n4", "ab", ""];
 
 /// One fuzz input.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
@@ -218,11 +213,6 @@ impl IdentChoice {
             Self::Wire(raw) => raw,
         }
     }
-}
-
-/// `IDENTS[i % 3]`.
-pub fn ident(i: u8) -> Ident {
-    Ident::new(IDENTS[usize::from(i) % IDENTS.len()]).expect("IDENTS are valid")
 }
 
 fn message_bytes(cmd: u8, data: [u8; 6]) -> [u8; 8] {
