@@ -255,8 +255,14 @@ impl Driver {
                     debug!("keepalive from slot {slot} to {peer}");
                 }
             }
-            self.keepalive_at = Some(now + self.keepalive_interval());
+            self.keepalive_at = self.keepalive_after(now);
         }
+    }
+
+    /// When the next keepalive is due after traffic at `now`; `None` (never) for an interval
+    /// too long for the clock.
+    fn keepalive_after(&self, now: Instant) -> Option<Instant> {
+        now.checked_add(self.keepalive_interval())
     }
 
     fn keepalive_interval(&self) -> Duration {
@@ -367,7 +373,8 @@ impl Driver {
                     connected: false,
                     out: Vec::new(),
                 });
-                self.connect_deadline = Some(now + self.options.connect_timeout);
+                // A timeout too long for the clock is no deadline at all.
+                self.connect_deadline = now.checked_add(self.options.connect_timeout);
             }
             Err(e) => self.connect_failed(now, e.to_string()),
         }
@@ -531,7 +538,7 @@ impl Driver {
                 continue;
             };
             send_from(&self.window, won.slot, won.peer, &buf[..n]);
-            self.keepalive_at = Some(now + self.keepalive_interval());
+            self.keepalive_at = self.keepalive_after(now);
         }
     }
 
@@ -614,7 +621,7 @@ impl Driver {
                     forward_via: self.forward.as_ref().and_then(|s| s.local_addr().ok()),
                 };
                 if self.options.after_win != AfterWin::Exit {
-                    self.keepalive_at = Some(now + self.keepalive_interval());
+                    self.keepalive_at = self.keepalive_after(now);
                 }
                 self.won = Some(Won {
                     slot,

@@ -66,7 +66,7 @@ pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
     // margin so that the machine refuses the excess (closing it at once) before accept(2)
     // runs out of descriptors and leaves connections hanging in the backlog.
     let max = options.config.max_connections as u64;
-    let files = sockets::raise_fd_limit(max + fd_margin(max));
+    let files = sockets::raise_fd_limit(max.saturating_add(fd_margin(max)));
     let fit = files.saturating_sub(fd_margin(files)).max(1);
     if fit < max {
         warn!(

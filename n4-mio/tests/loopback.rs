@@ -295,6 +295,14 @@ fn bad_flags_exit_2_with_one_line() {
             "at least one round",
         ),
         (&["-c", "-h", "127.0.0.1", "--keepalive", "0"], "positive"),
+        // Deadlines are now + the flag: past a year the clock would overflow.
+        (
+            &["-c", "-h", "127.0.0.1", "--round-timeout", "1e19"],
+            "at most",
+        ),
+        (&["-c", "-h", "127.0.0.1", "--keepalive", "1e19"], "at most"),
+        (&["-s", "--hello-timeout", "1e19"], "at most"),
+        (&["-s", "--wait-timeout", "1e19"], "at most"),
         (
             &["-c", "-h", "127.0.0.1", "--forward", "nowhere"],
             "--forward",
@@ -368,6 +376,44 @@ fn network_errors_exit_3_with_one_message() {
     let held = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, util::free_port())).unwrap();
     let port = held.local_addr().unwrap().port().to_string();
     expect_failure(&["-s", "-l", &port], 3, "cannot listen on UDP 0.0.0.0:");
+}
+
+#[test]
+fn server_with_the_largest_max_conns_serves() {
+    // The descriptor budget adds a margin to it: that must not overflow.
+    let (srv, port) = server(&["--max-conns", &usize::MAX.to_string()]);
+    let mut a = client("a", port, 23300, &[]);
+    let mut b = client("b", port, 23400, &[]);
+    assert_won(&mut a);
+    assert_won(&mut b);
+    srv.wait_log("Paired [n4n4n4]", T);
+}
+
+/// The library takes a connect timeout (and keepalive interval) too long for the clock as
+/// none at all, rather than panicking on `now + timeout`.
+#[test]
+fn library_client_takes_durations_too_long_for_the_clock() {
+    use n4_core::ClientConfig;
+    use n4_mio::{run_client, AfterWin, ClientOptions, Error};
+
+    let closed = util::free_port();
+    let result = run_client(ClientOptions {
+        config: ClientConfig {
+            server: std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, closed),
+            port_start: 0,
+            max_rounds: Some(1),
+            ..ClientConfig::default()
+        },
+        after_win: AfterWin::KeepAlive {
+            interval: Duration::MAX,
+        },
+        json: false,
+        connect_timeout: Duration::MAX,
+    });
+    assert!(
+        matches!(result, Err(Error::Unreachable { .. })),
+        "{result:?}"
+    );
 }
 
 #[test]

@@ -353,11 +353,19 @@ fn ident(cli: &Cli) -> Result<Option<Ident>, Usage> {
         .transpose()
 }
 
+/// The longest a time flag may say: a year. Deadlines are `now + flag`, and a clock cannot
+/// count arbitrarily far ahead (`1e19` seconds overflows it); "forever" is leaving the flag out.
+const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
 fn secs(flag: &str, v: f64) -> Result<Duration, Usage> {
     Duration::try_from_secs_f64(v)
         .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| Usage(format!("{flag} {v}: must be a positive number of seconds")))
+        .filter(|d| !d.is_zero() && v <= MAX_SECS)
+        .ok_or_else(|| {
+            Usage(format!(
+                "{flag} {v}: must be a positive number of seconds, at most {MAX_SECS} (a year)"
+            ))
+        })
 }
 
 fn server_options(cli: &Cli) -> Result<ServerOptions, Usage> {
