@@ -485,7 +485,7 @@ impl Client {
         self.events.push_back(Event::HelloSent);
         if self.round > 1 {
             // A partner that played the last round with us comes back at once, or not at all.
-            self.deadline = Some(now + self.config.round_timeout);
+            self.deadline = Some(crate::later(now, self.config.round_timeout));
         }
     }
 
@@ -722,7 +722,8 @@ impl Client {
             });
             self.probes_sent += 1;
         }
-        self.probe_at = (self.probes_sent < total).then(|| now + self.config.probe_interval);
+        self.probe_at =
+            (self.probes_sent < total).then(|| crate::later(now, self.config.probe_interval));
     }
 
     fn on_probe_reply(&mut self, now: Instant, probe: usize, from: SocketAddr, bytes: &[u8]) {
@@ -760,7 +761,10 @@ impl Client {
                     // READY came before our probes' answers (a partner already waiting, a
                     // short RTT): without them we could give no hint. Wait for them a little.
                     self.exchange_deferred = true;
-                    self.deadline = Some(now + self.rtt().clamp(PROBE_WAIT_MIN, PROBE_WAIT_MAX));
+                    self.deadline = Some(crate::later(
+                        now,
+                        self.rtt().clamp(PROBE_WAIT_MIN, PROBE_WAIT_MAX),
+                    ));
                 } else {
                     self.send_exchange(now);
                 }
@@ -798,7 +802,7 @@ impl Client {
         let first = self.peer_info_deadline.is_none();
         let give_up = *self
             .peer_info_deadline
-            .get_or_insert(now + self.config.round_timeout);
+            .get_or_insert(crate::later(now, self.config.round_timeout));
         // Refresh only while the server holds our EXCHANGE (SEEN came) and has not paired the
         // round (no HINT yet): then the partner is late. Otherwise PEERINFO may be on its way,
         // delayed by TCP, and a refresh would only move our ports past the partner's aim; the
@@ -855,12 +859,12 @@ impl Client {
         }
         // PEERINFO normally comes one RTT after our EXCHANGE; later means the partner is late.
         let wait = if refresh || first && self.token.is_some() {
-            (self.rtt() * 5 / 4 + Duration::from_millis(10)).max(MIN_REFRESH)
+            (self.rtt().saturating_mul(5) / 4 + Duration::from_millis(10)).max(MIN_REFRESH)
         } else {
             EXCHANGE_RESEND
         };
         self.deadline = Some(match self.token {
-            Some(_) => give_up.min(now + wait),
+            Some(_) => give_up.min(crate::later(now, wait)),
             None => give_up,
         });
     }
@@ -904,12 +908,12 @@ impl Client {
             let window = self.plan.map_or(self.config.port_count, |p| p.window);
             let rtt = self.rtt();
             self.pass = Some(PendingPass {
-                at: now + rtt / 2,
+                at: crate::later(now, rtt / 2),
                 target,
                 slots: usize::from(window),
             });
             // The peer punches about when we do; its punches cross in one one-way trip.
-            let timeout = (rtt * 4).max(Duration::from_millis(200));
+            let timeout = (rtt.saturating_mul(4)).max(Duration::from_millis(200));
             (window, 1, timeout.min(self.config.round_timeout))
         } else {
             let count = match self.plan {
@@ -928,7 +932,7 @@ impl Client {
             target,
             datagrams: usize::from(slots) * usize::from(passes),
         });
-        self.deadline = Some(now + timeout);
+        self.deadline = Some(crate::later(now, timeout));
         let early = std::mem::take(&mut self.early_punches);
         if let Some(&(slot, from)) = early.iter().find(|(_, from)| self.accepts(peer, *from)) {
             self.win(now, slot, from);
@@ -993,7 +997,7 @@ impl Client {
             self.config.ack_interval
         };
         // The burst ends one interval after the last PUNCH, like v1's sleep after each send.
-        self.deadline = Some(now + interval);
+        self.deadline = Some(crate::later(now, interval));
     }
 
     fn lose(&mut self, now: Instant, reason: LoseReason) {
@@ -1020,7 +1024,7 @@ impl Client {
             self.start_round(now, false);
         } else {
             self.phase = Phase::Between;
-            self.deadline = Some(now + wait);
+            self.deadline = Some(crate::later(now, wait));
         }
     }
 

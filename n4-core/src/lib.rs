@@ -26,6 +26,15 @@ pub use codec::{
     MESSAGE_LEN,
 };
 pub use prediction::{NatBehaviour, Observation, Plan, PortPredictor};
+/// `now + d`, for deadlines: a duration too long for the clock (a misconfigured "forever")
+/// becomes a century instead of a panic.
+pub(crate) fn later(now: std::time::Instant, d: std::time::Duration) -> std::time::Instant {
+    const CENTURY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(d.min(CENTURY))
+        .or_else(|| now.checked_add(std::time::Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
+}
+
 pub use server::{
     AbandonReason, ConnId, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput,
     ServerStats,

@@ -320,7 +320,7 @@ impl Server {
             return;
         }
         *self.per_ip.entry(ip).or_insert(0) += 1;
-        let deadline = now + self.config.hello_timeout;
+        let deadline = crate::later(now, self.config.hello_timeout);
         self.conn_deadlines.insert((deadline, conn));
         self.conns.insert(
             conn,
@@ -469,7 +469,7 @@ impl Server {
             c.seat = Seat::Waiting(ident);
             let remote = c.remote;
             if let Some(wait) = self.config.wait_timeout {
-                let deadline = now + wait;
+                let deadline = crate::later(now, wait);
                 c.deadline = Some(deadline);
                 self.conn_deadlines.insert((deadline, conn));
             }
@@ -489,7 +489,7 @@ impl Server {
             exchanged: None,
             hint: Hint::NONE,
         });
-        let deadline = now + self.config.exchange_timeout;
+        let deadline = crate::later(now, self.config.exchange_timeout);
         let mut p = Pair {
             ident,
             sides,
@@ -630,7 +630,7 @@ impl Server {
         let session = pair.sides.iter().all(|s| s.ext);
         if session {
             let old = pair.deadline;
-            pair.deadline = now + self.config.session_timeout;
+            pair.deadline = crate::later(now, self.config.session_timeout);
             let new = pair.deadline;
             self.pair_deadlines.remove(&(old, pair_id));
             self.pair_deadlines.insert((new, pair_id));

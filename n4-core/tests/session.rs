@@ -576,3 +576,27 @@ fn a_retry_round_without_a_partner_is_lost_instead_of_waiting_forever() {
     )));
     assert_eq!(w.hosts[a].events.last(), Some(&Event::GaveUp { rounds: 2 }));
 }
+
+#[test]
+fn durations_too_long_for_the_clock_mean_practically_forever_not_a_panic() {
+    let mut w = World::new(ServerConfig {
+        hello_timeout: Duration::MAX,
+        wait_timeout: Some(Duration::MAX),
+        exchange_timeout: Duration::MAX,
+        session_timeout: Duration::MAX,
+        ..ServerConfig::default()
+    });
+    let mut cfg = client(30000);
+    cfg.round_timeout = Duration::MAX;
+    cfg.ack_interval = Duration::MAX;
+    let a = w.add_client([198, 51, 100, 3], cfg.clone());
+    cfg.port_start = 31000;
+    let b = w.add_client([203, 0, 113, 12], cfg);
+    let silent = w.raw_connect(SocketAddr::from(([192, 0, 2, 99], 5555)));
+    assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
+    w.run_for(Duration::from_secs(60));
+    assert!(
+        !w.raw[&silent].closed,
+        "a silent connection waits 'forever'"
+    );
+}
