@@ -11,7 +11,8 @@
 //!   NAT's step, direction, allocation rate and RTT ([`PortPredictor`]); its EXCHANGE carries a
 //!   [`Hint`] telling the peer where to aim; the window it punches from is sized to its own
 //!   uncertainty; lost rounds are re-run inside the same TCP session after a few RTTs, reusing
-//!   the window. Whenever the server or the peer is v1, it behaves as v1 towards them.
+//!   the window. Whenever the server or the peer is v1, it speaks v1 to them; against a v1
+//!   server it still sweeps its aim over the rounds instead of v1's fixed offset.
 //!
 //! WIN is reported as soon as the peer's PUNCH arrives; the acknowledgement burst goes on as
 //! timed transmits.
@@ -322,6 +323,8 @@ const PROBE_WAIT_MAX: Duration = Duration::from_millis(150);
 const MIN_REFRESH: Duration = Duration::from_millis(50);
 /// RTT assumed before any was measured.
 const DEFAULT_RTT: Duration = Duration::from_millis(100);
+/// Rounds in the offset sweep used against a v1 server.
+const V1_SERVER_SWEEP: u32 = 4;
 /// Acknowledgements to a peer of ours: it wins on the first, the rest cover loss.
 const EXT_ACKS: u16 = 3;
 const EXT_ACK_INTERVAL: Duration = Duration::from_millis(100);
@@ -890,7 +893,7 @@ impl Client {
         // A v1 peer (no hint) or a random-port peer gets the v1 aim: our offset, our count.
         let offset = match self.peer_hint {
             Some(h) if h != Hint::RANDOM && h != Hint::NONE => i32::from(h.0),
-            _ => self.config.peer_port_offset,
+            _ => self.unhinted_offset(),
         };
         let target = u16::try_from(i32::from(peer.port()) + offset)
             .ok()
@@ -937,6 +940,21 @@ impl Client {
         if let Some(&(slot, from)) = early.iter().find(|(_, from)| self.accepts(peer, *from)) {
             self.win(now, slot, from);
         }
+    }
+
+    /// Where to aim without a hint. v1 aims at `offset` every round. Predicting against a v1
+    /// server (no token, so no hint can come) we sweep: each round aims one window further
+    /// (offset, offset + count, + 2·count, + 3·count, then again), so a peer whose NAT gave
+    /// away more than `offset` ports in one RTT is still hit in a later round — whatever the
+    /// peer runs, since where its window lies does not depend on its own aim.
+    fn unhinted_offset(&self) -> i32 {
+        let offset = self.config.peer_port_offset;
+        if self.config.strategy == Strategy::V1 || self.token.is_some() {
+            return offset;
+        }
+        let band = i32::try_from((self.round - 1) % V1_SERVER_SWEEP).unwrap_or(0);
+        let step = i32::from(self.config.port_count) * if offset < 0 { -1 } else { 1 };
+        offset + band * step
     }
 
     fn punch_pass(&mut self, target: SocketAddrV4, slots: usize) {

@@ -600,3 +600,46 @@ fn durations_too_long_for_the_clock_mean_practically_forever_not_a_panic() {
         "a silent connection waits 'forever'"
     );
 }
+
+#[test]
+fn against_a_v1_server_ours_sweep_the_offset_round_by_round_while_v1_keeps_it() {
+    // A v1 server and a partner that never punches: every round is lost; watch the aim.
+    let mut w = World::new(ServerConfig {
+        extensions: false,
+        ..ServerConfig::default()
+    });
+    let targets = |w: &mut World, cfg: ClientConfig| {
+        let mut cfg = cfg;
+        cfg.max_rounds = Some(5);
+        cfg.round_timeout = Duration::from_millis(300);
+        let a = w.add_client([198, 51, 100, 3], cfg);
+        for round in 0..5u16 {
+            let conn = w.raw_connect(SocketAddr::from(([203, 0, 113, 12], 40000 + round)));
+            w.raw_send(conn, &Message::Hello(Ident::default()).to_bytes());
+            assert!(w.run_until(Duration::from_secs(3), |w| w.raw[&conn].received.len() >= 8));
+            let from = SocketAddr::from(([203, 0, 113, 12], 5000));
+            w.datagram_to_server(from, &Message::Exchange(Ident::default()).to_bytes());
+            let lost = |w: &World| {
+                w.hosts[a]
+                    .events
+                    .iter()
+                    .filter(|e| matches!(e, Event::Lose { .. }))
+                    .count()
+            };
+            let before = lost(w);
+            assert!(w.run_until(Duration::from_secs(3), |w| lost(w) > before));
+        }
+        w.hosts[a]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::PeerInfo {
+                    target: Some(t), ..
+                } => Some(t.port() - 5000),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(targets(&mut w, client(30000)), vec![20, 45, 70, 95, 20]);
+    assert_eq!(targets(&mut w, v1_client(40000)), vec![20, 20, 20, 20, 20]);
+}

@@ -365,3 +365,28 @@ fn a_scenario_file_runs_the_same_as_the_scenario_built_in_code() {
     let t = |s: &Scenario| run_traced(s, TraceLevel::Packets).unwrap().1;
     assert_eq!(t(&file), t(&code));
 }
+
+#[test]
+fn behind_a_v1_server_at_600_flows_per_second_our_offset_sweep_wins_in_a_later_round_and_v1_never()
+{
+    // λ·RTT = 30 ports go by before the punches: offset 20 never lands (evenly spaced flows),
+    // the second round of our sweep aims 45 ports ahead and does.
+    let make = |strategy: Strategy| {
+        let mut s = Scenario::new(21)
+            .with_strategy(strategy)
+            .with_background(600.0)
+            .map_clients(|c| {
+                c.max_rounds = Some(4);
+                c.round_timeout = Duration::from_secs(1);
+            });
+        s.server.extensions = false;
+        for site in &mut s.sites {
+            site.nat.background = BackgroundKind::Constant;
+        }
+        s
+    };
+    let ours = run(&make(Strategy::Predict)).unwrap();
+    assert!(ours.won(), "{ours:?}");
+    assert_eq!(ours.rounds(), 2, "{ours:?}");
+    assert!(!run(&make(Strategy::V1)).unwrap().won());
+}
