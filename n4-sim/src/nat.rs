@@ -252,46 +252,105 @@ pub(crate) struct Nat {
 }
 
 impl Nat {
+    #[cfg(test)]
     pub(crate) fn new(
         config: NatConfig,
         public_ip: Ipv4Addr,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self, String> {
-        config.check()?;
-        let (lo, hi) = config.port_range;
-        let size = u32::from(hi - lo) + 1;
-        let counter = match config.first_port {
-            Some(p) => u32::from(p - lo),
-            None => (rng.next_u64() % u64::from(size)) as u32,
-        };
-        let next_background = match (config.background_rate, config.background) {
-            (r, _) if r <= 0.0 => Duration::MAX,
-            (r, BackgroundKind::Poisson) => exponential(rng, r),
-            (r, BackgroundKind::Constant) => Duration::from_secs_f64(unit(rng) / r),
-        };
-        Ok(Self {
-            config,
-            public_ip,
-            entries: Vec::with_capacity(64),
-            keys: Vec::with_capacity(64),
-            externals: Vec::with_capacity(64),
+        let mut nat = Self::empty();
+        nat.reset(config, public_ip, rng)?;
+        Ok(nat)
+    }
+
+    /// A placeholder without allocations, for [`Nat::reset`] to fill in.
+    pub(crate) fn empty() -> Self {
+        Self {
+            config: NatConfig::default(),
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            entries: Vec::new(),
+            keys: Vec::new(),
+            externals: Vec::new(),
             held_range: (u16::MAX, 0),
             generation: 0,
             port_memo: None,
             last_out: 0,
             earliest_expiry: u64::MAX,
-            lifetime: ns(config.lifetime),
-            mask: match config.mapping {
-                Mapping::EndpointIndependent => 0xffff << 48,
-                Mapping::AddressDependent => !0xffff,
-                Mapping::AddressAndPortDependent => !0,
-            },
-            counter,
-            next_background,
+            lifetime: 0,
+            mask: !0,
+            counter: 0,
+            next_background: Duration::MAX,
             background_total: 0,
             background_reported: 0,
-            next_tcp: 40000 + (rng.next_u64() % 20000) as u16,
-        })
+            next_tcp: 0,
+        }
+    }
+
+    /// Makes this the NAT that [`Nat::new`] would make (same random draws, in the same
+    /// order), keeping the allocations. Nothing changes on an error.
+    pub(crate) fn reset(
+        &mut self,
+        config: NatConfig,
+        public_ip: Ipv4Addr,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(), String> {
+        config.check()?;
+        let (lo, hi) = config.port_range;
+        let size = u32::from(hi - lo) + 1;
+        let first_counter = match config.first_port {
+            Some(p) => u32::from(p - lo),
+            None => (rng.next_u64() % u64::from(size)) as u32,
+        };
+        let first_background = match (config.background_rate, config.background) {
+            (r, _) if r <= 0.0 => Duration::MAX,
+            (r, BackgroundKind::Poisson) => exponential(rng, r),
+            (r, BackgroundKind::Constant) => Duration::from_secs_f64(unit(rng) / r),
+        };
+        // Every field by name: a new field that is not reset here does not compile.
+        let Self {
+            config: c,
+            public_ip: ip,
+            entries,
+            keys,
+            externals,
+            held_range,
+            generation,
+            port_memo,
+            last_out,
+            earliest_expiry,
+            lifetime,
+            mask,
+            counter,
+            next_background,
+            background_total,
+            background_reported,
+            next_tcp,
+        } = self;
+        *c = config;
+        *ip = public_ip;
+        keys.clear();
+        keys.reserve(64);
+        entries.clear();
+        entries.reserve(64);
+        externals.clear();
+        externals.reserve(64);
+        *held_range = (u16::MAX, 0);
+        *generation = 0;
+        *port_memo = None;
+        *last_out = 0;
+        *earliest_expiry = u64::MAX;
+        *lifetime = ns(config.lifetime);
+        *mask = match config.mapping {
+            Mapping::EndpointIndependent => 0xffff << 48,
+            Mapping::AddressDependent => !0xffff,
+            Mapping::AddressAndPortDependent => !0,
+        };
+        *counter = first_counter;
+        *next_background = first_background;
+        *background_total = 0;
+        *background_reported = 0;
+        *next_tcp = 40000 + (rng.next_u64() % 20000) as u16;
+        Ok(())
     }
 
     pub(crate) fn public_ip(&self) -> Ipv4Addr {

@@ -50,6 +50,14 @@ impl<E> EventQueue<E> {
         }
     }
 
+    /// Empties the queue and restarts the sequence numbers, keeping the allocations: the
+    /// queue is then as [`EventQueue::with_capacity`] made it.
+    pub(crate) fn clear(&mut self) {
+        self.lane.clear();
+        self.heap.clear();
+        self.seq = 0;
+    }
+
     pub(crate) fn push(&mut self, at: Duration, ev: E) {
         self.push_ns(at.as_nanos() as u64, ev);
     }

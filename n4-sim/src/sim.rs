@@ -7,6 +7,7 @@
 //! process-wide epoch; machines see `epoch + now`, the trace prints `now`, so traces do not
 //! depend on when the process started.
 
+use std::cell::Cell;
 use std::fmt::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::OnceLock;
@@ -236,6 +237,65 @@ struct SiteRt {
     drops: Drops,
 }
 
+impl SiteRt {
+    /// Site `i` of `scenario`, as the start of a run has it: NAT, client (made now if it
+    /// starts at 0; made now anyway, to validate its settings), counters.
+    fn reset(
+        &mut self,
+        i: usize,
+        scenario: &Scenario,
+        epoch: Instant,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(), ScenarioError> {
+        let s = &scenario.sites[i];
+        let name = ["A", "B"][i];
+        self.nat
+            .reset(s.nat, s.public_ip, rng)
+            .map_err(|e| ScenarioError(format!("site {name}: {e}")))?;
+        let config = ClientConfig {
+            server: scenario.server_addr,
+            ..s.client.clone()
+        };
+        // A client starting at 0 is made now; a later one is made (and validated) now too,
+        // so that a bad configuration is an error here, and remade when it starts.
+        let client = Client::new(config.clone(), epoch)
+            .map_err(|e| ScenarioError(format!("client {name}: {e}")))?;
+        // Every field by name: a new field that is not reset here does not compile.
+        let Self {
+            name: n,
+            nat: _,
+            host_ip,
+            lan,
+            lan_instant,
+            config: c,
+            client: cl,
+            start,
+            window,
+            next_ephemeral,
+            conn,
+            outcome,
+            done,
+            mappings,
+            drops,
+        } = self;
+        *n = name;
+        *host_ip = s.host_ip;
+        *lan = s.lan;
+        *lan_instant = s.lan.is_instant();
+        *c = config;
+        *cl = s.start.is_zero().then_some(client);
+        *start = s.start;
+        window.clear();
+        *next_ephemeral = 32768 + (rng.next_u64() % 28000) as u16;
+        *conn = None;
+        *outcome = ClientOutcome::default();
+        *done = false;
+        *mappings = 0;
+        *drops = Drops::default();
+        Ok(())
+    }
+}
+
 struct Trace {
     level: TraceLevel,
     out: String,
@@ -306,45 +366,71 @@ pub struct Sim {
 impl Sim {
     /// Prepares a run; nothing happens until [`Sim::run`].
     pub fn new(scenario: &Scenario, options: SimOptions) -> Result<Self, ScenarioError> {
+        let mut sim = Self::empty();
+        sim.reset(scenario, options)?;
+        Ok(sim)
+    }
+
+    /// A placeholder without allocations, for [`Sim::reset`] to fill in.
+    fn empty() -> Self {
+        let site = |name| SiteRt {
+            name,
+            nat: Nat::empty(),
+            host_ip: Ipv4Addr::UNSPECIFIED,
+            lan: Link::default(),
+            lan_instant: true,
+            config: ClientConfig::default(),
+            client: None,
+            start: Duration::ZERO,
+            window: Vec::new(),
+            next_ephemeral: 0,
+            conn: None,
+            outcome: ClientOutcome::default(),
+            done: false,
+            mappings: 0,
+            drops: Drops::default(),
+        };
+        Self {
+            epoch: epoch(),
+            now: Duration::ZERO,
+            now_ns: 0,
+            time_limit: Duration::ZERO,
+            stop: Stop::Decided,
+            rng: ChaCha8Rng::seed_from_u64(0),
+            queue: EventQueue::with_capacity(0),
+            dirty: 0,
+            wan: Vec::new(),
+            bursts: Vec::new(),
+            wan_tail: (0, 0),
+            wan_queued: 0,
+            server_reply_from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            events: 0,
+            server: Server::new(ServerConfig::default()),
+            server_addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            sites: [site("A"), site("B")],
+            paths: [[Link::default(); 3]; 3],
+            fixed: [[None; 3]; 3],
+            tcp_paths: [Link::default(); 2],
+            tcp_rto: Duration::ZERO,
+            tcp_syn_rto: Duration::ZERO,
+            conns: Vec::new(),
+            trace: None,
+            records: None,
+        }
+    }
+
+    /// Makes this the `Sim` that [`Sim::new`] would make, keeping the allocations (and
+    /// writing the big parts in place). On an error it is left half-made: drop it.
+    fn reset(&mut self, scenario: &Scenario, options: SimOptions) -> Result<(), ScenarioError> {
         let mut rng = ChaCha8Rng::seed_from_u64(scenario.seed);
-        let server = Server::new(ServerConfig {
+        let server_config = ServerConfig {
             rng_seed: rng.next_u64(),
             ..scenario.server.clone()
-        });
-        let epoch = epoch();
-        let mut make_site = |i: usize| -> Result<SiteRt, ScenarioError> {
-            let s = &scenario.sites[i];
-            let name = ["A", "B"][i];
-            let nat = Nat::new(s.nat, s.public_ip, &mut rng)
-                .map_err(|e| ScenarioError(format!("site {name}: {e}")))?;
-            let config = ClientConfig {
-                server: scenario.server_addr,
-                ..s.client.clone()
-            };
-            // A client starting at 0 is made now; a later one is made (and validated) now too,
-            // so that a bad configuration is an error here, and remade when it starts.
-            let client = Client::new(config.clone(), epoch)
-                .map_err(|e| ScenarioError(format!("client {name}: {e}")))?;
-            let client = s.start.is_zero().then_some(client);
-            Ok(SiteRt {
-                name,
-                nat,
-                host_ip: s.host_ip,
-                lan: s.lan,
-                lan_instant: s.lan.is_instant(),
-                config,
-                client,
-                start: s.start,
-                window: Vec::new(),
-                next_ephemeral: 32768 + (rng.next_u64() % 28000) as u16,
-                conn: None,
-                outcome: ClientOutcome::default(),
-                done: false,
-                mappings: 0,
-                drops: Drops::default(),
-            })
         };
-        let sites = [make_site(0)?, make_site(1)?];
+        let epoch = epoch();
+        for (i, site) in self.sites.iter_mut().enumerate() {
+            site.reset(i, scenario, epoch, &mut rng)?;
+        }
         let ips = [
             *scenario.server_addr.ip(),
             scenario.sites[0].public_ip,
@@ -358,54 +444,76 @@ impl Sim {
             scenario.sites[0].uplink,
             scenario.sites[1].uplink,
         ];
-        let paths: [[Link; 3]; 3] =
-            std::array::from_fn(|s| std::array::from_fn(|d| up[s].then(&up[d])));
-        let fixed = paths.map(|row| row.map(|p| p.is_fixed().then(|| ns(p.latency))));
-        let tcp_paths = std::array::from_fn(|i| {
+        // Every field by name: a new field that is not reset here does not compile.
+        let Self {
+            epoch: e,
+            now,
+            now_ns,
+            time_limit,
+            stop,
+            rng: r,
+            queue,
+            dirty,
+            wan,
+            bursts,
+            wan_tail,
+            wan_queued,
+            server_reply_from,
+            events,
+            server,
+            server_addr,
+            sites,
+            paths,
+            fixed,
+            tcp_paths,
+            tcp_rto,
+            tcp_syn_rto,
+            conns,
+            trace,
+            records,
+        } = self;
+        *e = epoch;
+        *now = Duration::ZERO;
+        *now_ns = 0;
+        *time_limit = scenario.time_limit;
+        *stop = scenario.stop;
+        *r = rng;
+        queue.clear();
+        *dirty = 0;
+        for (i, site) in sites.iter().enumerate() {
+            match site.client {
+                Some(_) => *dirty |= 2 << i,
+                None => queue.push(site.start, Ev::Start(i as u8)),
+            }
+        }
+        wan.clear();
+        wan.reserve(256);
+        bursts.clear();
+        bursts.reserve(16);
+        *wan_tail = (0, 0);
+        *wan_queued = 0;
+        *server_reply_from = scenario.server_addr;
+        *events = 0;
+        *server = Server::new(server_config);
+        *server_addr = scenario.server_addr;
+        *paths = std::array::from_fn(|s| std::array::from_fn(|d| up[s].then(&up[d])));
+        *fixed = paths.map(|row| row.map(|p| p.is_fixed().then(|| ns(p.latency))));
+        *tcp_paths = std::array::from_fn(|i| {
             scenario.sites[i]
                 .lan
                 .then(&scenario.sites[i].uplink)
                 .then(&scenario.server_uplink)
         });
-        let mut queue = EventQueue::with_capacity(256);
-        let mut dirty = 0;
-        for (i, site) in sites.iter().enumerate() {
-            match site.client {
-                Some(_) => dirty |= 2 << i,
-                None => queue.push(site.start, Ev::Start(i as u8)),
-            }
-        }
-        // Built as the tail expression, so that it is written in place, not copied.
-        Ok(Self {
-            epoch,
-            now: Duration::ZERO,
-            now_ns: 0,
-            time_limit: scenario.time_limit,
-            stop: scenario.stop,
-            rng,
-            queue,
-            dirty,
-            wan: Vec::with_capacity(256),
-            bursts: Vec::with_capacity(16),
-            wan_tail: (0, 0),
-            wan_queued: 0,
-            server_reply_from: scenario.server_addr,
-            events: 0,
-            server,
-            server_addr: scenario.server_addr,
-            sites,
-            paths,
-            fixed,
-            tcp_paths,
-            tcp_rto: scenario.tcp_rto,
-            tcp_syn_rto: scenario.tcp_syn_rto,
-            conns: Vec::with_capacity(4),
-            trace: options.trace.map(|level| Trace {
-                level,
-                out: String::with_capacity(4096),
-            }),
-            records: (options.record_mappings || options.trace.is_some()).then(Vec::new),
-        })
+        *tcp_rto = scenario.tcp_rto;
+        *tcp_syn_rto = scenario.tcp_syn_rto;
+        conns.clear();
+        conns.reserve(4);
+        *trace = options.trace.map(|level| Trace {
+            level,
+            out: String::with_capacity(4096),
+        });
+        *records = (options.record_mappings || options.trace.is_some()).then(Vec::new);
+        Ok(())
     }
 
     /// Runs to the stop condition or the time limit and returns the outcome.
@@ -1190,11 +1298,16 @@ impl Sim {
 
 /// Runs a scenario without a trace.
 pub fn run(scenario: &Scenario) -> Result<Outcome, ScenarioError> {
-    // Run it where it was built: moving a `Sim` out of the `Result` copies kilobytes.
-    match &mut Sim::new(scenario, SimOptions::default()) {
-        Ok(sim) => Ok(sim.run()),
-        Err(e) => Err(e.clone()),
+    // One `Sim` per thread, reset in place for every run: no multi-kilobyte moves, and its
+    // queues, buffers and NAT tables keep their allocations from run to run.
+    thread_local! {
+        static SPARE: Cell<Option<Box<Sim>>> = const { Cell::new(None) };
     }
+    let mut sim = SPARE.take().unwrap_or_else(|| Box::new(Sim::empty()));
+    sim.reset(scenario, SimOptions::default())?;
+    let outcome = sim.run();
+    SPARE.set(Some(sim));
+    Ok(outcome)
 }
 
 /// Runs a scenario with a trace at `level`; returns the outcome and the trace.
@@ -1211,4 +1324,60 @@ pub fn run_traced(
     )?;
     let outcome = sim.run();
     Ok((outcome, sim.trace().to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::NatKind;
+
+    /// Scenarios that exercise every part a run resets: strategies, NAT kinds, background,
+    /// loss and jitter, a late start, a slow LAN, ephemeral ports, and a bad one in between.
+    fn mix() -> Vec<Scenario> {
+        let ms = Duration::from_millis;
+        let mut late = Scenario::new(5).with_strategy(n4_core::Strategy::V1);
+        late.sites[1].start = ms(300);
+        late.sites[0].lan = Link::delay(ms(3));
+        let mut bad = Scenario::new(6);
+        bad.sites[1].public_ip = bad.sites[0].public_ip;
+        vec![
+            Scenario::new(1).with_strategy(n4_core::Strategy::V1),
+            Scenario::new(2).with_background(400.0),
+            bad,
+            Scenario::new(3)
+                .with_nat(NatKind::Random.config())
+                .with_loss(0.1)
+                .map_clients(|c| c.max_rounds = Some(2)),
+            late,
+            Scenario::new(4)
+                .with_jitter(ms(20))
+                .with_nat(NatKind::Preserving.config())
+                .map_clients(|c| c.port_start = 0),
+            Scenario::new(7)
+                .with_nat(NatKind::Cone.config())
+                .with_background(100.0),
+        ]
+    }
+
+    #[test]
+    fn runs_on_the_reused_sim_match_fresh_ones_in_any_order() {
+        let fresh = |s: &Scenario| match Sim::new(s, SimOptions::default()) {
+            Ok(mut sim) => Ok(sim.run()),
+            Err(e) => Err(e),
+        };
+        let scenarios = mix();
+        let want: Vec<_> = scenarios.iter().map(fresh).collect();
+        assert!(want[2].is_err() && want.iter().filter(|o| o.is_ok()).count() == 6);
+        for round in 0..3 {
+            for k in 0..scenarios.len() {
+                // Forwards, backwards, and each one twice in a row.
+                let i = match round {
+                    0 => k,
+                    1 => scenarios.len() - 1 - k,
+                    _ => k / 2,
+                };
+                assert_eq!(run(&scenarios[i]), want[i], "scenario {i}, round {round}");
+            }
+        }
+    }
 }
