@@ -201,6 +201,8 @@ fn server(c: &mut Criterion) {
 struct Round {
     now: Instant,
     extended: bool,
+    /// The NAT step the client's plan was based on, if it planned.
+    planned_step: Option<i32>,
     client: Client,
     server: Server,
     client_ip: Ipv4Addr,
@@ -238,6 +240,7 @@ impl Round {
         Self {
             now,
             extended: strategy == Strategy::Predict,
+            planned_step: None,
             client: Client::new(config, now).expect("valid config"),
             server: Server::new(ServerConfig {
                 rng_seed: 7,
@@ -254,6 +257,11 @@ impl Round {
     fn run(&mut self) -> Event {
         let punch = Message::Punch(Ident::default()).to_bytes();
         loop {
+            // Timers due now fire before more IO, as in a real event loop: the first probes
+            // go out (and are answered) while the client waits for READY.
+            if self.client.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.client.handle_timeout(self.now);
+            }
             while let Some(cmd) = self.client.poll_command() {
                 match cmd {
                     Command::OpenWindow { ports } => {
@@ -294,8 +302,10 @@ impl Round {
                 }
             }
             while let Some(e) = self.client.poll_event() {
-                if matches!(e, Event::Win { .. }) {
-                    return e;
+                match e {
+                    Event::Win { .. } => return e,
+                    Event::Planned { step, .. } => self.planned_step = Some(step),
+                    _ => {}
                 }
             }
             while let Some(out) = self.server.poll_output() {
@@ -367,12 +377,16 @@ fn client_round(c: &mut Criterion) {
     let mut g = c.benchmark_group("client_round");
     g.throughput(Throughput::Elements(1));
     for (name, strategy) in [("v1", Strategy::V1), ("predict", Strategy::Predict)] {
-        // The round measured is the one named: a predicted WIN needs the peer's hint.
-        let win = Round::new(strategy).run();
+        // The round measured is the one named: a predicted WIN needs the peer's hint, and
+        // its plan the answers to the client's own probes.
+        let mut round = Round::new(strategy);
+        let win = round.run();
         assert!(
             matches!(win, Event::Win { strategy: s, .. } if s == strategy),
             "{win:?}"
         );
+        let expected_step = (strategy == Strategy::Predict).then_some(1);
+        assert_eq!(round.planned_step, expected_step);
         g.bench_function(name, |b| {
             b.iter_batched(
                 || Round::new(strategy),
