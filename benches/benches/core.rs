@@ -27,7 +27,7 @@ const PROBE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 1722)
 /// `MESSAGES` valid messages of every kind, from seed 7.
 fn messages() -> Vec<Message> {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let mut ident = |rng: &mut ChaCha8Rng| {
+    let ident = |rng: &mut ChaCha8Rng| {
         let n = (rng.next_u32() % 7) as usize;
         let s: String = (0..n)
             .map(|_| char::from(b'a' + (rng.next_u32() % 26) as u8))

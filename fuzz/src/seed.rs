@@ -45,7 +45,7 @@ impl Writer {
     /// `(tag * count) >> 32` maps to `index`.
     pub fn variant(&mut self, index: u32, count: u32) {
         assert!(index < count);
-        let tag = ((u64::from(index) << 32) + u64::from(count) - 1) / u64::from(count);
+        let tag = (u64::from(index) << 32).div_ceil(u64::from(count));
         self.u32(u32::try_from(tag).expect("index < count"));
     }
 
