@@ -744,7 +744,9 @@ impl Client {
             self.predictor
                 .observe_rtt(now.saturating_duration_since(sent));
         }
-        if self.exchange_deferred && self.predictor.len() >= 2 {
+        // Only while the round still waits for it: a PEERINFO (or the end) may come first.
+        if self.exchange_deferred && self.phase == Phase::AwaitPeerInfo && self.predictor.len() >= 2
+        {
             self.exchange_deferred = false;
             self.send_exchange(now);
         }

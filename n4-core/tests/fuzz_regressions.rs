@@ -1,5 +1,6 @@
 //! Bugs the fuzz targets in `fuzz/` found, each pinned by the smallest story that shows it.
 
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use n4_core::*;
@@ -148,4 +149,40 @@ fn planning_fits_windows_of_fewer_than_four_slots() {
         assert_eq!(plan.window, max);
     }
     assert_eq!(p.plan(Duration::from_millis(50), 0), None);
+}
+
+/// `fuzz/` client target: an EXCHANGE deferred for the probes' answers went out when they
+/// arrived even if the round had moved on (PEERINFO came first) — or the client had finished.
+#[test]
+fn a_deferred_exchange_is_dropped_once_the_round_moves_on() {
+    let now = Instant::now();
+    let config = ClientConfig::default(); // predicting
+    let probe_slot = usize::from(config.window_slots());
+    let probe_server = SocketAddr::from(config.probe_server());
+    let mut c = Client::new(config, now).unwrap();
+    c.handle_timeout(now); // the first two probes
+    c.handle_connected(now);
+    // READY before any probe answer: the EXCHANGE waits for them.
+    c.handle_stream_data(now, &Message::Ready(Some(Token(7))).to_bytes());
+    c.handle_stream_data(
+        now,
+        &Message::PeerInfo("203.0.113.12:40000".parse().unwrap()).to_bytes(),
+    );
+    let _ = drain(&mut c);
+    for (i, port) in [(0, 40000), (1, 40001)] {
+        let seen = Message::Seen(SocketAddrV4::new([198, 51, 100, 3].into(), port));
+        c.handle_datagram(now, probe_slot + i, probe_server, &seen.to_bytes());
+    }
+    let mut transmits = Vec::new();
+    while let Some(t) = c.poll_transmit() {
+        transmits.push(t);
+    }
+    let (_, events) = drain(&mut c);
+    assert!(!events.contains(&Event::ExchangeSent), "{events:?}");
+    assert!(
+        transmits
+            .iter()
+            .all(|t| t.payload[0] != Message::Exchange(Ident::default()).command()),
+        "{transmits:?}"
+    );
 }
