@@ -225,6 +225,9 @@ pub(crate) struct Nat {
     entries: Vec<Entry>,
     /// `key(internal, remote)` of each entry, same order: scanned instead of the entries.
     keys: Vec<u64>,
+    /// A 256-bit filter over the masked keys: a clear bit proves no entry has the key, so a
+    /// datagram that needs a new mapping skips the scan. Rebuilt when entries are removed.
+    key_filter: [u64; 4],
     /// External port of each entry, same order.
     externals: Vec<u16>,
     /// Every port in `externals` lies in `held_range.0..=held_range.1` (empty when `.0 > .1`):
@@ -270,6 +273,7 @@ impl Nat {
             public_ip: Ipv4Addr::UNSPECIFIED,
             entries: Vec::new(),
             keys: Vec::new(),
+            key_filter: [0; 4],
             externals: Vec::new(),
             held_range: (u16::MAX, 0),
             generation: 0,
@@ -312,6 +316,7 @@ impl Nat {
             public_ip: ip,
             entries,
             keys,
+            key_filter,
             externals,
             held_range,
             generation,
@@ -330,6 +335,7 @@ impl Nat {
         *ip = public_ip;
         keys.clear();
         keys.reserve(64);
+        *key_filter = [0; 4];
         entries.clear();
         entries.reserve(64);
         externals.clear();
@@ -410,11 +416,33 @@ impl Nat {
         if self.keys.get(guess).is_some_and(|&k| k & mask == want) && hit(guess) {
             return Some(guess);
         }
+        if !self.may_hold(want) {
+            return None;
+        }
         // `expire` runs before every allocation, so a key is held by at most one entry.
         self.keys
             .iter()
             .position(|&k| k & mask == want)
             .filter(|&i| hit(i))
+    }
+
+    /// The bit of `key_filter` for a masked key.
+    #[inline(always)]
+    fn filter_bit(masked: u64) -> (usize, u64) {
+        let h = masked.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56;
+        ((h >> 6) as usize, 1 << (h & 63))
+    }
+
+    /// False if no entry has the masked key `masked`.
+    #[inline(always)]
+    fn may_hold(&self, masked: u64) -> bool {
+        let (word, bit) = Self::filter_bit(masked);
+        self.key_filter[word] & bit != 0
+    }
+
+    fn add_to_filter(&mut self, key: u64) {
+        let (word, bit) = Self::filter_bit(key & self.mask);
+        self.key_filter[word] |= bit;
     }
 
     #[cold]
@@ -448,6 +476,7 @@ impl Nat {
         });
         self.earliest_expiry = self.earliest_expiry.min(expires);
         self.keys.push(key(internal, remote));
+        self.add_to_filter(key(internal, remote));
         self.externals.push(external);
         self.held_range = (
             self.held_range.0.min(external),
@@ -487,6 +516,10 @@ impl Nat {
         self.entries.truncate(kept);
         self.keys.truncate(kept);
         self.externals.truncate(kept);
+        self.key_filter = [0; 4];
+        for i in 0..kept {
+            self.add_to_filter(self.keys[i]);
+        }
         self.held_range = self
             .externals
             .iter()
