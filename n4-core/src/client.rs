@@ -433,7 +433,8 @@ impl Client {
             probe_at: None,
             pass: None,
             commands: VecDeque::new(),
-            transmits: VecDeque::new(),
+            // A v1 round queues its 5 × 25 punches at once: no regrowing on the way there.
+            transmits: VecDeque::with_capacity(128),
             events: VecDeque::new(),
             datagrams_sent: 0,
         };
