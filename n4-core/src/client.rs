@@ -355,6 +355,8 @@ pub struct Client {
     peer_hint: Option<Hint>,
     /// The peer as the last PEERINFO of this session named it.
     session_peer: Option<SocketAddrV4>,
+    /// The peer gave a hint in some round of this session.
+    session_hinted: bool,
     plan: Option<Plan>,
     early_punches: Vec<(usize, SocketAddr)>,
     predictor: PortPredictor,
@@ -416,6 +418,7 @@ impl Client {
             token: None,
             peer_hint: None,
             session_peer: None,
+            session_hinted: false,
             plan: None,
             early_punches: Vec::new(),
             predictor: PortPredictor::default(),
@@ -650,8 +653,9 @@ impl Client {
     }
 
     /// Whether this round is aimed by the extension (the server and the peer are ours).
+    /// (A late punch of an earlier round of this session counts: that round was aimed too.)
     fn predicted(&self) -> bool {
-        self.token.is_some() && self.peer_hint.is_some()
+        self.token.is_some() && (self.peer_hint.is_some() || self.session_hinted)
     }
 
     /// Starts the next round: inside the TCP session if `in_session`, else from scratch.
@@ -698,6 +702,7 @@ impl Client {
         self.session_round = 0;
         self.exchanges_made = 0;
         self.session_peer = None;
+        self.session_hinted = false;
         self.commands.push_back(Command::OpenWindow {
             ports: self.window(),
         });
@@ -778,6 +783,7 @@ impl Client {
             (Phase::AwaitPeerInfo, Message::PeerInfo(peer)) => self.on_peer_info(now, peer),
             (_, Message::Hint(hint)) if self.token.is_some() => {
                 self.peer_hint = Some(hint);
+                self.session_hinted = true;
                 self.events.push_back(Event::PeerHint(hint));
             }
             (_, Message::Seen(addr)) if self.token.is_some() => {
@@ -984,6 +990,7 @@ impl Client {
             strategy,
         });
         self.pass = None;
+        self.probe_at = None;
         let acks = match strategy {
             Strategy::Predict => EXT_ACKS,
             Strategy::V1 => self.config.ack_count,
