@@ -557,10 +557,10 @@ impl Client {
             {
                 self.win(now, slot, from)
             }
-            Phase::Connecting | Phase::AwaitReady | Phase::AwaitPeerInfo => {
-                if self.early_punches.len() < EARLY_PUNCHES {
-                    self.early_punches.push((slot, from));
-                }
+            Phase::Connecting | Phase::AwaitReady | Phase::AwaitPeerInfo
+                if self.early_punches.len() < EARLY_PUNCHES =>
+            {
+                self.early_punches.push((slot, from))
             }
             _ => {}
         }
