@@ -54,7 +54,8 @@ fn two_clients_win_and_server_shrugs_off_silence_and_garbage() {
         " => Ready ",
         " <= Exchange ",
         " => Peer: 127.0.0.1:211",
-        " [ Target: 127.0.0.1:211",
+        // Where it aims depends on what the probes made of loopback's ephemeral ports.
+        " [ Target: 127.0.0.1:",
         " <= Punch ",
         "Peer address:  127.0.0.1:211",
     ] {
