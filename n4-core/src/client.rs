@@ -87,6 +87,12 @@ pub struct ClientConfig {
     pub probe_interval: Duration,
     /// Predict: window slots opened (an adaptive part of them punches). Default 64.
     pub max_window: u16,
+    /// Datagrams to peers (PUNCHes and acknowledgements) one client may send per minute.
+    /// Default 3,000. It bounds what a lying server can make us send at an address of its
+    /// choosing; a round that needs more than the rest of the minute's budget waits for the
+    /// next minute. Never less than two whole v1 rounds (`2 · (passes · slots + acks)`), so a
+    /// large `-n` still punches.
+    pub punch_budget: u32,
 }
 
 impl Default for ClientConfig {
@@ -109,6 +115,7 @@ impl Default for ClientConfig {
             probes: 6,
             probe_interval: Duration::from_millis(20),
             max_window: 64,
+            punch_budget: 3_000,
         }
     }
 }
@@ -133,6 +140,38 @@ impl ClientConfig {
     /// Where probes go: the server's port + 1.
     pub fn probe_server(&self) -> SocketAddrV4 {
         SocketAddrV4::new(*self.server.ip(), self.server.port().wrapping_add(1))
+    }
+
+    /// The punch budget in force per minute: [`ClientConfig::punch_budget`], raised to two
+    /// whole v1 rounds.
+    pub fn punch_budget_per_minute(&self) -> u32 {
+        let round = u32::from(self.punch_passes.max(1)) * u32::from(self.window_slots())
+            + u32::from(self.ack_count);
+        self.punch_budget.max(round.saturating_mul(2))
+    }
+
+    /// Why we would not punch `peer` as the server named it, if we would not: an address
+    /// that is no host on the Internet (unspecified, broadcast, multicast, reserved), port 0,
+    /// or loopback while the server itself is not on this machine. A server that names such
+    /// an address is broken or lying (it would aim our punches at ourselves or at a group).
+    pub fn refuse_peer(&self, peer: SocketAddrV4) -> Option<&'static str> {
+        let ip = peer.ip();
+        let first = ip.octets()[0];
+        if peer.port() == 0 {
+            Some("port 0")
+        } else if ip.is_unspecified() || first == 0 {
+            Some("an unspecified address")
+        } else if ip.is_broadcast() {
+            Some("the broadcast address")
+        } else if ip.is_multicast() {
+            Some("a multicast address")
+        } else if first >= 240 {
+            Some("a reserved address")
+        } else if ip.is_loopback() && !self.server.ip().is_loopback() {
+            Some("a loopback address, but the server is not on this machine")
+        } else {
+            None
+        }
     }
 }
 
@@ -261,6 +300,23 @@ pub enum Event {
         /// Why.
         reason: LoseReason,
     },
+    /// The server named a peer address we will not punch; the round is lost.
+    PeerRefused {
+        /// The address as the server gave it.
+        peer: SocketAddrV4,
+        /// Why, in words.
+        why: &'static str,
+    },
+    /// This minute's punch budget is spent: punches wait until `until`.
+    BudgetExhausted {
+        /// The budget per minute.
+        budget: u32,
+        /// When the next minute's budget opens.
+        until: Instant,
+    },
+    /// The server ended our wait for a partner (its wait timeout); we say HELLO again on a
+    /// new connection, same round, same window.
+    Rehello,
     /// The acknowledgement burst is done; the client has nothing more to do.
     Finished,
     /// `max_rounds` rounds lost.
@@ -286,8 +342,11 @@ pub enum LoseReason {
     /// `peer_port + offset` is not a port.
     TargetOutOfRange,
     /// A retry round found no partner within the round timeout (the partner of the first
-    /// round gave up). The first round waits for a partner as long as it takes, like v1.
+    /// round gave up). The first round waits for a partner as long as it takes, like v1,
+    /// unless `max_rounds` bounds the effort: then it waits one round timeout.
     NoPartner,
+    /// The server named a peer address we refuse to punch (see [`ClientConfig::refuse_peer`]).
+    BadPeerAddress,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,8 +357,9 @@ enum Phase {
     Punching {
         peer: SocketAddrV4,
     },
-    /// Round lost; the next starts at the deadline.
-    Between,
+    /// Round lost; the next starts at the deadline. `rehello`: no round was lost, the server
+    /// only ended our wait; at the deadline we connect and say HELLO again in the same round.
+    Between { rehello: bool },
     /// WIN: sending the acknowledgement burst from `slot` to `peer`.
     Won {
         slot: usize,
@@ -309,8 +369,15 @@ enum Phase {
     Done,
 }
 
-/// Punches that arrive before PEERINFO says who the peer is; kept (bounded) and judged then.
-const EARLY_PUNCHES: usize = 16;
+/// Punches that arrive before PEERINFO says who the peer is are kept and judged then: the first
+/// from each source IP, for this many IPs. Junk from one IP cannot push out the real peer's
+/// punch (the peer is judged by IP), only junk from as many other IPs could.
+pub const EARLY_PUNCH_SOURCES: usize = 16;
+/// The period of [`ClientConfig::punch_budget`].
+pub const BUDGET_PERIOD: Duration = Duration::from_secs(60);
+/// A wait for a partner that the server ends after this long was its wait timeout, not a
+/// refusal: the client says HELLO again instead of losing the round.
+const REHELLO_AFTER: Duration = Duration::from_secs(1);
 /// How often an extended client repeats its EXCHANGE until PEERINFO arrives, once it has
 /// stopped refreshing it.
 const EXCHANGE_RESEND: Duration = Duration::from_millis(250);
@@ -359,6 +426,12 @@ pub struct Client {
     session_hinted: bool,
     plan: Option<Plan>,
     early_punches: Vec<(usize, SocketAddr)>,
+    /// Datagrams to peers this budget period, and when the period began.
+    budget: (Instant, u32),
+    /// The budget was found spent this period (said once).
+    budget_said: bool,
+    /// When HELLO went out on the current connection (the wait for a partner began).
+    hello_sent: Option<Instant>,
     predictor: PortPredictor,
     connect_sent: Option<Instant>,
     /// This round's EXCHANGE mapping (when, which of ours), until SEEN reports its port.
@@ -421,6 +494,9 @@ impl Client {
             session_hinted: false,
             plan: None,
             early_punches: Vec::new(),
+            budget: (now, 0),
+            budget_said: false,
+            hello_sent: None,
             predictor: PortPredictor::default(),
             connect_sent: None,
             exchange_sent: None,
@@ -490,8 +566,10 @@ impl Client {
         self.commands
             .push_back(Command::Send(Message::Hello(self.config.ident)));
         self.events.push_back(Event::HelloSent);
-        if self.round > 1 {
-            // A partner that played the last round with us comes back at once, or not at all.
+        self.hello_sent = Some(now);
+        if self.round > 1 || self.config.max_rounds.is_some() {
+            // A partner that played the last round with us comes back at once, or not at all;
+            // and a bounded effort (`max_rounds`) bounds the first wait too.
             self.deadline = Some(crate::later(now, self.config.round_timeout));
         }
     }
@@ -532,7 +610,15 @@ impl Client {
             return;
         }
         self.connected = false;
-        if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
+        let waited = self
+            .hello_sent
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        if self.phase == Phase::AwaitReady && waited >= REHELLO_AFTER {
+            // The server's wait timeout: it frees seats nobody came for. Not a lost round.
+            self.events.push_back(Event::Rehello);
+            self.phase = Phase::Between { rehello: true };
+            self.deadline = Some(crate::later(now, self.config.retry_delay.min(REHELLO_AFTER)));
+        } else if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
             self.lose(now, LoseReason::ServerClosed);
         }
     }
@@ -558,7 +644,8 @@ impl Client {
                 self.win(now, slot, from)
             }
             Phase::Connecting | Phase::AwaitReady | Phase::AwaitPeerInfo
-                if self.early_punches.len() < EARLY_PUNCHES =>
+                if self.early_punches.len() < EARLY_PUNCH_SOURCES
+                    && !self.early_punches.iter().any(|(_, f)| f.ip() == from.ip()) =>
             {
                 self.early_punches.push((slot, from))
             }
@@ -574,7 +661,7 @@ impl Client {
         if let Some(pass) = self.pass.filter(|p| p.at <= now) {
             self.pass = None;
             if matches!(self.phase, Phase::Punching { .. }) {
-                self.punch_pass(pass.target, pass.slots);
+                self.punch_pass(now, pass.target, pass.slots);
             }
         }
         match self.deadline {
@@ -594,7 +681,8 @@ impl Client {
                 }
             }
             Phase::Punching { .. } => self.lose(now, LoseReason::Timeout),
-            Phase::Between => self.start_round(now, false),
+            Phase::Between { rehello: false } => self.start_round(now, false),
+            Phase::Between { rehello: true } => self.reconnect(now),
             Phase::Won {
                 slot,
                 peer,
@@ -666,6 +754,7 @@ impl Client {
             return;
         }
         self.round += 1;
+        self.hello_sent = None;
         self.peer_hint = None;
         self.plan = None;
         self.pass = None;
@@ -899,6 +988,11 @@ impl Client {
     }
 
     fn on_peer_info(&mut self, now: Instant, peer: SocketAddrV4) {
+        if let Some(why) = self.config.refuse_peer(peer) {
+            self.events.push_back(Event::PeerRefused { peer, why });
+            self.lose(now, LoseReason::BadPeerAddress);
+            return;
+        }
         // A v1 peer (no hint) or a random-port peer gets the v1 aim: our offset, our count.
         let offset = match self.peer_hint {
             Some(h) if h != Hint::RANDOM && h != Hint::NONE => i32::from(h.0),
@@ -906,6 +1000,7 @@ impl Client {
         };
         let target = u16::try_from(i32::from(peer.port()) + offset)
             .ok()
+            .filter(|&port| port != 0)
             .map(|port| SocketAddrV4::new(*peer.ip(), port));
         self.events.push_back(Event::PeerInfo { peer, target });
         let Some(target) = target else {
@@ -938,7 +1033,7 @@ impl Client {
         // The first pass makes one new mapping per slot; later passes reuse them.
         self.own_mappings += u32::from(slots);
         for _ in 0..passes {
-            self.punch_pass(target, usize::from(slots));
+            self.punch_pass(now, target, usize::from(slots));
         }
         self.events.push_back(Event::PunchSent {
             target,
@@ -966,7 +1061,11 @@ impl Client {
         offset + band * step
     }
 
-    fn punch_pass(&mut self, target: SocketAddrV4, slots: usize) {
+    /// One PUNCH from each of the first `slots` slots to `target`, if the budget allows.
+    fn punch_pass(&mut self, now: Instant, target: SocketAddrV4, slots: usize) {
+        if !self.spend(now, u32::try_from(slots).unwrap_or(u32::MAX)) {
+            return;
+        }
         let payload = self.punch_bytes();
         for slot in 0..slots {
             self.transmits.push_back(Transmit {
@@ -998,6 +1097,28 @@ impl Client {
         self.send_ack(now, slot, peer, acks);
     }
 
+    /// Takes `n` datagrams to peers from this period's budget; `false` (and, once a period,
+    /// [`Event::BudgetExhausted`]) if they do not fit.
+    fn spend(&mut self, now: Instant, n: u32) -> bool {
+        if now.saturating_duration_since(self.budget.0) >= BUDGET_PERIOD {
+            self.budget = (now, 0);
+            self.budget_said = false;
+        }
+        let limit = self.config.punch_budget_per_minute();
+        if self.budget.1.saturating_add(n) > limit {
+            if !self.budget_said {
+                self.budget_said = true;
+                self.events.push_back(Event::BudgetExhausted {
+                    budget: limit,
+                    until: crate::later(self.budget.0, BUDGET_PERIOD),
+                });
+            }
+            return false;
+        }
+        self.budget.1 += n;
+        true
+    }
+
     fn send_ack(&mut self, now: Instant, slot: usize, peer: SocketAddr, acks_left: u16) {
         if acks_left == 0 {
             // Leaving only now keeps a session peer's round intact while our acks reach it.
@@ -1009,6 +1130,9 @@ impl Client {
             self.events.push_back(Event::Finished);
             return;
         }
+        // Acknowledgements answer a PUNCH that came from the peer, so no lying server can
+        // draw them: counted, never refused.
+        self.budget.1 = self.budget.1.saturating_add(1);
         self.transmits.push_back(Transmit {
             slot,
             destination: peer,
@@ -1043,7 +1167,9 @@ impl Client {
             self.commands.push_back(Command::Disconnect);
         }
         let wait = match reason {
-            LoseReason::ServerClosed | LoseReason::ServerGarbage => self.config.retry_delay,
+            LoseReason::ServerClosed | LoseReason::ServerGarbage | LoseReason::BadPeerAddress => {
+                self.config.retry_delay
+            }
             _ => Duration::ZERO,
         };
         self.pass = None;
@@ -1051,9 +1177,22 @@ impl Client {
         if wait.is_zero() {
             self.start_round(now, false);
         } else {
-            self.phase = Phase::Between;
+            self.phase = Phase::Between { rehello: false };
             self.deadline = Some(crate::later(now, wait));
         }
+    }
+
+    /// A new connection and HELLO in the same round and window, after the server ended our
+    /// wait for a partner.
+    fn reconnect(&mut self, now: Instant) {
+        self.phase = Phase::Connecting;
+        self.connected = false;
+        self.decoder = StreamDecoder::default();
+        self.token = None;
+        self.session_round = 0;
+        self.hello_sent = None;
+        self.commands.push_back(Command::Connect);
+        self.connect_sent = Some(now);
     }
 
     fn finish(&mut self) {

@@ -20,6 +20,7 @@ mod server;
 
 pub use client::{
     Client, ClientConfig, Command, ConfigError, Event, LoseReason, Strategy, Transmit,
+    BUDGET_PERIOD, EARLY_PUNCH_SOURCES,
 };
 pub use codec::{
     check_round_trip, DecodeError, Hint, Ident, IdentError, Message, StreamDecoder, Token,

@@ -32,7 +32,9 @@ pub struct ServerConfig {
     pub only_ident: Option<Ident>,
     /// A connection must complete its HELLO within this. Default 10 s (v1: 60 s, blocking).
     pub hello_timeout: Duration,
-    /// A seated client waits this long for a partner; `None` waits forever. Default `None`.
+    /// A seated client waits this long for a partner; `None` waits forever. Default 60 s: a
+    /// seat nobody comes for is freed (our clients then say HELLO again), so squatters cannot
+    /// hold seats for ever.
     pub wait_timeout: Option<Duration>,
     /// After READY, both EXCHANGEs must arrive within this or the pair is closed. Default 10 s.
     pub exchange_timeout: Duration,
@@ -40,6 +42,13 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Open connections from one IP address. Default 256.
     pub max_per_ip: usize,
+    /// Clients from one IP address waiting for a partner at once. Default 16. A HELLO that
+    /// finds its partner waiting always pairs; one that would wait beyond this is refused.
+    pub max_waiting_per_ip: usize,
+    /// Probe answers per second to one IP address (a burst of as many is allowed). Default
+    /// 50. A probe costs its sender as much as its answer, but unlimited answers would make
+    /// the server a reflector at whatever address a spoofer names.
+    pub probes_per_ip: u32,
     /// Offer our extension (a token in READY). Default `true`; `false` speaks pure v1.
     pub extensions: bool,
     /// How long a pair of extended clients may keep re-rounding after its first PEERINFO.
@@ -54,10 +63,12 @@ impl Default for ServerConfig {
         Self {
             only_ident: None,
             hello_timeout: Duration::from_secs(10),
-            wait_timeout: None,
+            wait_timeout: Some(Duration::from_secs(60)),
             exchange_timeout: Duration::from_secs(10),
             max_connections: 100_000,
             max_per_ip: 256,
+            max_waiting_per_ip: 16,
+            probes_per_ip: 50,
             extensions: true,
             session_timeout: Duration::from_secs(30),
             rng_seed: 0,
@@ -145,6 +156,8 @@ pub enum RejectReason {
     TooManyConnections,
     /// This IP holds `max_per_ip` already.
     TooManyFromIp,
+    /// This IP has `max_waiting_per_ip` clients waiting already.
+    TooManyWaitingFromIp,
     /// No complete HELLO within `hello_timeout`.
     HelloTimeout,
     /// The first message was not a HELLO (or not a message at all).
@@ -181,6 +194,8 @@ pub struct ServerStats {
     pub completed: u64,
     /// Probes answered since start.
     pub probes: u64,
+    /// Probes not answered because their IP passed `probes_per_ip`.
+    pub probes_limited: u64,
     /// Datagrams ignored since start (garbage, unknown seat, duplicate).
     pub ignored_datagrams: u64,
 }
@@ -246,6 +261,12 @@ pub struct Server {
     rng: ChaCha8Rng,
     conns: BTreeMap<ConnId, Conn>,
     per_ip: BTreeMap<IpAddr, usize>,
+    /// Waiting seats per IP, for `max_waiting_per_ip`.
+    waiting_per_ip: BTreeMap<IpAddr, usize>,
+    /// Probe answers per IP in the current second: (second began, answers).
+    probe_counts: BTreeMap<IpAddr, (Instant, u32)>,
+    /// Size of `probe_counts` at which stale entries are swept.
+    probe_sweep_at: usize,
     /// At most one waiting client per identifier: a second one is paired at once.
     waiting: BTreeMap<Ident, ConnId>,
     pairs: BTreeMap<PairId, Pair>,
@@ -271,6 +292,9 @@ impl Server {
             config,
             conns: BTreeMap::new(),
             per_ip: BTreeMap::new(),
+            waiting_per_ip: BTreeMap::new(),
+            probe_counts: BTreeMap::new(),
+            probe_sweep_at: 1024,
             waiting: BTreeMap::new(),
             pairs: BTreeMap::new(),
             v1_index: BTreeSet::new(),
@@ -394,7 +418,11 @@ impl Server {
             }
             Ok(Message::Exchange(ident)) => self.attribute_v1(ident, from).map(|s| (s, None)),
             Ok(Message::Probe | Message::ProbeOther) => {
-                // A stateless reflector, like STUN: 8 bytes out for 8 bytes in.
+                // A reflector, like STUN: 8 bytes out for 8 bytes in, at a bounded rate per IP.
+                if !self.probe_allowed(now, IpAddr::V4(*from.ip())) {
+                    self.stats.probes_limited += 1;
+                    return;
+                }
                 self.stats.probes += 1;
                 self.outputs.push_back(ServerOutput::Datagram {
                     to: from.into(),
@@ -459,9 +487,17 @@ impl Server {
             self.reject(conn, RejectReason::WrongIdent);
             return;
         }
+        let ip = canonical_ip(self.conns[&conn].remote.ip());
+        if !self.waiting.contains_key(&ident)
+            && self.waiting_per_ip.get(&ip).copied().unwrap_or(0) >= self.config.max_waiting_per_ip
+        {
+            self.reject(conn, RejectReason::TooManyWaitingFromIp);
+            return;
+        }
         self.clear_conn_deadline(conn);
         let Some(first) = self.waiting.remove(&ident) else {
             self.waiting.insert(ident, conn);
+            *self.waiting_per_ip.entry(ip).or_insert(0) += 1;
             let c = self
                 .conns
                 .get_mut(&conn)
@@ -478,6 +514,7 @@ impl Server {
             return;
         };
         self.clear_conn_deadline(first);
+        self.unwait(canonical_ip(self.conns[&first].remote.ip()));
         let pair = self.next_pair;
         self.next_pair += 1;
         let sides = [first, conn].map(|conn| Side {
@@ -679,7 +716,7 @@ impl Server {
     /// Gives up a seated connection and, if it was in a pair, closes its partner. The
     /// connection itself gets a `Close` unless its peer closed it already.
     fn abandon(&mut self, conn: ConnId, reason: AbandonReason) {
-        let Some(seat) = self.conns.get(&conn).map(|c| c.seat) else {
+        let Some((seat, remote)) = self.conns.get(&conn).map(|c| (c.seat, c.remote)) else {
             return;
         };
         if reason == AbandonReason::Closed {
@@ -690,6 +727,7 @@ impl Server {
             Seat::Greeting => return,
             Seat::Waiting(ident) => {
                 self.waiting.remove(&ident);
+                self.unwait(canonical_ip(remote.ip()));
                 if self.forget(conn) {
                     self.outputs.push_back(ServerOutput::Close { conn });
                 }
@@ -720,6 +758,38 @@ impl Server {
                 self.per_ip.remove(&ip);
             }
         }
+        true
+    }
+
+    /// A client from `ip` no longer waits.
+    fn unwait(&mut self, ip: IpAddr) {
+        if let Some(n) = self.waiting_per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.waiting_per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Whether a probe from `ip` may be answered now (and counts it): at most
+    /// `probes_per_ip` per second. The table forgets IPs whose second is over whenever it
+    /// has doubled since it was last swept, so it stays proportional to recent senders.
+    fn probe_allowed(&mut self, now: Instant, ip: IpAddr) -> bool {
+        const SECOND: Duration = Duration::from_secs(1);
+        if self.probe_counts.len() >= self.probe_sweep_at {
+            self.probe_counts
+                .retain(|_, (since, _)| now.saturating_duration_since(*since) < SECOND);
+            self.probe_sweep_at = (self.probe_counts.len() * 2).max(1024);
+        }
+        let (since, count) = self.probe_counts.entry(ip).or_insert((now, 0));
+        if now.saturating_duration_since(*since) >= SECOND {
+            *since = now;
+            *count = 0;
+        }
+        if *count >= self.config.probes_per_ip {
+            return false;
+        }
+        *count += 1;
         true
     }
 

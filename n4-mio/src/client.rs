@@ -63,7 +63,13 @@ pub struct ClientOptions {
     pub json: bool,
     /// Give up on a TCP connect that neither succeeds nor fails within this.
     pub connect_timeout: Duration,
+    /// Give up when no WIN came within this of the start, whatever the client is doing
+    /// (waiting for a partner included); `None`: no overall deadline.
+    pub timeout: Option<Duration>,
 }
+
+/// How often a client waiting for a partner says it still waits.
+const WAITING_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The result of a WIN, as `--json` prints it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -94,6 +100,13 @@ pub enum ClientOutcome {
     /// `--rounds` rounds lost.
     GaveUp {
         /// Rounds played.
+        rounds: u32,
+    },
+    /// No WIN within [`ClientOptions::timeout`].
+    TimedOut {
+        /// The timeout.
+        after: Duration,
+        /// Rounds started.
         rounds: u32,
     },
     /// SIGINT/SIGTERM before WIN.
@@ -136,7 +149,14 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
         finished: false,
         forward,
         keepalive_at: None,
+        deadline: None,
+        waiting_since: None,
+        waiting_log_at: None,
     };
+    driver.deadline = driver
+        .options
+        .timeout
+        .and_then(|t| start.checked_add(t));
     let mut events = Events::with_capacity(256);
     let mut buf = vec![0u8; 65536];
     let mut now = start;
@@ -182,6 +202,12 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
             }
         }
         driver.timers(now);
+        if driver.won.is_none() && driver.deadline.is_some_and(|d| d <= now) {
+            return Ok(ClientOutcome::TimedOut {
+                after: driver.options.timeout.unwrap_or_default(),
+                rounds: driver.client.round(),
+            });
+        }
     }
 }
 
@@ -192,14 +218,16 @@ struct Tcp {
 }
 
 struct Won {
-    /// The slot that received the peer's PUNCH, and who sent it: our way out.
+    /// The slot that received the peer's PUNCH, and who sent it: our way out, and the only
+    /// path that gets keepalives.
     slot: usize,
     peer: SocketAddr,
-    /// Every slot the peer reached us on since WIN, with the address it came from last (the
-    /// winning slot keeps the winning address). Where filtering is open (loopback,
+    /// Every slot on which the peer's PUNCH reached us, with the exact address it came from
+    /// (the winning slot keeps the winning address). Where filtering is open (loopback,
     /// endpoint-independent filtering) the two sides may win on different pairs, so the
-    /// peer's traffic can arrive on another slot than ours: such slots stay open and get
-    /// keepalives too. Bounded by the window.
+    /// peer's traffic can arrive on another slot than ours. Only a datagram from exactly the
+    /// address of its slot's path is the peer's; anything else (another port of the peer's
+    /// IP included) is dropped. Bounded by the window.
     paths: BTreeMap<usize, SocketAddr>,
     report: WinReport,
 }
@@ -224,6 +252,12 @@ struct Driver {
     finished: bool,
     forward: Option<UdpSocket>,
     keepalive_at: Option<Instant>,
+    /// The overall deadline (`--timeout`).
+    deadline: Option<Instant>,
+    /// Since when we wait for a partner (HELLO sent, no READY yet).
+    waiting_since: Option<Instant>,
+    /// When to say again that we still wait.
+    waiting_log_at: Option<Instant>,
 }
 
 impl Driver {
@@ -232,6 +266,8 @@ impl Driver {
             self.client.poll_timeout(),
             self.connect_deadline,
             self.keepalive_at,
+            self.deadline.filter(|_| self.won.is_none()),
+            self.waiting_log_at,
         ]
         .into_iter()
         .flatten()
@@ -250,12 +286,21 @@ impl Driver {
         }
         if self.keepalive_at.is_some_and(|t| t <= now) {
             if let Some(won) = &self.won {
-                for (&slot, &peer) in &won.paths {
-                    send_from(&self.window, slot, peer, &KEEPALIVE);
-                    debug!("keepalive from slot {slot} to {peer}");
-                }
+                send_from(&self.window, won.slot, won.peer, &KEEPALIVE);
+                debug!("keepalive from slot {} to {}", won.slot, won.peer);
             }
             self.keepalive_at = self.keepalive_after(now);
+        }
+        if let (Some(since), Some(at)) = (self.waiting_since, self.waiting_log_at) {
+            if at <= now {
+                info!(
+                    "Waiting for a partner with identifier [{}] at {}: {} s so far",
+                    self.client.config().ident,
+                    self.client.config().server,
+                    now.saturating_duration_since(since).as_secs()
+                );
+                self.waiting_log_at = now.checked_add(WAITING_LOG_INTERVAL);
+            }
         }
     }
 
@@ -494,22 +539,25 @@ impl Driver {
                 && from != SocketAddr::from(config.server)
                 && from != SocketAddr::from(config.probe_server());
             if let Some(won) = self.won.as_mut().filter(|_| from_peer) {
-                if from.ip() == won.peer.ip() {
-                    if slot != won.slot && won.paths.insert(slot, from) != Some(from) {
-                        debug!("peer {from} reaches us on slot {slot}");
+                let punch = Message::Punch(self.client.config().ident).to_bytes();
+                if data == punch && from.ip() == won.peer.ip() && !won.paths.contains_key(&slot)
+                {
+                    // The peer's PUNCH on another slot: the pair it won on (see `paths`).
+                    debug!("peer {from} reaches us on slot {slot}");
+                    won.paths.insert(slot, from);
+                }
+                if won.paths.get(&slot) != Some(&from) {
+                    debug!("{n} bytes from {from} on slot {slot}: not the peer's path; dropped");
+                } else if data == punch || data == KEEPALIVE {
+                    // Handshake noise, not the user's traffic.
+                } else if let (Some(relay), AfterWin::Forward { to, .. }) =
+                    (&self.forward, &self.options.after_win)
+                {
+                    if let Err(e) = relay.send_to(data, *to) {
+                        debug!("forward to {to}: {e}");
                     }
-                    let punch = Message::Punch(self.client.config().ident).to_bytes();
-                    if data == punch || data == KEEPALIVE {
-                        // Handshake noise, not the user's traffic.
-                    } else if let (Some(relay), AfterWin::Forward { to, .. }) =
-                        (&self.forward, &self.options.after_win)
-                    {
-                        if let Err(e) = relay.send_to(data, *to) {
-                            debug!("forward to {to}: {e}");
-                        }
-                    } else {
-                        debug!("{n} bytes from peer {from}");
-                    }
+                } else {
+                    debug!("{n} bytes from peer {from}");
                 }
             }
             if !self.finished {
@@ -533,6 +581,15 @@ impl Driver {
                     continue;
                 }
             };
+            let AfterWin::Forward { to, .. } = self.options.after_win else {
+                continue;
+            };
+            if from != to {
+                // Only the local program speaks for us; anyone else who reaches the relay
+                // socket must not send through our hole.
+                debug!("{n} bytes from {from}, not the local program {to}: dropped");
+                continue;
+            }
             let Some(won) = &self.won else {
                 debug!("{n} bytes from {from} before WIN: dropped");
                 continue;
@@ -558,8 +615,18 @@ impl Driver {
                     u32::from(first) + u32::from(count)
                 );
             }
-            Event::HelloSent => info!(" <= Hello "),
+            Event::HelloSent => {
+                info!(" <= Hello ");
+                debug!(
+                    "waiting for a partner with identifier [{}]",
+                    self.client.config().ident
+                );
+                self.waiting_since = Some(now);
+                self.waiting_log_at = now.checked_add(WAITING_LOG_INTERVAL);
+            }
             Event::Ready { extended } => {
+                self.waiting_since = None;
+                self.waiting_log_at = None;
                 info!(" => Ready ");
                 debug!("server extensions: {extended}");
             }
@@ -579,10 +646,23 @@ impl Driver {
                 window,
                 hint,
             } => debug!(
-                "plan: NAT step {step}, {rate} flows/s, rtt {rtt:?}, window {window}, hint {}",
-                hint.0
+                "plan: NAT step {step}, {rate} flows/s, rtt {}, window {window}, hint {}",
+                rtt.map_or_else(|| "unknown".into(), |r| format!("{:.1} ms", ms(r))),
+                hint_text(hint)
             ),
-            Event::PeerHint(hint) => debug!("peer hint: {}", hint.0),
+            Event::PeerHint(hint) => debug!("peer hint: {}", hint_text(hint)),
+            Event::PeerRefused { peer, why } => warn!(
+                "The server named peer address {peer}: {why}; refused, not punched"
+            ),
+            Event::BudgetExhausted { budget, until } => warn!(
+                "Punch budget spent ({budget} datagrams a minute): punches pause for {:.0} s",
+                until.saturating_duration_since(now).as_secs_f64()
+            ),
+            Event::Rehello => {
+                self.waiting_since = None;
+                self.waiting_log_at = None;
+                info!("The server ended our wait for a partner; saying HELLO again");
+            }
             Event::PeerInfo { peer, target } => {
                 info!(" => Peer: {peer} ");
                 match target {
@@ -631,6 +711,8 @@ impl Driver {
                 });
             }
             Event::Lose { reason, .. } => {
+                self.waiting_since = None;
+                self.waiting_log_at = None;
                 info!("[ LOSE ]");
                 match reason {
                     LoseReason::Timeout => debug!("no punch from the peer in time"),
@@ -644,6 +726,9 @@ impl Driver {
                     }
                     LoseReason::TargetOutOfRange => {
                         warn!("the predicted peer port is out of range")
+                    }
+                    LoseReason::BadPeerAddress => {
+                        warn!("the server gave a peer address we refuse")
                     }
                 }
             }
@@ -722,6 +807,20 @@ impl Driver {
             AfterWin::Exit => Some(ClientOutcome::Won(report)),
             _ => None,
         }
+    }
+}
+
+/// Milliseconds of `d`, as a float for printing.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// A hint in words: the offset to aim at, or what its sentinel means.
+fn hint_text(hint: n4_core::Hint) -> String {
+    match hint {
+        n4_core::Hint::NONE => "none".into(),
+        n4_core::Hint::RANDOM => "random ports (no aim)".into(),
+        n4_core::Hint(offset) => format!("{offset:+}"),
     }
 }
 

@@ -63,6 +63,16 @@ pub enum Error {
         /// Why (the OS error, or a timeout).
         reason: String,
     },
+    /// `n4 probe`: the server's probe port did not answer.
+    #[error("no probe answer from n4 server {server} (probes go to its UDP port {probe_port}): {reason}")]
+    NoProbeAnswer {
+        /// The server as given (`-h`, `-p`).
+        server: std::net::SocketAddrV4,
+        /// The port probes went to: the server port + 1.
+        probe_port: u16,
+        /// Why.
+        reason: String,
+    },
     /// A listening socket could not be bound (typically: port in use).
     #[error("cannot listen on {proto} {addr}: {source}")]
     Listen {

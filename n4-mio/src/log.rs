@@ -32,8 +32,42 @@ where
             Level::TRACE => "TRACE",
         };
         write!(writer, "[{now}] {level} ")?;
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        // Fields may hold bytes from the network (an identifier): one event is one line, so
+        // control bytes are escaped, never written raw (no forged or split lines).
+        let mut fields = String::new();
+        ctx.field_format()
+            .format_fields(Writer::new(&mut fields), event)?;
+        writer.write_str(&escape_controls(&fields))?;
         writeln!(writer)
+    }
+}
+
+/// `text` with every control character (CR, LF, ESC, DEL, …) written as an escape (`\r`,
+/// `\n`, `\u{1b}`), so that it stays on one line and cannot steer a terminal.
+pub(crate) fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_bytes_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("Paired [ab] ok"), "Paired [ab] ok");
+        assert_eq!(escape_controls("a\r\nINFO forged"), "a\\r\\nINFO forged");
+        assert_eq!(escape_controls("\u{1b}[2J\u{7f}\t"), "\\u{1b}[2J\\u{7f}\\t");
     }
 }
 

@@ -104,8 +104,9 @@ impl ProbeReport {
 pub fn run_probe(opts: &ProbeOptions) -> Result<ProbeReport, Error> {
     let server = opts.server;
     let probe_port = SocketAddrV4::new(*server.ip(), server.port().wrapping_add(1));
-    let fail = |reason: String| Error::Unreachable {
-        addr: probe_port.into(),
+    let fail = |reason: String| Error::NoProbeAnswer {
+        server,
+        probe_port: probe_port.port(),
         reason,
     };
 
@@ -113,7 +114,7 @@ pub fn run_probe(opts: &ProbeOptions) -> Result<ProbeReport, Error> {
     let s = bind()?;
     let local = local_port(&s)?;
     let (seen, rtt) = ask(&s, Message::Probe, probe_port, opts.timeout)?.ok_or_else(|| {
-        fail("no answer to PROBE (an n4 server of ours answers on port + 1)".into())
+        fail("no answer (is it an n4 server of ours, and does UDP reach it?)".into())
     })?;
     let mut predictor = PortPredictor::default();
     predictor.observe_rtt(rtt);
@@ -168,7 +169,10 @@ pub fn run_probe(opts: &ProbeOptions) -> Result<ProbeReport, Error> {
         allocation,
         step,
         rate_per_sec: rate.map(|r| (r * 10.0).round() / 10.0),
-        rtt_ms: predictor.rtt().map(|d| d.as_secs_f64() * 1000.0),
+        // Microseconds are all a clock over a network can say.
+        rtt_ms: predictor
+            .rtt()
+            .map(|d| (d.as_secs_f64() * 1e6).round() / 1e3),
         samples,
     })
 }

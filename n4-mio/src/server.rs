@@ -3,13 +3,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use n4_core::{
-    AbandonReason, ConnId, Message, Server, ServerConfig, ServerEvent, ServerOutput, ServerStats,
+    AbandonReason, ConnId, Message, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput, ServerStats,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
@@ -27,6 +27,11 @@ const CONN_BASE: usize = 16;
 /// How long a closed connection's read side is drained after our FIN, so that a late byte
 /// from the client does not turn the close into a reset that could destroy our last message.
 const LINGER: Duration = Duration::from_secs(2);
+
+/// After `accept` failed for want of descriptors (EMFILE), try again this soon: the queued
+/// connections raise no new event once descriptors are free again (edge-triggered), so
+/// without a retry they would wait for an unrelated new connection.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// How often, at most, the counters are logged (at debug level, and only when they changed).
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
@@ -47,6 +52,8 @@ pub struct ServerOptions {
 
 struct Conn {
     stream: TcpStream,
+    /// The remote IP, for the per-IP socket count.
+    ip: IpAddr,
     /// Bytes the kernel did not take yet (almost always none: it has room for thousands of
     /// our 8-byte messages), bounded by [`MAX_PENDING`].
     out: Vec<u8>,
@@ -89,12 +96,22 @@ pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
     })?;
     // Probes (our extension) go to the next port up, which a v1 server never hears. Without
     // it clients still pair; they only predict less well.
-    let mut probe = listen.port().checked_add(1).and_then(|port| {
-        let addr = SocketAddr::new(listen.ip(), port);
-        sockets::bind_udp(addr)
-            .map_err(|e| warn!("No probe port: cannot listen on UDP {addr}: {e}"))
-            .ok()
-    });
+    let mut probe = match listen.port().checked_add(1) {
+        Some(port) => {
+            let addr = SocketAddr::new(listen.ip(), port);
+            sockets::bind_server_udp(addr)
+                .map_err(|e| warn!("No probe port: cannot listen on UDP {addr}: {e}"))
+                .ok()
+        }
+        None => {
+            warn!(
+                "No probe port: port {} has no port above it (-l 65534 or lower gives one); \
+                 clients pair but cannot predict",
+                listen.port()
+            );
+            None
+        }
+    };
     let poll = Poll::new()?;
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     poll.registry()
@@ -109,7 +126,11 @@ pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
 
     let only = options.config.only_ident;
     let extensions = options.config.extensions;
+    let limits = (options.config.max_connections, options.config.max_per_ip);
     let mut driver = Driver {
+        limits,
+        sockets_per_ip: HashMap::new(),
+        accept_retry: None,
         server: Server::new(options.config),
         poll,
         probe_answers: Vec::new(),
@@ -181,6 +202,10 @@ pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
             driver.server.handle_timeout(now);
         }
         driver.expire_lingering(now);
+        if driver.accept_retry.is_some_and(|t| t <= now) {
+            driver.accept_retry = None;
+            driver.accept(now, &listener);
+        }
         driver.drain(now);
         driver.stats.tick(now, &driver.server, driver.conns.len());
     }
@@ -257,6 +282,13 @@ impl StatsLog {
 struct Driver {
     server: Server,
     poll: Poll,
+    /// `--max-conns` and `--max-per-ip`, applied here to every socket the loop holds
+    /// (lingering ones included), as the machine applies them to connections it knows.
+    limits: (usize, usize),
+    /// Sockets held per remote IP, lingering ones included.
+    sockets_per_ip: HashMap<IpAddr, usize>,
+    /// When to call `accept` again after it ran out of descriptors.
+    accept_retry: Option<Instant>,
     /// Answers to probes, sent by the loop from the server port (`true`) or the probe port.
     probe_answers: Vec<(bool, SocketAddr, [u8; 8])>,
     /// Which port answers the probe being handled: the one it came in on, or for PROBE-OTHER
@@ -281,6 +313,7 @@ impl Driver {
             .into_iter()
             .chain(linger)
             .chain(stats)
+            .chain(self.accept_retry)
             .min()
     }
 
@@ -336,6 +369,24 @@ impl Driver {
         loop {
             match listener.accept() {
                 Ok((stream, remote)) => {
+                    let ip = remote.ip();
+                    let held = self.sockets_per_ip.get(&ip).copied().unwrap_or(0);
+                    let full = if self.conns.len() >= self.limits.0 {
+                        Some(RejectReason::TooManyConnections)
+                    } else if held >= self.limits.1 {
+                        Some(RejectReason::TooManyFromIp)
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = full {
+                        // Lingering sockets still hold descriptors: counting them keeps a
+                        // flood of short pairings from exhausting descriptors.
+                        debug!("Rejected {remote}: {reason:?} (sockets, lingering included)");
+                        self.stats.rejected += 1;
+                        drop(stream);
+                        continue;
+                    }
+                    *self.sockets_per_ip.entry(ip).or_insert(0) += 1;
                     let conn = ConnId(self.next_conn);
                     self.next_conn += 1;
                     // Linux hands the listener's TCP_NODELAY down to accepted sockets.
@@ -346,6 +397,7 @@ impl Driver {
                         conn,
                         Conn {
                             stream,
+                            ip,
                             out: Vec::new(),
                             wrote: false,
                             write_interest: false,
@@ -376,13 +428,14 @@ impl Driver {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: the connection waits in the backlog; try again on
-                    // the next event rather than spinning. Said once a second at most: under
-                    // a flood every new connection would say it again.
+                    // EMFILE and friends: the connection waits in the backlog; try again
+                    // shortly (see ACCEPT_RETRY) rather than spinning. Said once a second at
+                    // most: under a flood every new connection would say it again.
                     if !matches!(self.accept_warned, Some(quiet_until) if now < quiet_until) {
-                        warn!("accept: {e}");
+                        warn!("accept: {e}; retrying");
                         self.accept_warned = Some(now + Duration::from_secs(1));
                     }
+                    self.accept_retry = Some(now + ACCEPT_RETRY);
                     return;
                 }
             }
@@ -490,6 +543,12 @@ impl Driver {
         if let Some(c) = self.conns.remove(&conn) {
             if let Some(deadline) = c.closing {
                 self.lingering.remove(&(deadline, conn));
+            }
+            if let Some(n) = self.sockets_per_ip.get_mut(&c.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.sockets_per_ip.remove(&c.ip);
+                }
             }
         }
     }

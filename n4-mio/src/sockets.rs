@@ -5,13 +5,12 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// A window slot: UDP on `0.0.0.0:port` with SO_REUSEADDR and SO_REUSEPORT, like the original,
-/// so a port freed by the previous round (or by the user's `nc`) can be bound again at once.
+/// A window slot: UDP on `0.0.0.0:port`, not shared. The original set SO_REUSEADDR, which
+/// on Linux lets any other user bind the same UDP port and receive the peer's punch: the hole
+/// would be theirs. A closed UDP port is free again at once (no TIME_WAIT), so sharing buys
+/// nothing.
 pub(crate) fn bind_slot(port: u16) -> io::Result<mio::net::UdpSocket> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
-    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
-    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).into())?;
     Ok(mio::net::UdpSocket::from_std(socket.into()))

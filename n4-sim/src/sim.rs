@@ -1243,6 +1243,9 @@ impl Sim {
                 strategy.name()
             ),
             Event::Lose { round, reason } => format!("[ LOSE ] round {round}: {reason:?}"),
+            Event::PeerRefused { peer, why } => format!("=> PEERINFO {peer} refused: {why}"),
+            Event::BudgetExhausted { budget, .. } => format!("punch budget {budget}/min spent"),
+            Event::Rehello => "wait ended by the server; HELLO again".into(),
             Event::Finished => "finished".into(),
             Event::GaveUp { rounds } => format!("gave up after {rounds} rounds"),
             Event::ServerUnreachable => "server unreachable".into(),

@@ -57,11 +57,11 @@ struct Cli {
     ident: Option<String>,
 
     /// Log more (-v: debug, -vv: trace); RUST_LOG overrides
-    #[arg(short = 'v', long, action = ArgAction::Count)]
+    #[arg(short = 'v', long, action = ArgAction::Count, global = true)]
     verbose: u8,
 
     /// Log only warnings and errors
-    #[arg(short = 'q', long, conflicts_with = "verbose")]
+    #[arg(short = 'q', long, conflicts_with = "verbose", global = true)]
     quiet: bool,
 
     /// Run in server mode
@@ -87,9 +87,15 @@ struct Cli {
     )]
     hello_timeout: f64,
 
-    /// A seated client waits this long for a partner [default: forever]
-    #[arg(long, value_name = "SECS", help_heading = "Server")]
-    wait_timeout: Option<f64>,
+    /// A seated client waits this long for a partner, then its seat is freed (our clients
+    /// say HELLO again by themselves)
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "60",
+        help_heading = "Server"
+    )]
+    wait_timeout: f64,
 
     /// After READY, both EXCHANGEs must arrive within this
     #[arg(
@@ -112,6 +118,14 @@ struct Cli {
     /// Open connections from one IP address
     #[arg(long, value_name = "N", default_value_t = 256, help_heading = "Server")]
     max_per_ip: usize,
+
+    /// Clients from one IP address waiting for a partner at once
+    #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Server")]
+    max_waiting_per_ip: usize,
+
+    /// Probe answers per second to one IP address
+    #[arg(long, value_name = "N", default_value_t = 50, help_heading = "Server")]
+    probe_rate: u32,
 
     /// Pure v1: no token in READY (server); no probes, fixed offset (client)
     #[arg(long)]
@@ -174,7 +188,12 @@ struct Cli {
     #[arg(long, value_name = "N", help_heading = "Client")]
     rounds: Option<u32>,
 
-    /// How long a round waits for the peer's punch
+    /// Give up (exit 1) when no WIN came within SECS of the start, waiting for a partner
+    /// included [default: never]
+    #[arg(long, value_name = "SECS", help_heading = "Client")]
+    timeout: Option<f64>,
+
+    /// How long a round waits for the peer's punch (at least 0.5)
     #[arg(
         long,
         value_name = "SECS",
@@ -187,7 +206,7 @@ struct Cli {
     #[arg(long, help_heading = "Client")]
     json: bool,
 
-    /// After WIN, keep the hole open: a keepalive every SECS [15] until Ctrl-C
+    /// After WIN, keep the hole open: a keepalive every SECS [15, at least 1] until Ctrl-C
     #[arg(
         long,
         value_name = "SECS",
@@ -201,8 +220,8 @@ struct Cli {
     #[arg(long, value_name = "HOST:PORT", help_heading = "Client")]
     forward: Option<String>,
 
-    /// Address of the relay socket the local program talks to [default: 127.0.0.1:0 for a
-    /// loopback target, else 0.0.0.0:0]
+    /// Address of the relay socket the local program talks to [default: 127.0.0.1:0; only
+    /// datagrams from the --forward address are relayed]
     #[arg(
         long,
         value_name = "ADDR:PORT",
@@ -221,9 +240,9 @@ enum Command {
         /// Print help
         #[arg(long, action = ArgAction::Help)]
         help: Option<bool>,
-        /// Hostname of the N4 server
+        /// Hostname of the N4 server (required)
         #[arg(short = 'h', long, value_name = "HOST")]
-        host: String,
+        host: Option<String>,
         /// Port of the N4 server (probes also go to PORT+1)
         #[arg(short = 'p', long, value_name = "PORT", default_value_t = 1721)]
         port: u16,
@@ -248,10 +267,20 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            // clap's first line says what is wrong; its usage and tips follow on more lines.
+            // clap's first paragraph says what is wrong (a missing argument's name on the
+            // lines below the first); its usage and tips follow after a blank line.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("n4: {first} (see --help)");
+            let what: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let what = if what.is_empty() {
+                "error: bad arguments".to_string()
+            } else {
+                what.join(" ")
+            };
+            eprintln!("n4: {what} (see --help)");
             return code(exit::USAGE);
         }
     };
@@ -305,8 +334,17 @@ fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
         ..
     }) = &cli.command
     {
-        if *port == 0 || *port == u16::MAX || *samples < 2 {
-            return Err(Usage("probe: -p must be 1-65534 and --samples at least 2".into()).into());
+        let Some(host) = host else {
+            return Err(Usage("probe needs the server: n4 probe -h HOST".into()).into());
+        };
+        if *port == 0 || *port == u16::MAX {
+            return Err(Usage(format!(
+                "probe -p {port}: the server port must be 1-65534 (probes go to port + 1)"
+            ))
+            .into());
+        }
+        if *samples < 2 {
+            return Err(Usage(format!("probe --samples {samples}: at least 2 are needed")).into());
         }
         let report = run_probe(&ProbeOptions {
             server: resolve_v4(host, *port)?,
@@ -339,10 +377,22 @@ fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
                     error!("Gave up after {rounds} round{s} without a punch from the peer");
                     exit::GAVE_UP
                 }
+                ClientOutcome::TimedOut { after, rounds } => {
+                    let s = if rounds == 1 { "" } else { "s" };
+                    error!(
+                        "Timed out: no WIN within {} s (--timeout), {rounds} round{s} started",
+                        after.as_secs_f64()
+                    );
+                    exit::GAVE_UP
+                }
                 ClientOutcome::Interrupted => exit::INTERRUPTED,
             })
         }
-        (false, false) => Err(Usage("choose a mode: -s (server) or -c (client)".into()).into()),
+        (false, false) => Err(Usage(
+            "choose a mode: -s (server), -c (client), or the subcommand probe (n4 probe -h HOST)"
+                .into(),
+        )
+        .into()),
     }
 }
 
@@ -357,33 +407,45 @@ fn ident(cli: &Cli) -> Result<Option<Ident>, Usage> {
 /// count arbitrarily far ahead (`1e19` seconds overflows it); "forever" is leaving the flag out.
 const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
+/// Floors of the time flags: below them a flag only burns datagrams or CPU (a keepalive
+/// every 10 ms, a round shorter than a round trip).
+const MIN_SECS: f64 = 1.0;
+const MIN_ROUND_SECS: f64 = 0.5;
+
+/// A time flag of at least [`MIN_SECS`].
 fn secs(flag: &str, v: f64) -> Result<Duration, Usage> {
+    secs_from(flag, v, MIN_SECS)
+}
+
+fn secs_from(flag: &str, v: f64, min: f64) -> Result<Duration, Usage> {
     Duration::try_from_secs_f64(v)
         .ok()
-        .filter(|d| !d.is_zero() && v <= MAX_SECS)
+        .filter(|_| (min..=MAX_SECS).contains(&v))
         .ok_or_else(|| {
             Usage(format!(
-                "{flag} {v}: must be a positive number of seconds, at most {MAX_SECS} (a year)"
+                "{flag} {v}: must be a number of seconds from {min} to {MAX_SECS} (a year)"
             ))
         })
 }
 
 fn server_options(cli: &Cli) -> Result<ServerOptions, Usage> {
-    if cli.max_conns == 0 || cli.max_per_ip == 0 {
+    if cli.max_conns == 0 || cli.max_per_ip == 0 || cli.max_waiting_per_ip == 0 {
         return Err(Usage(
-            "--max-conns and --max-per-ip must be at least 1".into(),
+            "--max-conns, --max-per-ip and --max-waiting-per-ip must be at least 1".into(),
         ));
+    }
+    if cli.probe_rate == 0 {
+        return Err(Usage("--probe-rate must be at least 1".into()));
     }
     let config = ServerConfig {
         only_ident: ident(cli)?,
         hello_timeout: secs("--hello-timeout", cli.hello_timeout)?,
-        wait_timeout: cli
-            .wait_timeout
-            .map(|v| secs("--wait-timeout", v))
-            .transpose()?,
+        wait_timeout: Some(secs("--wait-timeout", cli.wait_timeout)?),
         exchange_timeout: secs("--exchange-timeout", cli.exchange_timeout)?,
         max_connections: cli.max_conns,
         max_per_ip: cli.max_per_ip,
+        max_waiting_per_ip: cli.max_waiting_per_ip,
+        probes_per_ip: cli.probe_rate,
         extensions: !cli.no_ext,
         rng_seed: random_seed(),
         ..ServerConfig::default()
@@ -414,18 +476,19 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
     if cli.rounds == Some(0) {
         return Err(Usage("--rounds 0: at least one round is needed".into()).into());
     }
-    let round_timeout = secs("--round-timeout", cli.round_timeout)?;
+    let round_timeout = secs_from("--round-timeout", cli.round_timeout, MIN_ROUND_SECS)?;
+    let timeout = cli.timeout.map(|v| secs("--timeout", v)).transpose()?;
     let keepalive = cli.keepalive.map(|v| secs("--keepalive", v)).transpose()?;
     let after_win = match (&cli.forward, keepalive) {
         (Some(target), keepalive) => {
             let to = resolve_any(target)
                 .map_err(|reason| Usage(format!("--forward {target:?}: {reason}")))?;
+            // Loopback unless told otherwise: the relay socket must not be reachable from
+            // the network (it sends what it hears through the hole).
             let bind = cli.forward_bind.unwrap_or_else(|| {
                 let ip = match to.ip() {
-                    IpAddr::V4(ip) if ip.is_loopback() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                    IpAddr::V6(ip) if ip.is_loopback() => IpAddr::V6(ip),
-                    IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
                 };
                 SocketAddr::new(ip, 0)
             });
@@ -475,6 +538,7 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
         after_win,
         json: cli.json,
         connect_timeout: round_timeout,
+        timeout,
     })
 }
 
