@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use n4_core::{
     Client, ClientConfig, Command, Event, Hint, LoseReason, Message, Strategy, StreamDecoder,
-    Token, Transmit,
+    Token, Transmit, EARLY_PUNCH_SOURCES,
 };
 
 use crate::ident;
@@ -231,7 +231,22 @@ pub fn client_config(c: Config) -> ClientConfig {
         probes: u16::from(c.probes % 5),
         probe_interval: Duration::from_millis(u64::from(c.probe_interval)),
         max_window: u16::from(c.max_window % 10),
+        // Unbounded here: the model does not predict when a budget runs out (the budget has
+        // its own tests in n4-core/tests/hardening.rs).
+        punch_budget: u32::MAX,
     }
+}
+
+/// The early punches the client keeps: the first from each source IP, for
+/// [`EARLY_PUNCH_SOURCES`] IPs.
+fn kept_early(early: &[(usize, SocketAddr)]) -> Vec<(usize, SocketAddr)> {
+    let mut kept: Vec<(usize, SocketAddr)> = Vec::new();
+    for &(slot, from) in early {
+        if kept.len() < EARLY_PUNCH_SOURCES && !kept.iter().any(|(_, f)| f.ip() == from.ip()) {
+            kept.push((slot, from));
+        }
+    }
+    kept
 }
 
 /// Runs one input; panics on a broken promise.
@@ -511,8 +526,9 @@ impl Harness {
         }
         if let Some(r) = self.rounds.last() {
             if let (Some(peer), Some(_), None, false) = (r.peer, r.target, r.won, r.lost) {
-                let mut early = r.early.iter().take(16);
-                let due = early.any(|&(_, from)| self.acceptable(peer, from));
+                let due = kept_early(&r.early)
+                    .iter()
+                    .any(|&(_, from)| self.acceptable(peer, from));
                 assert!(!due, "an acceptable PUNCH from before PEERINFO was ignored");
             }
         }
@@ -682,6 +698,7 @@ impl Harness {
                 if let Some(offset) = offset {
                     let expected = u16::try_from(i32::from(peer.port()) + offset)
                         .ok()
+                        .filter(|&p| p != 0)
                         .map(|p| SocketAddrV4::new(*peer.ip(), p));
                     assert_eq!(target, expected, "target is not PEERINFO + hint or offset");
                 }
@@ -734,7 +751,7 @@ impl Harness {
                     "WIN from an unacceptable address"
                 );
                 let delivered = step.punch == Some((slot, peer))
-                    || r.early.iter().take(16).any(|&e| e == (slot, peer));
+                    || kept_early(&r.early).contains(&(slot, peer));
                 assert!(delivered, "WIN for a PUNCH that never arrived");
                 // A late punch of an aimed earlier round of the session counts as aimed.
                 let session_hinted = matches!(r.token, Some(Some(_))) && session_hinted;
@@ -779,6 +796,17 @@ impl Harness {
                 assert!(self.round().lost);
                 self.finished = true;
                 self.outcome.finished = true;
+            }
+            Event::PeerRefused { peer, .. } => {
+                assert!(step.said.contains(&Message::PeerInfo(peer)));
+                // The model's peers are public hosts: only port 0 can be refused.
+                assert_eq!(peer.port(), 0, "refused a good peer address");
+                assert!(self.round().token.is_some(), "PEERINFO before READY");
+            }
+            Event::BudgetExhausted { .. } => panic!("the model's budget is unbounded"),
+            Event::Rehello => {
+                assert!(!self.connected, "HELLO again while connected");
+                assert!(self.round().token.is_none(), "HELLO again after READY");
             }
             Event::ServerUnreachable => {
                 assert!(

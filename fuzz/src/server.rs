@@ -280,6 +280,10 @@ impl Harness {
             session_timeout: SESSION_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
             max_per_ip: MAX_PER_IP,
+            // Unbounded here: the model does not predict these limits (they have their own
+            // tests in n4-core/tests/hardening.rs).
+            max_waiting_per_ip: usize::MAX,
+            probes_per_ip: u32::MAX,
             extensions: config.extensions,
             rng_seed: u64::from(config.rng_seed),
         });
