@@ -1,8 +1,11 @@
-//! The 8-byte N4 messages: v1 wire format plus our in-band extensions.
+//! The N4 wire: v1's 8-byte messages plus our in-band extensions, and the longer messages of
+//! keyed sessions.
 //!
-//! Every message is exactly 8 bytes: byte 0 command, byte 1 reserved (0 in v1), bytes 2–7 data.
-//! Decoding is strict (anything that does not re-encode to the same bytes is an error) and never
-//! panics. See `docs/PROTOCOL.md` for the byte layouts.
+//! A [`Message`] is exactly 8 bytes: byte 0 command, byte 1 reserved (0 in v1), bytes 2–7 data.
+//! A [`LongMessage`] (commands 0x10 and up, only between our own ends once a key is in use) is
+//! byte 0 command, byte 1 payload length, then the payload. [`Frame`] is either; a
+//! [`FrameDecoder`] cuts a TCP stream into frames. Decoding is strict (anything that does not
+//! re-encode to the same bytes is an error) and never panics. See `docs/PROTOCOL.md`.
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -21,6 +24,27 @@ const CMD_SEEN: u8 = 0x06;
 const CMD_PROBE: u8 = 0x07;
 const CMD_HINT: u8 = 0x08;
 const CMD_PROBE_OTHER: u8 = 0x09;
+const CMD_ACK: u8 = 0x0a;
+const CMD_CONFIRM: u8 = 0x0b;
+
+/// Commands from here up are [`LongMessage`]s: `[cmd, len, payload…]`.
+pub const LONG_COMMANDS: u8 = 0x10;
+const CMD_KEYED_HELLO: u8 = 0x10;
+const CMD_REFUSED: u8 = 0x11;
+const CMD_PEER_NONCE: u8 = 0x12;
+const CMD_AUTH: u8 = 0x13;
+const CMD_VERIFIED: u8 = 0x14;
+const CMD_AUTH_FAILED: u8 = 0x15;
+const CMD_KEYED_PUNCH: u8 = 0x16;
+const CMD_KEYED_ACK: u8 = 0x17;
+const CMD_KEYED_CONFIRM: u8 = 0x18;
+
+/// The longest frame on the wire (a keyed HELLO).
+pub const MAX_FRAME: usize = 2 + 6 + NONCE_LEN + MAC_LEN;
+/// Bytes of a nonce.
+pub const NONCE_LEN: usize = 16;
+/// Bytes of a (truncated HMAC-SHA256) MAC.
+pub const MAC_LEN: usize = 16;
 
 /// First two data bytes of an extended READY: `"N4"`.
 const READY_MAGIC: [u8; 2] = *b"N4";
@@ -144,6 +168,333 @@ pub enum Message {
     /// 0x09, client → server (UDP), extension: like [`Message::Probe`], but "answer from your
     /// other UDP port" — whether that answer gets through shows the NAT's filtering.
     ProbeOther,
+    /// 0x0a, client ↔ client (UDP), extension (both ends ours, no key): "your PUNCH reached me,
+    /// on this very pair of addresses". Carries the identifier.
+    Ack(Ident),
+    /// 0x0b, client ↔ client (UDP), extension (no key): the leader's choice — "this pair is the
+    /// hole, both ways". Carries the identifier.
+    Confirm(Ident),
+}
+
+/// A random value that makes one handshake unlike any other (replays fail).
+pub type Nonce = [u8; NONCE_LEN];
+/// A message authentication code (HMAC-SHA256, truncated).
+pub type Mac = [u8; MAC_LEN];
+
+/// Why a server refused a client (keyed extension).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefuseReason {
+    /// A private server: the client's proof does not match the server's key.
+    WrongKey,
+    /// A private server: the client said a plain (keyless) HELLO.
+    KeyRequired,
+    /// Anything else (a reason this version does not know).
+    Other(u8),
+}
+
+impl RefuseReason {
+    fn byte(self) -> u8 {
+        match self {
+            Self::WrongKey => 1,
+            Self::KeyRequired => 2,
+            Self::Other(b) => b,
+        }
+    }
+
+    fn from_byte(b: u8) -> Self {
+        match b {
+            1 => Self::WrongKey,
+            2 => Self::KeyRequired,
+            b => Self::Other(b),
+        }
+    }
+}
+
+/// A message of our keyed extension: longer than 8 bytes, so never sent to a v1 end (a keyed
+/// client talks only to a server of ours, and punches only a keyed peer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LongMessage {
+    /// 0x10, client → server (TCP): HELLO for a keyed room. `room` is derived from the key and
+    /// the identifier (the server never sees either); `nonce` is the client's fresh nonce for
+    /// the handshake; `proof` lets a private server check that the client holds its key.
+    KeyedHello {
+        /// The room tag.
+        room: Ident,
+        /// The client's nonce.
+        nonce: Nonce,
+        /// MAC over room and nonce under the key.
+        proof: Mac,
+    },
+    /// 0x11, server → client (TCP): refused; the server closes the connection.
+    Refused(RefuseReason),
+    /// 0x12, server → client (TCP), right after READY in a keyed room: the partner's nonce.
+    PeerNonce(Nonce),
+    /// 0x13, client → server → partner (TCP): the sender's MAC over the session (room and both
+    /// nonces, its own first). The server relays it unchanged.
+    Auth(Mac),
+    /// 0x14, client → server (TCP): "my partner proved the key". The server gives neither side
+    /// the other's address before both said it.
+    Verified,
+    /// 0x15, client → server (TCP): "my partner did not prove the key". The server ends the pair.
+    AuthFailed,
+    /// 0x16, client ↔ client (UDP): a PUNCH with a MAC under the session key.
+    Punch(Mac),
+    /// 0x17, client ↔ client (UDP): [`Message::Ack`] with a MAC under the session key.
+    Ack(Mac),
+    /// 0x18, client ↔ client (UDP): [`Message::Confirm`] with a MAC under the session key.
+    Confirm(Mac),
+}
+
+impl LongMessage {
+    /// The command byte.
+    pub fn command(&self) -> u8 {
+        match self {
+            Self::KeyedHello { .. } => CMD_KEYED_HELLO,
+            Self::Refused(_) => CMD_REFUSED,
+            Self::PeerNonce(_) => CMD_PEER_NONCE,
+            Self::Auth(_) => CMD_AUTH,
+            Self::Verified => CMD_VERIFIED,
+            Self::AuthFailed => CMD_AUTH_FAILED,
+            Self::Punch(_) => CMD_KEYED_PUNCH,
+            Self::Ack(_) => CMD_KEYED_ACK,
+            Self::Confirm(_) => CMD_KEYED_CONFIRM,
+        }
+    }
+
+    /// The wire bytes: command, payload length, payload.
+    pub fn to_bytes(&self) -> Payload {
+        let mut p = Payload::default();
+        let mut payload = [0u8; MAX_FRAME - 2];
+        let n = match self {
+            Self::KeyedHello { room, nonce, proof } => {
+                payload[..6].copy_from_slice(room.as_bytes());
+                payload[6..6 + NONCE_LEN].copy_from_slice(nonce);
+                payload[6 + NONCE_LEN..6 + NONCE_LEN + MAC_LEN].copy_from_slice(proof);
+                6 + NONCE_LEN + MAC_LEN
+            }
+            Self::Refused(r) => {
+                payload[0] = r.byte();
+                1
+            }
+            Self::PeerNonce(n) => {
+                payload[..NONCE_LEN].copy_from_slice(n);
+                NONCE_LEN
+            }
+            Self::Auth(m) | Self::Punch(m) | Self::Ack(m) | Self::Confirm(m) => {
+                payload[..MAC_LEN].copy_from_slice(m);
+                MAC_LEN
+            }
+            Self::Verified | Self::AuthFailed => 0,
+        };
+        p.push(&[self.command(), n as u8]);
+        p.push(&payload[..n]);
+        p
+    }
+
+    /// Decodes exactly one long message from exactly its bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let [cmd, len, payload @ ..] = bytes else {
+            return Err(DecodeError::Length(bytes.len()));
+        };
+        if usize::from(*len) != payload.len() {
+            return Err(DecodeError::Length(bytes.len()));
+        }
+        let mac = || <Mac>::try_from(payload).map_err(|_| DecodeError::Data);
+        Ok(match *cmd {
+            CMD_KEYED_HELLO => {
+                if payload.len() != 6 + NONCE_LEN + MAC_LEN {
+                    return Err(DecodeError::Data);
+                }
+                let mut room = [0u8; 6];
+                room.copy_from_slice(&payload[..6]);
+                Self::KeyedHello {
+                    room: Ident::from_wire(room).map_err(|_| DecodeError::Data)?,
+                    nonce: payload[6..6 + NONCE_LEN].try_into().expect("length checked"),
+                    proof: payload[6 + NONCE_LEN..].try_into().expect("length checked"),
+                }
+            }
+            CMD_REFUSED => match payload {
+                [b] => Self::Refused(RefuseReason::from_byte(*b)),
+                _ => return Err(DecodeError::Data),
+            },
+            CMD_PEER_NONCE => {
+                Self::PeerNonce(<Nonce>::try_from(payload).map_err(|_| DecodeError::Data)?)
+            }
+            CMD_AUTH => Self::Auth(mac()?),
+            CMD_VERIFIED if payload.is_empty() => Self::Verified,
+            CMD_AUTH_FAILED if payload.is_empty() => Self::AuthFailed,
+            CMD_VERIFIED | CMD_AUTH_FAILED => return Err(DecodeError::Data),
+            CMD_KEYED_PUNCH => Self::Punch(mac()?),
+            CMD_KEYED_ACK => Self::Ack(mac()?),
+            CMD_KEYED_CONFIRM => Self::Confirm(mac()?),
+            c => return Err(DecodeError::Command(c)),
+        })
+    }
+}
+
+/// Bytes of one frame, held inline (no allocation per datagram).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Payload {
+    bytes: [u8; MAX_FRAME],
+    len: u8,
+}
+
+impl Payload {
+    fn push(&mut self, bytes: &[u8]) {
+        let at = usize::from(self.len);
+        self.bytes[at..at + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len() as u8;
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Self {
+            bytes: [0; MAX_FRAME],
+            len: 0,
+        }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload({:02x?})", &**self)
+    }
+}
+
+impl From<[u8; MESSAGE_LEN]> for Payload {
+    fn from(bytes: [u8; MESSAGE_LEN]) -> Self {
+        let mut p = Self::default();
+        p.push(&bytes);
+        p
+    }
+}
+
+impl PartialEq<[u8]> for Payload {
+    fn eq(&self, other: &[u8]) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<[u8; MESSAGE_LEN]> for Payload {
+    fn eq(&self, other: &[u8; MESSAGE_LEN]) -> bool {
+        **self == other[..]
+    }
+}
+
+/// One frame of the wire: a v1-shaped 8-byte message or a long one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Frame {
+    /// 8 bytes.
+    Short(Message),
+    /// `[cmd, len, payload…]`.
+    Long(LongMessage),
+}
+
+impl Frame {
+    /// The wire bytes.
+    pub fn to_bytes(&self) -> Payload {
+        match self {
+            Self::Short(m) => m.to_bytes().into(),
+            Self::Long(m) => m.to_bytes(),
+        }
+    }
+
+    /// Decodes exactly one frame from exactly its bytes (a datagram).
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        match bytes.first() {
+            Some(&c) if c >= LONG_COMMANDS => LongMessage::decode(bytes).map(Self::Long),
+            _ => Message::decode(bytes).map(Self::Short),
+        }
+    }
+}
+
+impl From<Message> for Frame {
+    fn from(m: Message) -> Self {
+        Self::Short(m)
+    }
+}
+
+impl From<LongMessage> for Frame {
+    fn from(m: LongMessage) -> Self {
+        Self::Long(m)
+    }
+}
+
+/// Cuts a TCP byte stream into [`Frame`]s, pull-style: no callback, no allocation.
+///
+/// ```
+/// # use n4_core::{FrameDecoder, Message};
+/// let mut decoder = FrameDecoder::default();
+/// let bytes = Message::Probe.to_bytes();
+/// let mut input = &bytes[..];
+/// while let Some(frame) = decoder.next(&mut input) {
+///     assert_eq!(frame, Ok(Message::Probe.into()));
+/// }
+/// ```
+///
+/// Holds at most one incomplete frame between calls, so a connection's memory is bounded
+/// whatever it sends. After an error the stream is unusable (framing is lost).
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    buf: [u8; MAX_FRAME],
+    len: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self {
+            buf: [0; MAX_FRAME],
+            len: 0,
+        }
+    }
+}
+
+impl FrameDecoder {
+    /// Takes bytes from the front of `input` until one frame is whole and returns it; `None`
+    /// once `input` is used up without completing one (the rest is kept for the next call).
+    pub fn next(&mut self, input: &mut &[u8]) -> Option<Result<Frame, DecodeError>> {
+        loop {
+            let want = self.frame_len();
+            if self.len == want {
+                self.len = 0;
+                return Some(Frame::decode(&self.buf[..want]));
+            }
+            if want > MAX_FRAME {
+                self.len = 0;
+                return Some(Err(DecodeError::Length(want)));
+            }
+            if input.is_empty() {
+                return None;
+            }
+            let take = (want - self.len).min(input.len());
+            self.buf[self.len..self.len + take].copy_from_slice(&input[..take]);
+            self.len += take;
+            *input = &input[take..];
+        }
+    }
+
+    /// The length of the frame being read, as far as its header tells.
+    fn frame_len(&self) -> usize {
+        match self.buf[..self.len] {
+            [] => 1,
+            [c, ..] if c < LONG_COMMANDS => MESSAGE_LEN,
+            [_] => 2,
+            [_, len, ..] => 2 + usize::from(len),
+        }
+    }
+
+    /// Bytes of an incomplete frame held.
+    pub fn pending(&self) -> usize {
+        self.len
+    }
 }
 
 /// A client's advice on where to aim at it: "my punches will leave my NAT around my EXCHANGE's
@@ -188,6 +539,8 @@ impl Message {
             Self::Probe => CMD_PROBE,
             Self::Hint(_) => CMD_HINT,
             Self::ProbeOther => CMD_PROBE_OTHER,
+            Self::Ack(_) => CMD_ACK,
+            Self::Confirm(_) => CMD_CONFIRM,
         }
     }
 
@@ -202,9 +555,11 @@ impl Message {
         out[0] = self.command();
         let data = &mut out[2..];
         match self {
-            Self::Hello(id) | Self::Exchange(id) | Self::Punch(id) => {
-                data.copy_from_slice(id.as_bytes())
-            }
+            Self::Hello(id)
+            | Self::Exchange(id)
+            | Self::Punch(id)
+            | Self::Ack(id)
+            | Self::Confirm(id) => data.copy_from_slice(id.as_bytes()),
             Self::Ready(None) | Self::Probe | Self::ProbeOther => {}
             Self::Hint(Hint(h)) => data[..2].copy_from_slice(&h.to_be_bytes()),
             Self::Ready(Some(Token(t))) => {
@@ -254,7 +609,9 @@ impl Message {
             (CMD_PROBE_OTHER, 0) if data == [0; 6] => Self::ProbeOther,
             (CMD_HINT, 0) if data[2..] == [0; 4] => Self::Hint(Hint((&data[..2]).get_i16())),
             (CMD_PROBE | CMD_HINT | CMD_PROBE_OTHER, 0) => return Err(DecodeError::Data),
-            (CMD_HELLO..=CMD_PROBE_OTHER, r) => return Err(DecodeError::Reserved(r)),
+            (CMD_ACK, 0) => Self::Ack(ident()?),
+            (CMD_CONFIRM, 0) => Self::Confirm(ident()?),
+            (CMD_HELLO..=CMD_CONFIRM, r) => return Err(DecodeError::Reserved(r)),
             (c, _) => return Err(DecodeError::Command(c)),
         };
         Ok(msg)
@@ -307,12 +664,26 @@ impl StreamDecoder {
     }
 }
 
-/// For fuzz targets: decodes `bytes` and, when that succeeds, asserts that re-encoding gives the
-/// same bytes back (decoding is strict, so this must always hold).
+/// For fuzz targets: decodes `bytes` as an 8-byte message and as a frame and, when that
+/// succeeds, asserts that re-encoding gives the same bytes back (decoding is strict, so this
+/// must always hold); and cuts `bytes` as a stream into frames, which must re-encode to a
+/// prefix of it.
 #[doc(hidden)]
 pub fn check_round_trip(bytes: &[u8]) {
     if let Ok(msg) = Message::decode(bytes) {
         assert_eq!(msg.to_bytes()[..], bytes[..], "{msg:?} did not round-trip");
+    }
+    if let Ok(frame) = Frame::decode(bytes) {
+        assert_eq!(frame.to_bytes()[..], bytes[..], "{frame:?} did not round-trip");
+    }
+    let mut decoder = FrameDecoder::default();
+    let mut input = bytes;
+    let mut consumed = 0;
+    while let Some(frame) = decoder.next(&mut input) {
+        let Ok(frame) = frame else { break };
+        let wire = frame.to_bytes();
+        assert_eq!(&bytes[consumed..consumed + wire.len()], &wire[..], "{frame:?}");
+        consumed += wire.len();
     }
 }
 
