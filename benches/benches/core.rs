@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use n4_core::{
-    Client, ClientConfig, Command, ConnId, Event, Hint, Ident, Message, Server, ServerConfig,
-    ServerOutput, Strategy, StreamDecoder, Token, MESSAGE_LEN,
+    Client, ClientConfig, Command, ConnId, Event, Frame, Hint, Ident, Message, Payload, Server,
+    ServerConfig, ServerOutput, Strategy, StreamDecoder, Token, MESSAGE_LEN,
 };
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -126,7 +126,7 @@ fn pairings(server: &mut Server, now: Instant, extended: bool) -> u64 {
     while let Some(out) = server.poll_output() {
         if let ServerOutput::Send {
             conn,
-            message: Message::Ready(Some(t)),
+            message: Frame::Short(Message::Ready(Some(t))),
         } = out
         {
             tokens[conn.0 as usize] = t;
@@ -150,7 +150,7 @@ fn pairings(server: &mut Server, now: Instant, extended: bool) -> u64 {
     let mut peer_infos = 0;
     while let Some(out) = server.poll_output() {
         if let ServerOutput::Send {
-            message: Message::PeerInfo(addr),
+            message: Frame::Short(Message::PeerInfo(addr)),
             ..
         } = out
         {
@@ -213,11 +213,11 @@ struct Round {
 
 enum Delivery {
     ServerOpen(ConnId, SocketAddr),
-    ServerStream(ConnId, [u8; 8]),
-    ServerDatagram(SocketAddr, [u8; 8]),
+    ServerStream(ConnId, Payload),
+    ServerDatagram(SocketAddr, Payload),
     ClientConnected,
-    ClientStream([u8; 8]),
-    ClientDatagram(usize, SocketAddr, [u8; 8]),
+    ClientStream(Payload),
+    ClientDatagram(usize, SocketAddr, Payload),
 }
 
 const CLIENT_CONN: ConnId = ConnId(1);
@@ -235,7 +235,7 @@ impl Round {
         let hello = Message::Hello(Ident::default()).to_bytes();
         let inbox = VecDeque::from([
             Delivery::ServerOpen(PEER_CONN, SocketAddr::from((*peer.ip(), 45000))),
-            Delivery::ServerStream(PEER_CONN, hello),
+            Delivery::ServerStream(PEER_CONN, hello.into()),
         ]);
         Self {
             now,
@@ -296,9 +296,18 @@ impl Round {
                 } else if t.destination.ip() == SocketAddr::from(self.peer).ip()
                     && t.payload == punch
                 {
-                    // The peer answers from where the punch reached it.
-                    self.inbox
-                        .push_back(Delivery::ClientDatagram(t.slot, t.destination, punch));
+                    // The peer answers from where the punch reached it: a PUNCH, and a peer
+                    // of ours also an ACK (the client leads: its address is the lower one).
+                    self.inbox.push_back(Delivery::ClientDatagram(
+                        t.slot,
+                        t.destination,
+                        punch.into(),
+                    ));
+                    if self.extended {
+                        let ack = Message::Ack(Ident::default()).to_bytes().into();
+                        self.inbox
+                            .push_back(Delivery::ClientDatagram(t.slot, t.destination, ack));
+                    }
                 }
             }
             while let Some(e) = self.client.poll_event() {
@@ -314,7 +323,7 @@ impl Round {
                         .inbox
                         .push_back(Delivery::ClientStream(message.to_bytes())),
                     ServerOutput::Send {
-                        message: Message::Ready(token),
+                        message: Frame::Short(Message::Ready(token)),
                         ..
                     } => {
                         let exchange = match token {
@@ -325,13 +334,17 @@ impl Round {
                             },
                             _ => Message::Exchange(Ident::default()),
                         };
-                        let d = Delivery::ServerDatagram(self.peer.into(), exchange.to_bytes());
+                        let d =
+                            Delivery::ServerDatagram(self.peer.into(), exchange.to_bytes().into());
                         self.inbox.push_back(d);
                     }
                     ServerOutput::Datagram { to, message } => {
                         if let Some(slot) = self.window.iter().position(|&p| p == to.port()) {
-                            let reply =
-                                Delivery::ClientDatagram(slot, PROBE.into(), message.to_bytes());
+                            let reply = Delivery::ClientDatagram(
+                                slot,
+                                PROBE.into(),
+                                message.to_bytes().into(),
+                            );
                             self.inbox.push_back(reply);
                         }
                     }

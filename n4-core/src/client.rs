@@ -26,8 +26,15 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use crate::codec::{Hint, Ident, Message, StreamDecoder, Token};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::codec::{
+    Frame, FrameDecoder, Hint, Ident, LongMessage, Message, Nonce, Payload, RefuseReason, Token,
+};
+use crate::key::Key;
 use crate::prediction::{NatBehaviour, Plan, PortPredictor};
+use crate::session::{Handshake, PeerSays, Wire};
 
 /// How the client aims its punches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,6 +100,12 @@ pub struct ClientConfig {
     /// next minute. Never less than two whole v1 rounds (`2 · (passes · slots + acks)`), so a
     /// large `-n` still punches.
     pub punch_budget: u32,
+    /// The shared key of a keyed session (`--key-file`, `N4_KEY`); `None`: keyless, v1's wire.
+    /// With a key the client pairs only with a partner holding it, through a server of ours.
+    pub key: Option<Key>,
+    /// Seed of the client's CSPRNG, which draws the handshake nonces. Default all zeros;
+    /// real clients pass an unpredictable seed.
+    pub rng_seed: [u8; 32],
 }
 
 impl Default for ClientConfig {
@@ -116,6 +129,8 @@ impl Default for ClientConfig {
             probe_interval: Duration::from_millis(20),
             max_window: 64,
             punch_budget: 3_000,
+            key: None,
+            rng_seed: [0; 32],
         }
     }
 }
@@ -202,8 +217,8 @@ pub struct Transmit {
     pub slot: usize,
     /// Where to.
     pub destination: SocketAddr,
-    /// The 8 bytes.
-    pub payload: [u8; 8],
+    /// The bytes (8 for v1's messages, more for a keyed session's).
+    pub payload: Payload,
 }
 
 /// What the driver must do besides sending datagrams.
@@ -222,8 +237,8 @@ pub enum Command {
     /// Open a TCP connection to the server; report it with `handle_connected` or
     /// `handle_connect_failed`.
     Connect,
-    /// Write this message on the TCP connection.
-    Send(Message),
+    /// Write this frame on the TCP connection.
+    Send(Frame),
     /// Close the TCP connection.
     Disconnect,
 }
@@ -317,6 +332,17 @@ pub enum Event {
     /// The server ended our wait for a partner (its wait timeout); we say HELLO again on a
     /// new connection, same round, same window.
     Rehello,
+    /// Keyed: the partner proved it holds the key (its MAC over both fresh nonces checked out).
+    PeerAuthenticated,
+    /// Keyed: the partner the server seated with us did not prove the key. We tell the server,
+    /// which ends that pair; we wait for another partner.
+    PeerAuthFailed,
+    /// The server refused us (a private server: our key is not its key, or we gave none).
+    /// The client stops.
+    Refused(RefuseReason),
+    /// Keyed, but the server does not speak our extension (a v1 server): it cannot pass the
+    /// handshake, so the client stops.
+    NeedsOurServer,
     /// The acknowledgement burst is done; the client has nothing more to do.
     Finished,
     /// `max_rounds` rounds lost.
@@ -347,6 +373,8 @@ pub enum LoseReason {
     NoPartner,
     /// The server named a peer address we refuse to punch (see [`ClientConfig::refuse_peer`]).
     BadPeerAddress,
+    /// Keyed: the partner did not prove the key.
+    AuthFailed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,7 +387,9 @@ enum Phase {
     },
     /// Round lost; the next starts at the deadline. `rehello`: no round was lost, the server
     /// only ended our wait; at the deadline we connect and say HELLO again in the same round.
-    Between { rehello: bool },
+    Between {
+        rehello: bool,
+    },
     /// WIN: sending the acknowledgement burst from `slot` to `peer`.
     Won {
         slot: usize,
@@ -396,6 +426,16 @@ const V1_SERVER_SWEEP: u32 = 4;
 const EXT_ACKS: u16 = 3;
 const EXT_ACK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Pairs a client ACKs per round at most: an ACK answers a genuine PUNCH, and the peer's
+/// punches reach us on a few pairs at most.
+const MAX_ACKED: usize = 16;
+/// CONFIRMs the leader sends on the chosen pair, back to back (they must leave before the
+/// port is closed at `[ WIN ]`).
+const CONFIRMS: usize = 3;
+/// Without a HINT we cannot tell a v1 peer from ours: after its PUNCH we wait this long (at
+/// least; two RTTs if longer) for its ACK before winning the v1 way.
+const V1_FALLBACK_MIN: Duration = Duration::from_millis(100);
+
 /// The second punch pass of a predicted round, after half an RTT.
 #[derive(Debug, Clone, Copy)]
 struct PendingPass {
@@ -415,7 +455,26 @@ pub struct Client {
     window_start: u16,
     phase: Phase,
     connected: bool,
-    decoder: StreamDecoder,
+    decoder: FrameDecoder,
+    /// Draws handshake nonces.
+    rng: ChaCha20Rng,
+    /// Keyed: this connection's handshake.
+    handshake: Option<Handshake>,
+    /// How datagrams with the peer look (`None` in a keyed session before both nonces are
+    /// known: nothing is genuine yet).
+    wire: Option<Wire>,
+    /// Our public address as the server last saw our EXCHANGE (SEEN): with the peer's, it
+    /// decides who leads the confirmation.
+    own_public: Option<SocketAddrV4>,
+    /// The peer is a client of ours (it sent a HINT, an ACK or a CONFIRM, or holds our key):
+    /// WIN is confirmed both ways, not by a blind acknowledgement burst.
+    peer_ours: bool,
+    /// Pairs (our slot, peer address) whose PUNCH we ACKed this round.
+    acked: Vec<(usize, SocketAddr)>,
+    /// The first genuine PUNCH of this round, for the v1 fallback.
+    first_punch: Option<(usize, SocketAddr)>,
+    /// When to give up waiting for an ACK and win the v1 way.
+    v1_fallback: Option<Instant>,
     /// The server's token: set when both it and we speak the extension.
     token: Option<Token>,
     /// The peer's hint for this round, if it gave one.
@@ -479,6 +538,7 @@ impl Client {
         if config.peer_port_offset.unsigned_abs() > 65535 {
             return Err(ConfigError::Offset(config.peer_port_offset));
         }
+        let rng = ChaCha20Rng::from_seed(config.rng_seed);
         let mut client = Self {
             window_start: config.port_start,
             probe_sent_at: vec![None; usize::from(config.probe_slots())],
@@ -487,7 +547,15 @@ impl Client {
             session_round: 0,
             phase: Phase::Done,
             connected: false,
-            decoder: StreamDecoder::default(),
+            decoder: FrameDecoder::default(),
+            rng,
+            handshake: None,
+            wire: None,
+            own_public: None,
+            peer_ours: false,
+            acked: Vec::new(),
+            first_punch: None,
+            v1_fallback: None,
             token: None,
             peer_hint: None,
             session_peer: None,
@@ -563,8 +631,17 @@ impl Client {
         }
         self.connected = true;
         self.phase = Phase::AwaitReady;
-        self.commands
-            .push_back(Command::Send(Message::Hello(self.config.ident)));
+        let hello = match self.config.key {
+            Some(key) => {
+                let mut nonce: Nonce = [0; crate::codec::NONCE_LEN];
+                self.rng.fill_bytes(&mut nonce);
+                let handshake = Handshake::new(key, self.config.ident, nonce);
+                self.handshake = Some(handshake);
+                Frame::Long(handshake.hello())
+            }
+            None => Frame::Short(Message::Hello(self.config.ident)),
+        };
+        self.commands.push_back(Command::Send(hello));
         self.events.push_back(Event::HelloSent);
         self.hello_sent = Some(now);
         if self.round > 1 || self.config.max_rounds.is_some() {
@@ -587,10 +664,18 @@ impl Client {
         if !self.connected {
             return;
         }
-        let mut messages = Vec::new();
-        let ok = self.decoder.feed(bytes, |m| messages.push(m)).is_ok();
-        for m in messages {
-            self.on_server_message(now, m);
+        let mut input = bytes;
+        let mut ok = true;
+        while self.connected {
+            match self.decoder.next(&mut input) {
+                None => break,
+                Some(Ok(Frame::Short(m))) => self.on_server_message(now, m),
+                Some(Ok(Frame::Long(m))) => self.on_server_long(now, m),
+                Some(Err(_)) => {
+                    ok = false;
+                    break;
+                }
+            }
         }
         if !ok && self.connected {
             if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
@@ -617,7 +702,10 @@ impl Client {
             // The server's wait timeout: it frees seats nobody came for. Not a lost round.
             self.events.push_back(Event::Rehello);
             self.phase = Phase::Between { rehello: true };
-            self.deadline = Some(crate::later(now, self.config.retry_delay.min(REHELLO_AFTER)));
+            self.deadline = Some(crate::later(
+                now,
+                self.config.retry_delay.min(REHELLO_AFTER),
+            ));
         } else if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
             self.lose(now, LoseReason::ServerClosed);
         }
@@ -630,33 +718,65 @@ impl Client {
             self.on_probe_reply(now, slot - window, from, bytes);
             return;
         }
-        if bytes != self.punch_bytes() {
+        let Some(says) = self.wire.and_then(|w| w.judge(bytes)) else {
+            return;
+        };
+        // Who the peer is: this round's PEERINFO, or in a session re-round the last one (a
+        // late datagram of the last round still counts).
+        let peer = match self.phase {
+            Phase::Punching { peer } => Some(peer),
+            Phase::AwaitPeerInfo => self.session_peer,
+            _ => None,
+        };
+        let Some(peer) = peer else {
+            if says == PeerSays::Punch
+                && matches!(
+                    self.phase,
+                    Phase::Connecting | Phase::AwaitReady | Phase::AwaitPeerInfo
+                )
+                && self.early_punches.len() < EARLY_PUNCH_SOURCES
+                && !self.early_punches.iter().any(|(_, f)| f.ip() == from.ip())
+            {
+                self.early_punches.push((slot, from));
+            }
+            return;
+        };
+        if !self.accepts(peer, from) {
             return;
         }
-        match self.phase {
-            Phase::Punching { peer } if self.accepts(peer, from) => self.win(now, slot, from),
-            // In a session re-round the peer is already known: a late punch still wins.
-            Phase::AwaitPeerInfo
-                if self
-                    .session_peer
-                    .is_some_and(|peer| self.accepts(peer, from)) =>
-            {
-                self.win(now, slot, from)
+        match says {
+            PeerSays::Punch => self.on_peer_punch(now, slot, from),
+            PeerSays::Ack | PeerSays::Confirm => {
+                self.peer_ours = true;
+                self.v1_fallback = None;
+                // The leader picks the pair (the first its ACK proves both ways); the other
+                // side takes the leader's CONFIRM. So both settle on the same pair.
+                match (self.leads(peer), says) {
+                    (Some(true), PeerSays::Ack) => self.win_confirmed(now, slot, from, true),
+                    (Some(false), PeerSays::Confirm) => self.win_confirmed(now, slot, from, false),
+                    _ => {}
+                }
             }
-            Phase::Connecting | Phase::AwaitReady | Phase::AwaitPeerInfo
-                if self.early_punches.len() < EARLY_PUNCH_SOURCES
-                    && !self.early_punches.iter().any(|(_, f)| f.ip() == from.ip()) =>
-            {
-                self.early_punches.push((slot, from))
-            }
-            _ => {}
         }
+    }
+
+    /// Whether bytes that arrived on the window are the session's own handshake (PUNCH, ACK,
+    /// CONFIRM from the peer's side) rather than the user's traffic.
+    pub fn is_handshake(&self, bytes: &[u8]) -> bool {
+        self.wire.is_some_and(|w| w.judge(bytes).is_some())
     }
 
     /// Time passed; acts on every timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.probe_at.is_some_and(|t| t <= now) {
             self.send_probe(now);
+        }
+        if self.v1_fallback.is_some_and(|t| t <= now) {
+            self.v1_fallback = None;
+            if let (Phase::Punching { .. }, Some((slot, from))) = (self.phase, self.first_punch) {
+                // No ACK came: the peer is v1. It wins on our punches; we on its, v1's way.
+                self.win(now, slot, from);
+            }
         }
         if let Some(pass) = self.pass.filter(|p| p.at <= now) {
             self.pass = None;
@@ -722,14 +842,101 @@ impl Client {
     /// When [`Client::handle_timeout`] must next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.deadline, self.probe_at, self.pass.map(|p| p.at)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.deadline,
+            self.probe_at,
+            self.pass.map(|p| p.at),
+            self.v1_fallback,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    fn punch_bytes(&self) -> [u8; 8] {
-        Message::Punch(self.config.ident).to_bytes()
+    /// Our PUNCH as this session makes it.
+    fn punch_bytes(&self) -> Payload {
+        let wire = self.wire.unwrap_or(Wire::Plain(self.config.ident));
+        wire.make(PeerSays::Punch)
+    }
+
+    /// Whether we lead the confirmation with `peer`: the side whose public address (keyed:
+    /// nonce) is the lower one. `None` when we cannot tell (no SEEN): then we act as v1.
+    fn leads(&self, peer: SocketAddrV4) -> Option<bool> {
+        if let Some(h) = self.handshake {
+            return Some(h.mine < h.theirs?);
+        }
+        let me = self.own_public?;
+        let key = |a: SocketAddrV4| (a.ip().octets(), a.port());
+        (me != peer).then(|| key(me) < key(peer))
+    }
+
+    /// A genuine PUNCH from the peer on (`slot`, `from`). Against a v1 peer that is the WIN (and
+    /// the acknowledgement burst follows). Between clients of ours it is only half: we ACK it
+    /// on the same pair, and the WIN waits for proof that our side got through as well.
+    fn on_peer_punch(&mut self, now: Instant, slot: usize, from: SocketAddr) {
+        let peer = match self.phase {
+            Phase::Punching { peer } => peer,
+            _ => self.session_peer.expect("checked by the caller"),
+        };
+        let confirming = self.token.is_some() && self.leads(peer).is_some();
+        if !confirming {
+            self.win(now, slot, from);
+            return;
+        }
+        if self.acked.len() < MAX_ACKED && !self.acked.contains(&(slot, from)) {
+            self.acked.push((slot, from));
+            self.budget.1 = self.budget.1.saturating_add(1);
+            let payload = self.wire.expect("genuine, so judged").make(PeerSays::Ack);
+            self.transmits.push_back(Transmit {
+                slot,
+                destination: from,
+                payload,
+            });
+        }
+        if self.first_punch.is_none() {
+            self.first_punch = Some((slot, from));
+            if !self.peer_ours && self.phase != Phase::AwaitPeerInfo {
+                let wait = self.rtt().saturating_mul(2).max(V1_FALLBACK_MIN);
+                self.v1_fallback = Some(crate::later(now, wait));
+            }
+        }
+    }
+
+    /// Both directions of (`slot`, `peer`) are proven: WIN, at once, on that pair. The leader
+    /// tells the other side which pair it chose (CONFIRM, before its port closes).
+    fn win_confirmed(&mut self, now: Instant, slot: usize, peer: SocketAddr, lead: bool) {
+        let strategy = if self.predicted() {
+            Strategy::Predict
+        } else {
+            Strategy::V1
+        };
+        self.events.push_back(Event::Win {
+            round: self.round,
+            slot,
+            peer,
+            strategy,
+        });
+        if lead {
+            let payload = self
+                .wire
+                .expect("a genuine ACK came")
+                .make(PeerSays::Confirm);
+            for _ in 0..CONFIRMS {
+                self.budget.1 = self.budget.1.saturating_add(1);
+                self.transmits.push_back(Transmit {
+                    slot,
+                    destination: peer,
+                    payload,
+                });
+            }
+        }
+        let _ = now;
+        if self.connected {
+            self.connected = false;
+            self.commands.push_back(Command::Disconnect);
+        }
+        self.finish();
+        self.events.push_back(Event::Finished);
     }
 
     fn accepts(&self, peer: SocketAddrV4, from: SocketAddr) -> bool {
@@ -746,6 +953,49 @@ impl Client {
         self.token.is_some() && (self.peer_hint.is_some() || self.session_hinted)
     }
 
+    /// Keyed handshake messages from the server.
+    fn on_server_long(&mut self, now: Instant, msg: LongMessage) {
+        match (self.phase, msg, self.handshake) {
+            (_, LongMessage::Refused(reason), _) => {
+                self.events.push_back(Event::Refused(reason));
+                self.finish();
+            }
+            (Phase::AwaitPeerInfo, LongMessage::PeerNonce(theirs), Some(mut h))
+                if h.theirs.is_none() =>
+            {
+                h.theirs = Some(theirs);
+                self.handshake = Some(h);
+                self.wire = h.wire();
+                let mac = h.key.auth(h.room, &h.mine, &theirs);
+                self.commands
+                    .push_back(Command::Send(LongMessage::Auth(mac).into()));
+            }
+            (Phase::AwaitPeerInfo, LongMessage::Auth(mac), Some(mut h))
+                if h.theirs.is_some() && !h.verified =>
+            {
+                let theirs = h.theirs.expect("checked");
+                if h.key.verify_auth(h.room, &theirs, &h.mine, &mac) {
+                    h.verified = true;
+                    self.handshake = Some(h);
+                    self.peer_ours = true;
+                    self.commands
+                        .push_back(Command::Send(LongMessage::Verified.into()));
+                    self.events.push_back(Event::PeerAuthenticated);
+                } else {
+                    self.commands
+                        .push_back(Command::Send(LongMessage::AuthFailed.into()));
+                    self.events.push_back(Event::PeerAuthFailed);
+                    self.lose(now, LoseReason::AuthFailed);
+                }
+            }
+            _ => {
+                if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
+                    self.lose(now, LoseReason::ServerGarbage);
+                }
+            }
+        }
+    }
+
     /// Starts the next round: inside the TCP session if `in_session`, else from scratch.
     fn start_round(&mut self, now: Instant, in_session: bool) {
         if self.config.max_rounds.is_some_and(|max| self.round >= max) {
@@ -755,6 +1005,9 @@ impl Client {
         }
         self.round += 1;
         self.hello_sent = None;
+        self.acked.clear();
+        self.first_punch = None;
+        self.v1_fallback = None;
         self.peer_hint = None;
         self.plan = None;
         self.pass = None;
@@ -786,9 +1039,7 @@ impl Client {
         }
         self.phase = Phase::Connecting;
         self.connected = false;
-        self.decoder = StreamDecoder::default();
-        self.token = None;
-        self.session_round = 0;
+        self.reset_connection();
         self.exchanges_made = 0;
         self.session_peer = None;
         self.session_hinted = false;
@@ -816,7 +1067,7 @@ impl Client {
             self.transmits.push_back(Transmit {
                 slot: usize::from(self.config.window_slots() + i),
                 destination: self.config.probe_server().into(),
-                payload: Message::Probe.to_bytes(),
+                payload: Message::Probe.to_bytes().into(),
             });
             self.probes_sent += 1;
         }
@@ -849,6 +1100,10 @@ impl Client {
 
     fn on_server_message(&mut self, now: Instant, msg: Message) {
         match (self.phase, msg) {
+            (Phase::AwaitReady, Message::Ready(None)) if self.handshake.is_some() => {
+                self.events.push_back(Event::NeedsOurServer);
+                self.finish();
+            }
             (Phase::AwaitReady, Message::Ready(token)) => {
                 self.token = token.filter(|_| self.config.strategy == Strategy::Predict);
                 self.phase = Phase::AwaitPeerInfo;
@@ -871,11 +1126,14 @@ impl Client {
             }
             (Phase::AwaitPeerInfo, Message::PeerInfo(peer)) => self.on_peer_info(now, peer),
             (_, Message::Hint(hint)) if self.token.is_some() => {
+                // Only a partner of ours sends a hint: the server relays it, even "none".
+                self.peer_ours = true;
                 self.peer_hint = Some(hint);
                 self.session_hinted = true;
                 self.events.push_back(Event::PeerHint(hint));
             }
             (_, Message::Seen(addr)) if self.token.is_some() => {
+                self.own_public = Some(addr);
                 self.exchange_acked = true;
                 // The mapping of this round's EXCHANGE socket, made when it first sent.
                 if let Some((sent, seq)) = self.exchange_sent.take() {
@@ -952,7 +1210,7 @@ impl Client {
             self.transmits.push_back(Transmit {
                 slot: self.exchange_slot,
                 destination: self.config.server.into(),
-                payload: msg.to_bytes(),
+                payload: msg.to_bytes().into(),
             });
         }
         if first {
@@ -988,6 +1246,12 @@ impl Client {
     }
 
     fn on_peer_info(&mut self, now: Instant, peer: SocketAddrV4) {
+        if self.handshake.is_some_and(|h| !h.verified) || self.wire.is_none() {
+            // A server that names the peer before both sides proved the key breaks the
+            // protocol (ours never does): punch nobody.
+            self.lose(now, LoseReason::ServerGarbage);
+            return;
+        }
         if let Some(why) = self.config.refuse_peer(peer) {
             self.events.push_back(Event::PeerRefused { peer, why });
             self.lose(now, LoseReason::BadPeerAddress);
@@ -1041,8 +1305,13 @@ impl Client {
         });
         self.deadline = Some(crate::later(now, timeout));
         let early = std::mem::take(&mut self.early_punches);
-        if let Some(&(slot, from)) = early.iter().find(|(_, from)| self.accepts(peer, *from)) {
-            self.win(now, slot, from);
+        for (slot, from) in early {
+            if !matches!(self.phase, Phase::Punching { .. }) {
+                break; // won on an earlier one
+            }
+            if self.accepts(peer, from) {
+                self.on_peer_punch(now, slot, from);
+            }
         }
     }
 
@@ -1187,12 +1456,26 @@ impl Client {
     fn reconnect(&mut self, now: Instant) {
         self.phase = Phase::Connecting;
         self.connected = false;
-        self.decoder = StreamDecoder::default();
-        self.token = None;
-        self.session_round = 0;
+        self.reset_connection();
         self.hello_sent = None;
         self.commands.push_back(Command::Connect);
         self.connect_sent = Some(now);
+    }
+
+    /// Forgets what belonged to the server connection (its token, handshake, the peer it
+    /// named), before a new one.
+    fn reset_connection(&mut self) {
+        self.decoder = FrameDecoder::default();
+        self.token = None;
+        self.session_round = 0;
+        self.handshake = None;
+        // Keyless datagrams carry the identifier; keyed ones wait for the new handshake.
+        self.wire = match self.config.key {
+            None => Some(Wire::Plain(self.config.ident)),
+            Some(_) => None,
+        };
+        self.own_public = None;
+        self.peer_ours = false;
     }
 
     fn finish(&mut self) {

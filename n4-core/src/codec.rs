@@ -28,7 +28,7 @@ const CMD_ACK: u8 = 0x0a;
 const CMD_CONFIRM: u8 = 0x0b;
 
 /// Commands from here up are [`LongMessage`]s: `[cmd, len, payload…]`.
-pub const LONG_COMMANDS: u8 = 0x10;
+pub(crate) const LONG_COMMANDS: u8 = 0x10;
 const CMD_KEYED_HELLO: u8 = 0x10;
 const CMD_REFUSED: u8 = 0x11;
 const CMD_PEER_NONCE: u8 = 0x12;
@@ -309,7 +309,9 @@ impl LongMessage {
                 room.copy_from_slice(&payload[..6]);
                 Self::KeyedHello {
                     room: Ident::from_wire(room).map_err(|_| DecodeError::Data)?,
-                    nonce: payload[6..6 + NONCE_LEN].try_into().expect("length checked"),
+                    nonce: payload[6..6 + NONCE_LEN]
+                        .try_into()
+                        .expect("length checked"),
                     proof: payload[6 + NONCE_LEN..].try_into().expect("length checked"),
                 }
             }
@@ -674,7 +676,11 @@ pub fn check_round_trip(bytes: &[u8]) {
         assert_eq!(msg.to_bytes()[..], bytes[..], "{msg:?} did not round-trip");
     }
     if let Ok(frame) = Frame::decode(bytes) {
-        assert_eq!(frame.to_bytes()[..], bytes[..], "{frame:?} did not round-trip");
+        assert_eq!(
+            frame.to_bytes()[..],
+            bytes[..],
+            "{frame:?} did not round-trip"
+        );
     }
     let mut decoder = FrameDecoder::default();
     let mut input = bytes;
@@ -682,7 +688,11 @@ pub fn check_round_trip(bytes: &[u8]) {
     while let Some(frame) = decoder.next(&mut input) {
         let Ok(frame) = frame else { break };
         let wire = frame.to_bytes();
-        assert_eq!(&bytes[consumed..consumed + wire.len()], &wire[..], "{frame:?}");
+        assert_eq!(
+            &bytes[consumed..consumed + wire.len()],
+            &wire[..],
+            "{frame:?}"
+        );
         consumed += wire.len();
     }
 }
@@ -752,8 +762,8 @@ mod tests {
         assert_eq!(Message::decode(&[1; 7]), Err(DecodeError::Length(7)));
         assert_eq!(Message::decode(&[1; 9]), Err(DecodeError::Length(9)));
         assert_eq!(
-            Message::decode(b"\x0a\x00n4n4n4"),
-            Err(DecodeError::Command(10))
+            Message::decode(b"\x0c\x00n4n4n4"),
+            Err(DecodeError::Command(12))
         );
         assert_eq!(
             Message::decode(b"\x01\x07n4n4n4"),
@@ -810,6 +820,8 @@ mod tests {
             }),
             Just(Message::Probe),
             Just(Message::ProbeOther),
+            ident.clone().prop_map(Message::Ack),
+            ident.clone().prop_map(Message::Confirm),
             any::<i16>().prop_map(|h| Message::Hint(Hint(h))),
             addr.clone().prop_map(Message::PeerInfo),
             ident.prop_map(Message::Punch),
@@ -817,7 +829,86 @@ mod tests {
         ]
     }
 
+    fn any_long() -> impl Strategy<Value = LongMessage> {
+        let bytes16 = proptest::array::uniform16(any::<u8>());
+        prop_oneof![
+            ("[ -~]{6}", bytes16.clone(), bytes16.clone()).prop_map(|(room, nonce, proof)| {
+                LongMessage::KeyedHello {
+                    room: Ident::new(&room).unwrap(),
+                    nonce,
+                    proof,
+                }
+            }),
+            any::<u8>().prop_map(|b| LongMessage::Refused(RefuseReason::from_byte(b))),
+            bytes16.clone().prop_map(LongMessage::PeerNonce),
+            bytes16.clone().prop_map(LongMessage::Auth),
+            Just(LongMessage::Verified),
+            Just(LongMessage::AuthFailed),
+            bytes16.clone().prop_map(LongMessage::Punch),
+            bytes16.clone().prop_map(LongMessage::Ack),
+            bytes16.prop_map(LongMessage::Confirm),
+        ]
+    }
+
+    #[test]
+    fn long_messages_have_a_length_byte_and_decode_strictly() {
+        let auth = LongMessage::Auth([7; 16]).to_bytes();
+        assert_eq!(&auth[..2], &[0x13, 16]);
+        assert_eq!(auth.len(), 18);
+        assert_eq!(LongMessage::Verified.to_bytes()[..], [0x14, 0]);
+        assert_eq!(
+            LongMessage::decode(&auth[..17]),
+            Err(DecodeError::Length(17))
+        );
+        assert_eq!(LongMessage::decode(&[0x14, 1, 0]), Err(DecodeError::Data));
+        assert_eq!(
+            LongMessage::decode(&[0x1f, 0]),
+            Err(DecodeError::Command(0x1f))
+        );
+        assert_eq!(
+            Frame::decode(&auth),
+            Ok(Frame::Long(LongMessage::Auth([7; 16])))
+        );
+    }
+
+    #[test]
+    fn the_frame_decoder_cuts_mixed_streams_at_any_split() {
+        let frames = [
+            Frame::Short(Message::Ready(Some(Token(9)))),
+            Frame::Long(LongMessage::PeerNonce([3; 16])),
+            Frame::Long(LongMessage::Auth([4; 16])),
+            Frame::Short(Message::PeerInfo("203.0.113.12:4000".parse().unwrap())),
+        ];
+        let stream: Vec<u8> = frames.iter().flat_map(|f| f.to_bytes().to_vec()).collect();
+        for split in 0..stream.len() {
+            let mut d = FrameDecoder::default();
+            let mut got = Vec::new();
+            for part in [&stream[..split], &stream[split..]] {
+                let mut input = part;
+                while let Some(f) = d.next(&mut input) {
+                    got.push(f.unwrap());
+                }
+            }
+            assert_eq!(got, frames, "split at {split}");
+            assert_eq!(d.pending(), 0);
+        }
+        // A length byte beyond any frame is an error, not a wait for 255 bytes.
+        let mut d = FrameDecoder::default();
+        let mut input: &[u8] = &[0x13, 200];
+        assert_eq!(d.next(&mut input), Some(Err(DecodeError::Length(202))));
+    }
+
     proptest! {
+        #[test]
+        fn long_decode_inverts_encode(msg in any_long()) {
+            prop_assert_eq!(LongMessage::decode(&msg.to_bytes()), Ok(msg));
+        }
+
+        #[test]
+        fn frames_never_panic_and_round_trip(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            check_round_trip(&bytes);
+        }
+
         #[test]
         fn decode_inverts_encode(msg in any_message()) {
             prop_assert_eq!(Message::decode(&msg.to_bytes()), Ok(msg));

@@ -15,17 +15,21 @@
 
 mod client;
 mod codec;
+mod key;
 mod prediction;
 mod server;
+mod session;
 
 pub use client::{
     Client, ClientConfig, Command, ConfigError, Event, LoseReason, Strategy, Transmit,
     BUDGET_PERIOD, EARLY_PUNCH_SOURCES,
 };
 pub use codec::{
-    check_round_trip, DecodeError, Hint, Ident, IdentError, Message, StreamDecoder, Token,
-    MESSAGE_LEN,
+    check_round_trip, DecodeError, Frame, FrameDecoder, Hint, Ident, IdentError, LongMessage, Mac,
+    Message, Nonce, Payload, RefuseReason, StreamDecoder, Token, MAC_LEN, MAX_FRAME, MESSAGE_LEN,
+    NONCE_LEN,
 };
+pub use key::{Datagram, Key, KeyError, SessionKey};
 pub use prediction::{NatBehaviour, Observation, Plan, PortPredictor};
 /// `now + d`, for deadlines: a duration too long for the clock (a misconfigured "forever")
 /// becomes a century instead of a panic.

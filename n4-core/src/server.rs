@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::codec::{Hint, Ident, Message, StreamDecoder, Token};
+use crate::codec::{
+    Frame, FrameDecoder, Hint, Ident, LongMessage, Mac, Message, Nonce, RefuseReason, Token,
+};
+use crate::key::Key;
 
 /// A TCP connection, numbered by the driver. Ids must not be reused while the server knows them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -56,6 +59,9 @@ pub struct ServerConfig {
     pub session_timeout: Duration,
     /// Seed for the tokens. Default 0; real servers should pass an unpredictable seed.
     pub rng_seed: u64,
+    /// A private server's key (`n4 -s --key-file`): it serves only keyed clients whose HELLO
+    /// proves this key, and refuses the rest. Default `None`: a public server.
+    pub key: Option<Key>,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +78,7 @@ impl Default for ServerConfig {
             extensions: true,
             session_timeout: Duration::from_secs(30),
             rng_seed: 0,
+            key: None,
         }
     }
 }
@@ -80,12 +87,12 @@ impl Default for ServerConfig {
 #[must_use]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServerOutput {
-    /// Write these 8 bytes on the connection.
+    /// Write this frame on the connection.
     Send {
         /// The connection.
         conn: ConnId,
-        /// The message to write.
-        message: Message,
+        /// The frame to write.
+        message: Frame,
     },
     /// Flush what was written, then close the connection. The server has already forgotten it.
     Close {
@@ -164,6 +171,10 @@ pub enum RejectReason {
     Garbage,
     /// HELLO with an identifier other than the only one allowed.
     WrongIdent,
+    /// A private server: the keyed HELLO does not prove the server's key.
+    WrongKey,
+    /// A private server: a plain (keyless) HELLO.
+    KeyRequired,
     /// It closed before saying HELLO.
     Closed,
 }
@@ -179,6 +190,8 @@ pub enum AbandonReason {
     WaitTimeout,
     /// The EXCHANGEs did not both arrive within `exchange_timeout`.
     ExchangeTimeout,
+    /// Keyed: a client said its partner did not prove the key.
+    AuthFailed,
 }
 
 /// The server's counters, for tests, logs and the load generator.
@@ -205,9 +218,19 @@ type PairId = u64;
 #[derive(Debug)]
 struct Conn {
     remote: SocketAddr,
-    decoder: StreamDecoder,
+    decoder: FrameDecoder,
     deadline: Option<Instant>,
     seat: Seat,
+    /// Keyed: the nonce of its HELLO, for its partner.
+    nonce: Option<Nonce>,
+}
+
+/// Where clients meet: a plain identifier (v1) or a keyed room tag. The two never mix, so a
+/// client without the key can never be seated with a keyed one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Room {
+    keyed: bool,
+    ident: Ident,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -215,7 +238,7 @@ enum Seat {
     /// Connected, no HELLO yet.
     Greeting,
     /// Said HELLO; no partner yet.
-    Waiting(Ident),
+    Waiting(Room),
     /// In a pair.
     Paired(PairId),
 }
@@ -223,6 +246,8 @@ enum Seat {
 #[derive(Debug)]
 struct Pair {
     ident: Ident,
+    /// A keyed room: PEERINFO waits until both sides said VERIFIED.
+    keyed: bool,
     sides: [Side; 2],
     deadline: Instant,
     /// Highest round both sides have been told about (0: none yet).
@@ -252,6 +277,10 @@ struct Side {
     /// The public address its latest EXCHANGE came from, once known.
     exchanged: Option<SocketAddrV4>,
     hint: Hint,
+    /// Keyed: its AUTH was relayed to the partner (once).
+    auth_relayed: bool,
+    /// Keyed: it said its partner proved the key.
+    verified: bool,
 }
 
 /// The rendezvous server state machine. See the module docs for the calling contract.
@@ -267,8 +296,8 @@ pub struct Server {
     probe_counts: BTreeMap<IpAddr, (Instant, u32)>,
     /// Size of `probe_counts` at which stale entries are swept.
     probe_sweep_at: usize,
-    /// At most one waiting client per identifier: a second one is paired at once.
-    waiting: BTreeMap<Ident, ConnId>,
+    /// At most one waiting client per room: a second one is paired at once.
+    waiting: BTreeMap<Room, ConnId>,
     pairs: BTreeMap<PairId, Pair>,
     /// Pairs by identifier and IP address, in pairing order, for attributing v1 EXCHANGEs: a
     /// pair is listed under every IP its v1 rule can match (see [`Pair::v1_ips`]), so that an
@@ -350,37 +379,64 @@ impl Server {
             conn,
             Conn {
                 remote,
-                decoder: StreamDecoder::default(),
+                decoder: FrameDecoder::default(),
                 deadline: Some(deadline),
                 seat: Seat::Greeting,
+                nonce: None,
             },
         );
     }
 
     /// Bytes arrived on a connection.
     pub fn handle_stream_data(&mut self, now: Instant, conn: ConnId, bytes: &[u8]) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        let mut messages = [None, None];
-        let mut n = 0;
-        // More than one whole message on a connection is already a protocol violation, so only
-        // the first two are kept: the first to act on, the second to notice the violation.
-        let decoded = c.decoder.feed(bytes, |m| {
-            if n < messages.len() {
-                messages[n] = Some(m);
-            }
-            n += 1;
-        });
-        let seat = c.seat;
-        match (seat, messages[0], n, decoded) {
-            (_, _, 0, Ok(())) => {} // an incomplete message; wait for the rest
-            (Seat::Greeting, Some(Message::Hello(ident)), 1, Ok(())) => {
-                self.on_hello(now, conn, ident)
-            }
-            (Seat::Greeting, _, _, _) => self.reject(conn, RejectReason::Garbage),
-            (Seat::Waiting(_) | Seat::Paired(_), _, _, _) => {
-                self.abandon(conn, AbandonReason::Garbage)
+        let mut input = bytes;
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return; // closed by what came before
+            };
+            let Some(frame) = c.decoder.next(&mut input) else {
+                return; // an incomplete frame; wait for the rest
+            };
+            match (c.seat, frame) {
+                (Seat::Greeting, Ok(hello @ Frame::Short(Message::Hello(_))))
+                | (Seat::Greeting, Ok(hello @ Frame::Long(LongMessage::KeyedHello { .. }))) => {
+                    // A client says nothing more until READY: another whole frame (or bad
+                    // bytes) in the same read is garbage, and closes it before it is seated.
+                    let mut rest = c.decoder.clone();
+                    let mut tail = input;
+                    if rest.next(&mut tail).is_some() {
+                        self.reject(conn, RejectReason::Garbage);
+                        return;
+                    }
+                    c.decoder = rest;
+                    input = tail;
+                    match hello {
+                        Frame::Short(Message::Hello(ident)) => {
+                            self.on_hello(now, conn, ident, None)
+                        }
+                        Frame::Long(LongMessage::KeyedHello { room, nonce, proof }) => {
+                            self.on_hello(now, conn, room, Some((nonce, proof)))
+                        }
+                        _ => unreachable!("matched above"),
+                    }
+                }
+                (Seat::Greeting, _) => {
+                    self.reject(conn, RejectReason::Garbage);
+                    return;
+                }
+                (Seat::Paired(pair), Ok(Frame::Long(m)))
+                    if self.pairs.get(&pair).is_some_and(|p| p.keyed)
+                        && matches!(
+                            m,
+                            LongMessage::Auth(_) | LongMessage::Verified | LongMessage::AuthFailed
+                        ) =>
+                {
+                    self.on_auth(now, pair, conn, m)
+                }
+                (Seat::Waiting(_) | Seat::Paired(_), _) => {
+                    self.abandon(conn, AbandonReason::Garbage);
+                    return;
+                }
             }
         }
     }
@@ -482,27 +538,47 @@ impl Server {
         conn.into_iter().chain(pair).min()
     }
 
-    fn on_hello(&mut self, now: Instant, conn: ConnId, ident: Ident) {
-        if self.config.only_ident.is_some_and(|only| only != ident) {
+    /// A HELLO: plain (`keyed` is `None`) or keyed (the room tag, with nonce and proof).
+    fn on_hello(&mut self, now: Instant, conn: ConnId, ident: Ident, keyed: Option<(Nonce, Mac)>) {
+        match (self.config.key, keyed) {
+            (Some(_), None) => return self.refuse(conn, RefuseReason::KeyRequired),
+            (Some(key), Some((nonce, proof))) if !key.verify_hello(ident, &nonce, &proof) => {
+                return self.refuse(conn, RefuseReason::WrongKey)
+            }
+            // The keyed handshake needs our extension (a token in READY).
+            (None, Some(_)) if !self.config.extensions => {
+                return self.reject(conn, RejectReason::Garbage)
+            }
+            _ => {}
+        }
+        // `-a` names a plain identifier; keyed rooms are tags nobody can name in advance.
+        if keyed.is_none() && self.config.only_ident.is_some_and(|only| only != ident) {
             self.reject(conn, RejectReason::WrongIdent);
             return;
         }
+        let room = Room {
+            keyed: keyed.is_some(),
+            ident,
+        };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.nonce = keyed.map(|(nonce, _)| nonce);
+        }
         let ip = canonical_ip(self.conns[&conn].remote.ip());
-        if !self.waiting.contains_key(&ident)
+        if !self.waiting.contains_key(&room)
             && self.waiting_per_ip.get(&ip).copied().unwrap_or(0) >= self.config.max_waiting_per_ip
         {
             self.reject(conn, RejectReason::TooManyWaitingFromIp);
             return;
         }
         self.clear_conn_deadline(conn);
-        let Some(first) = self.waiting.remove(&ident) else {
-            self.waiting.insert(ident, conn);
+        let Some(first) = self.waiting.remove(&room) else {
+            self.waiting.insert(room, conn);
             *self.waiting_per_ip.entry(ip).or_insert(0) += 1;
             let c = self
                 .conns
                 .get_mut(&conn)
                 .expect("conn exists: checked by caller");
-            c.seat = Seat::Waiting(ident);
+            c.seat = Seat::Waiting(room);
             let remote = c.remote;
             if let Some(wait) = self.config.wait_timeout {
                 let deadline = crate::later(now, wait);
@@ -525,10 +601,13 @@ impl Server {
             round: 0,
             exchanged: None,
             hint: Hint::NONE,
+            auth_relayed: false,
+            verified: false,
         });
         let deadline = crate::later(now, self.config.exchange_timeout);
         let mut p = Pair {
             ident,
+            keyed: room.keyed,
             sides,
             deadline,
             completed: 0,
@@ -543,8 +622,19 @@ impl Server {
             let token = self.config.extensions.then_some(side.token);
             self.outputs.push_back(ServerOutput::Send {
                 conn: side.conn,
-                message: Message::Ready(token),
+                message: Message::Ready(token).into(),
             });
+        }
+        if room.keyed {
+            // Each side gets the other's nonce: the handshake they run through us.
+            for (me, other) in [(first, conn), (conn, first)] {
+                if let Some(nonce) = self.conns.get(&other).and_then(|c| c.nonce) {
+                    self.outputs.push_back(ServerOutput::Send {
+                        conn: me,
+                        message: LongMessage::PeerNonce(nonce).into(),
+                    });
+                }
+            }
         }
         self.events.push_back(ServerEvent::Paired {
             ident,
@@ -637,11 +727,47 @@ impl Server {
             let conn = s.conn;
             self.outputs.push_back(ServerOutput::Send {
                 conn,
-                message: Message::Seen(from),
+                message: Message::Seen(from).into(),
             });
         }
+        self.complete_round(now, pair_id);
+    }
+
+    /// Keyed handshake messages of a seated pair: AUTH is relayed (once per side), VERIFIED
+    /// may complete the round, AUTH-FAILED ends the pair.
+    fn on_auth(&mut self, now: Instant, pair_id: PairId, conn: ConnId, msg: LongMessage) {
+        let pair = self.pairs.get_mut(&pair_id).expect("seat index is in sync");
+        let side = usize::from(pair.sides[1].conn == conn);
+        match msg {
+            LongMessage::Auth(_) if !pair.sides[side].auth_relayed => {
+                pair.sides[side].auth_relayed = true;
+                let to = pair.sides[1 - side].conn;
+                self.outputs.push_back(ServerOutput::Send {
+                    conn: to,
+                    message: msg.into(),
+                });
+            }
+            LongMessage::Verified if pair.sides[side].auth_relayed => {
+                pair.sides[side].verified = true;
+                self.complete_round(now, pair_id);
+            }
+            LongMessage::AuthFailed => self.abandon(conn, AbandonReason::AuthFailed),
+            _ => self.abandon(conn, AbandonReason::Garbage),
+        }
+    }
+
+    /// When both seats have a new EXCHANGE (and in a keyed room both said VERIFIED), each is
+    /// told the other's address.
+    fn complete_round(&mut self, now: Instant, pair_id: PairId) {
+        let pair = self
+            .pairs
+            .get_mut(&pair_id)
+            .expect("token/ident index is in sync");
         let completed = pair.completed;
         if pair.sides.iter().any(|s| s.round <= completed) {
+            return;
+        }
+        if pair.keyed && !pair.sides.iter().all(|s| s.verified) {
             return;
         }
         let [Some(a), Some(b)] = [pair.sides[0].exchanged, pair.sides[1].exchanged] else {
@@ -649,15 +775,16 @@ impl Server {
         };
         for (me, other) in [(0, 1), (1, 0)] {
             let (me, other) = (&pair.sides[me], &pair.sides[other]);
-            if me.ext && other.hint != Hint::NONE {
+            // A HINT (even "none") tells a client of ours that its partner is ours too.
+            if me.ext && other.ext {
                 self.outputs.push_back(ServerOutput::Send {
                     conn: me.conn,
-                    message: Message::Hint(other.hint),
+                    message: Message::Hint(other.hint).into(),
                 });
             }
             self.outputs.push_back(ServerOutput::Send {
                 conn: me.conn,
-                message: Message::PeerInfo(other.exchanged.expect("checked above")),
+                message: Message::PeerInfo(other.exchanged.expect("checked above")).into(),
             });
         }
         let round = pair.sides[0].round.max(pair.sides[1].round);
@@ -703,6 +830,19 @@ impl Server {
         }
     }
 
+    /// A private server's refusal: says why (REFUSED), then closes like [`Server::reject`].
+    fn refuse(&mut self, conn: ConnId, why: RefuseReason) {
+        self.outputs.push_back(ServerOutput::Send {
+            conn,
+            message: LongMessage::Refused(why).into(),
+        });
+        let reason = match why {
+            RefuseReason::KeyRequired => RejectReason::KeyRequired,
+            _ => RejectReason::WrongKey,
+        };
+        self.reject(conn, reason);
+    }
+
     /// Closes a connection that never took a seat.
     fn reject(&mut self, conn: ConnId, reason: RejectReason) {
         if let Some(remote) = self.conns.get(&conn).map(|c| c.remote) {
@@ -725,13 +865,13 @@ impl Server {
         }
         let ident = match seat {
             Seat::Greeting => return,
-            Seat::Waiting(ident) => {
-                self.waiting.remove(&ident);
+            Seat::Waiting(room) => {
+                self.waiting.remove(&room);
                 self.unwait(canonical_ip(remote.ip()));
                 if self.forget(conn) {
                     self.outputs.push_back(ServerOutput::Close { conn });
                 }
-                ident
+                room.ident
             }
             Seat::Paired(pair) => {
                 let ident = self.pairs[&pair].ident;

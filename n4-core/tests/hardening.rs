@@ -214,7 +214,11 @@ fn a_client_whose_wait_the_server_ends_says_hello_again_in_the_same_round() {
     let (at, said) = timers_until(&mut c, later + Duration::from_secs(2), |s| {
         !s.commands.is_empty()
     });
-    assert_eq!(said.commands, vec![Command::Connect], "same window, new connection");
+    assert_eq!(
+        said.commands,
+        vec![Command::Connect],
+        "same window, new connection"
+    );
     c.handle_connected(at);
     let said = drain(&mut c);
     assert!(said.events.contains(&Event::HelloSent));
@@ -281,14 +285,22 @@ fn waiting_seats_per_ip_are_capped_and_the_default_wait_is_finite() {
     for (n, ident) in ["room1", "room2", "room3"].into_iter().enumerate() {
         let conn = ConnId(n as u64);
         s.handle_connection_opened(t0, conn, squatter(5000 + n as u16));
-        s.handle_stream_data(t0, conn, &Message::Hello(Ident::new(ident).unwrap()).to_bytes());
+        s.handle_stream_data(
+            t0,
+            conn,
+            &Message::Hello(Ident::new(ident).unwrap()).to_bytes(),
+        );
     }
     let out = server_outputs(&mut s);
     assert_eq!(out, vec![ServerOutput::Close { conn: ConnId(2) }]);
     assert_eq!(s.stats().waiting, 2);
     // A partner for a waiting room still pairs, whatever its IP holds.
     s.handle_connection_opened(t0, ConnId(3), squatter(6000));
-    s.handle_stream_data(t0, ConnId(3), &Message::Hello(Ident::new("room1").unwrap()).to_bytes());
+    s.handle_stream_data(
+        t0,
+        ConnId(3),
+        &Message::Hello(Ident::new("room1").unwrap()).to_bytes(),
+    );
     let out = server_outputs(&mut s);
     assert_eq!(out.len(), 2, "READY to both: {out:?}");
     // The last squatter is let go when the wait ends.
@@ -313,7 +325,11 @@ fn probe_answers_to_one_ip_are_rate_limited() {
     let other = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 8), 4000));
     s.handle_datagram(t0, other, &Message::Probe.to_bytes());
     assert_eq!(server_outputs(&mut s).len(), 1);
-    s.handle_datagram(t0 + Duration::from_secs(1), victim, &Message::Probe.to_bytes());
+    s.handle_datagram(
+        t0 + Duration::from_secs(1),
+        victim,
+        &Message::Probe.to_bytes(),
+    );
     assert_eq!(server_outputs(&mut s).len(), 1);
     assert_eq!(s.stats().probes_limited, 5040 - u64::from(limit));
 }

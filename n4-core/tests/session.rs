@@ -48,13 +48,19 @@ fn two_clients_win_and_each_learns_the_others_address() {
     assert!(w.hosts[b]
         .events
         .contains(&Event::PeerHint(Hint(hint_of_a))));
+    // Both settle on one pair of addresses (a confirmed WIN): each one's local port and peer
+    // are the other's peer and local port. a leads (its address is the lower one) and picks
+    // the pair its ACK proved: its slot 0, which punched b's aimed slot `hint`.
+    let ((slot_a, peer_a), (slot_b, peer_b)) = (w.won(a).unwrap(), w.won(b).unwrap());
     assert_eq!(
-        w.won(a),
-        Some((
-            hint_of_a as usize,
-            SocketAddr::from(([203, 0, 113, 12], 31000))
-        ))
+        peer_a,
+        SocketAddr::from(([203, 0, 113, 12], w.hosts[b].window[slot_b]))
     );
+    assert_eq!(
+        peer_b,
+        SocketAddr::from(([198, 51, 100, 3], w.hosts[a].window[slot_a]))
+    );
+    assert_eq!(slot_b, hint_of_a as usize);
     // Ours talk to ours: the extension was used and the server told each its own mapping.
     assert!(w.hosts[a].events.contains(&Event::Ready { extended: true }));
     assert!(w.hosts[a].events.contains(&Event::Seen(w.exchange_addr(a))));

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
-use n4_core::{Client, ClientConfig, Command, Event, LoseReason, Message};
+use n4_core::{Client, ClientConfig, Command, Event, LoseReason};
 use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{sockets, Error};
 
@@ -153,10 +153,7 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
         waiting_since: None,
         waiting_log_at: None,
     };
-    driver.deadline = driver
-        .options
-        .timeout
-        .and_then(|t| start.checked_add(t));
+    driver.deadline = driver.options.timeout.and_then(|t| start.checked_add(t));
     let mut events = Events::with_capacity(256);
     let mut buf = vec![0u8; 65536];
     let mut now = start;
@@ -539,16 +536,15 @@ impl Driver {
                 && from != SocketAddr::from(config.server)
                 && from != SocketAddr::from(config.probe_server());
             if let Some(won) = self.won.as_mut().filter(|_| from_peer) {
-                let punch = Message::Punch(self.client.config().ident).to_bytes();
-                if data == punch && from.ip() == won.peer.ip() && !won.paths.contains_key(&slot)
-                {
+                let handshake = self.client.is_handshake(data);
+                if handshake && from.ip() == won.peer.ip() && !won.paths.contains_key(&slot) {
                     // The peer's PUNCH on another slot: the pair it won on (see `paths`).
                     debug!("peer {from} reaches us on slot {slot}");
                     won.paths.insert(slot, from);
                 }
                 if won.paths.get(&slot) != Some(&from) {
                     debug!("{n} bytes from {from} on slot {slot}: not the peer's path; dropped");
-                } else if data == punch || data == KEEPALIVE {
+                } else if handshake || data == KEEPALIVE {
                     // Handshake noise, not the user's traffic.
                 } else if let (Some(relay), AfterWin::Forward { to, .. }) =
                     (&self.forward, &self.options.after_win)
@@ -651,13 +647,37 @@ impl Driver {
                 hint_text(hint)
             ),
             Event::PeerHint(hint) => debug!("peer hint: {}", hint_text(hint)),
-            Event::PeerRefused { peer, why } => warn!(
-                "The server named peer address {peer}: {why}; refused, not punched"
-            ),
+            Event::PeerRefused { peer, why } => {
+                warn!("The server named peer address {peer}: {why}; refused, not punched")
+            }
             Event::BudgetExhausted { budget, until } => warn!(
                 "Punch budget spent ({budget} datagrams a minute): punches pause for {:.0} s",
                 until.saturating_duration_since(now).as_secs_f64()
             ),
+            Event::PeerAuthenticated => info!(" => Partner authenticated (shared key)"),
+            Event::PeerAuthFailed => error!(
+                "The partner the server seated with us does not hold our key: not told our \
+                 address; waiting for another"
+            ),
+            Event::Refused(reason) => {
+                return Err(Error::Refused {
+                    addr: self.client.config().server.into(),
+                    reason: match reason {
+                        n4_core::RefuseReason::WrongKey => {
+                            "our key is not the server's (check --key-file / N4_KEY)"
+                        }
+                        n4_core::RefuseReason::KeyRequired => {
+                            "it is a private server: a key is required (--key-file or N4_KEY)"
+                        }
+                        n4_core::RefuseReason::Other(_) => "no reason this version knows",
+                    },
+                })
+            }
+            Event::NeedsOurServer => {
+                return Err(Error::NeedsOurServer {
+                    addr: self.client.config().server.into(),
+                })
+            }
             Event::Rehello => {
                 self.waiting_since = None;
                 self.waiting_log_at = None;
@@ -730,6 +750,7 @@ impl Driver {
                     LoseReason::BadPeerAddress => {
                         warn!("the server gave a peer address we refuse")
                     }
+                    LoseReason::AuthFailed => debug!("the partner failed authentication"),
                 }
             }
             Event::Finished => return Ok(self.finished(now)),
@@ -748,7 +769,7 @@ impl Driver {
     }
 
     /// The acknowledgement burst is done: log the result the original's way, then exit or hold.
-    fn finished(&mut self, _now: Instant) -> Option<ClientOutcome> {
+    fn finished(&mut self, now: Instant) -> Option<ClientOutcome> {
         self.finished = true;
         let Some(won) = &self.won else {
             // Finished without WIN cannot happen (the machine finishes only after a WIN).
@@ -756,6 +777,8 @@ impl Driver {
         };
         let (peer, mut report) = (won.peer, won.report.clone());
         report.datagrams = self.client.datagrams_sent();
+        // What the user waited for: the `[ WIN ]` line is printed now.
+        report.elapsed_ms = now.duration_since(self.start).as_millis() as u64;
         let keep: Vec<usize> = won.paths.keys().copied().collect();
         info!(" <= Punch ");
         self.close_tcp();

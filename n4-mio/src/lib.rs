@@ -63,6 +63,23 @@ pub enum Error {
         /// Why (the OS error, or a timeout).
         reason: String,
     },
+    /// The server refused us (a private server, `n4 -s --key-file`).
+    #[error("the server {addr} refused us: {reason}")]
+    Refused {
+        /// Server address.
+        addr: SocketAddr,
+        /// Why, in words.
+        reason: &'static str,
+    },
+    /// A keyed client met a server that does not speak our extension.
+    #[error(
+        "the server {addr} does not speak n4's extension (a v1 server?): a keyed session \
+         (--key-file / N4_KEY) needs an n4 server"
+    )]
+    NeedsOurServer {
+        /// Server address.
+        addr: SocketAddr,
+    },
     /// `n4 probe`: the server's probe port did not answer.
     #[error("no probe answer from n4 server {server} (probes go to its UDP port {probe_port}): {reason}")]
     NoProbeAnswer {

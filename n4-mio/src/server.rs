@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use n4_core::{
-    AbandonReason, ConnId, Message, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput, ServerStats,
+    AbandonReason, ConnId, Message, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput,
+    ServerStats,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;

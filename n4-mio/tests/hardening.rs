@@ -59,7 +59,10 @@ fn v1_pair(port: u16, ips: [Ipv4Addr; 2], ident: Ident) -> std::io::Result<Vec<T
     }
     for ip in ips {
         let udp = UdpSocket::bind((ip, 0))?;
-        udp.send_to(&Message::Exchange(ident).to_bytes(), (Ipv4Addr::LOCALHOST, port))?;
+        udp.send_to(
+            &Message::Exchange(ident).to_bytes(),
+            (Ipv4Addr::LOCALHOST, port),
+        )?;
     }
     for t in &mut tcp {
         read_message(t)?;
@@ -88,8 +91,13 @@ fn accept_resumes_after_descriptors_run_out() {
     let p = port.to_string();
     // Without CAP_SYS_RESOURCE the server cannot raise its descriptor limit past 200.
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--bounding-set=-sys_resource", "prlimit", "--nofile=200", "--"])
-        .args([N4, "-s", "-l", &p, "-v"]);
+    cmd.args([
+        "--bounding-set=-sys_resource",
+        "prlimit",
+        "--nofile=200",
+        "--",
+    ])
+    .args([N4, "-s", "-l", &p, "-v"]);
     let srv = Proc::spawn_command("server", cmd);
     srv.wait_log("Listening on", T);
     // Pairs that complete and keep their connections open: the server's closed sockets
@@ -109,7 +117,14 @@ fn accept_resumes_after_descriptors_run_out() {
     let mut b = client("b", port, 24100, &["--json"]);
     for p in [&mut a, &mut b] {
         let status = p.wait_exit(T);
-        assert_eq!(status.code(), Some(0), "{}:\n{}\nserver:\n{}", p.name, p.log(), srv.log());
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{}:\n{}\nserver:\n{}",
+            p.name,
+            p.log(),
+            srv.log()
+        );
     }
     drop(held);
 }
@@ -142,7 +157,10 @@ fn squatted_seats_end_with_the_wait_and_are_capped_per_ip() {
     let mut buf = [0u8; 8];
     let third = seats.last_mut().unwrap();
     third.set_read_timeout(Some(T)).unwrap();
-    assert!(matches!(third.read(&mut buf), Ok(0) | Err(_)), "the third seat was kept");
+    assert!(
+        matches!(third.read(&mut buf), Ok(0) | Err(_)),
+        "the third seat was kept"
+    );
 }
 
 /// A server on loopback that answers HELLO with a v1 READY and then PEERINFO(`peer`).
@@ -174,7 +192,8 @@ fn peer_addresses_that_are_no_host_are_refused() {
         assert_eq!(c.wait_exit(T).code(), Some(1), "{bad}:\n{}", c.log());
         let log = c.log();
         assert!(
-            log.contains(&format!("The server named peer address {bad}")) && log.contains("refused"),
+            log.contains(&format!("The server named peer address {bad}"))
+                && log.contains("refused"),
             "{bad}:\n{log}"
         );
         assert!(!log.contains(" <= Punch "), "{bad}: punched:\n{log}");
@@ -192,10 +211,10 @@ fn another_user_cannot_bind_the_window_ports() {
     let (_srv, port) = server(&[]);
     let a = client("a", port, 24400, &[]);
     a.wait_log(" <= Hello ", T); // the window is bound before the connection
-    // As uid/gid 65534 (nobody), in the child before it execs `true`: try to co-bind some
-    // window ports on the wildcard and on loopback, with both sharing options. Only raw
-    // system calls here (the child of a threaded process must not allocate); a bind that
-    // succeeds is reported as the spawn's error.
+                                 // As uid/gid 65534 (nobody), in the child before it execs `true`: try to co-bind some
+                                 // window ports on the wildcard and on loopback, with both sharing options. Only raw
+                                 // system calls here (the child of a threaded process must not allocate); a bind that
+                                 // succeeds is reported as the spawn's error.
     const BOUND: i32 = libc::ENOTRECOVERABLE;
     let ports: [u16; 4] = [24400, 24401, 24420, 24463];
     let mut thief = Command::new("true");
@@ -259,32 +278,47 @@ fn forward_relays_only_the_won_peer_and_the_local_program() {
     let app_a = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let app_b = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     for app in [&app_a, &app_b] {
-        app.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+        app.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
     }
     let fwd_a = app_a.local_addr().unwrap().to_string();
     let fwd_b = app_b.local_addr().unwrap().to_string();
     let a = client("a", port, 24500, &["--json", "--forward", &fwd_a]);
     let b = client("b", port, 24600, &["--json", "--forward", &fwd_b]);
-    let result = |p: &Proc| -> serde_json::Value { serde_json::from_str(&p.wait_stdout(T)).unwrap() };
+    let result =
+        |p: &Proc| -> serde_json::Value { serde_json::from_str(&p.wait_stdout(T)).unwrap() };
     let (ra, rb) = (result(&a), result(&b));
-    let via = |r: &serde_json::Value| -> SocketAddr { r["forward_via"].as_str().unwrap().parse().unwrap() };
+    let via = |r: &serde_json::Value| -> SocketAddr {
+        r["forward_via"].as_str().unwrap().parse().unwrap()
+    };
     let (via_a, via_b) = (via(&ra), via(&rb));
-    let hole_a = SocketAddr::from((Ipv4Addr::LOCALHOST, ra["local_port"].as_u64().unwrap() as u16));
+    let hole_a = SocketAddr::from((
+        Ipv4Addr::LOCALHOST,
+        ra["local_port"].as_u64().unwrap() as u16,
+    ));
     let mut buf = [0u8; 1500];
 
     // The hole works: A's program reaches B's.
     app_a.send_to(b"real", via_a).unwrap();
-    let (n, _) = app_b.recv_from(&mut buf).expect("the hole carries the real traffic");
+    let (n, _) = app_b
+        .recv_from(&mut buf)
+        .expect("the hole carries the real traffic");
     assert_eq!(&buf[..n], b"real");
 
     // The peer's IP (loopback here), another port: into A's hole. It must not reach A's program.
     let stranger = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     stranger.send_to(b"injected", hole_a).unwrap();
-    assert!(app_a.recv_from(&mut buf).is_err(), "a stranger reached A's program");
+    assert!(
+        app_a.recv_from(&mut buf).is_err(),
+        "a stranger reached A's program"
+    );
 
     // Someone other than A's program, into A's relay socket: it must not reach B.
     stranger.send_to(b"smuggled", via_a).unwrap();
-    assert!(app_b.recv_from(&mut buf).is_err(), "a stranger sent through A's hole");
+    assert!(
+        app_b.recv_from(&mut buf).is_err(),
+        "a stranger sent through A's hole"
+    );
     let _ = (via_b, b);
 
     // A target that is not loopback: the relay socket still binds loopback.
@@ -300,13 +334,19 @@ fn forward_relays_only_the_won_peer_and_the_local_program() {
 fn log_lines_escape_control_bytes_from_the_network() {
     let (srv, port) = server(&[]);
     let ident = Ident::new("x\r\nFAK").unwrap();
-    let _tcp = v1_pair(port, [Ipv4Addr::new(127, 62, 0, 1), Ipv4Addr::new(127, 62, 0, 2)], ident)
-        .expect("the pair is served");
+    let _tcp = v1_pair(
+        port,
+        [Ipv4Addr::new(127, 62, 0, 1), Ipv4Addr::new(127, 62, 0, 2)],
+        ident,
+    )
+    .expect("the pair is served");
     let line = srv.wait_log("Paired [", T);
     assert!(line.contains(r"Paired [x\r\nFAK]"), "{line:?}");
     thread::sleep(Duration::from_millis(100));
     assert!(
-        !srv.log().lines().any(|l| l.starts_with("FAK") || l.contains('\r')),
+        !srv.log()
+            .lines()
+            .any(|l| l.starts_with("FAK") || l.contains('\r')),
         "{}",
         srv.log()
     );
@@ -316,9 +356,18 @@ fn log_lines_escape_control_bytes_from_the_network() {
 /// port, probes answered 1:1 without a per-IP limit.
 #[test]
 fn durations_have_floors() {
-    expect_usage_error(&["-c", "-h", "127.0.0.1", "--keepalive", "0.01"], "--keepalive");
-    expect_usage_error(&["-c", "-h", "127.0.0.1", "--round-timeout", "1e-9"], "--round-timeout");
-    expect_usage_error(&["-c", "-h", "127.0.0.1", "--timeout", "0.001"], "--timeout");
+    expect_usage_error(
+        &["-c", "-h", "127.0.0.1", "--keepalive", "0.01"],
+        "--keepalive",
+    );
+    expect_usage_error(
+        &["-c", "-h", "127.0.0.1", "--round-timeout", "1e-9"],
+        "--round-timeout",
+    );
+    expect_usage_error(
+        &["-c", "-h", "127.0.0.1", "--timeout", "0.001"],
+        "--timeout",
+    );
     expect_usage_error(&["-s", "--hello-timeout", "0.001"], "--hello-timeout");
     expect_usage_error(&["-s", "--wait-timeout", "0"], "--wait-timeout");
 }
@@ -334,11 +383,21 @@ fn keepalives_go_only_to_the_won_path() {
     thread::sleep(Duration::from_millis(2600));
     for p in [&a, &b] {
         let log = p.log();
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains("keepalive from slot")).collect();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("keepalive from slot"))
+            .collect();
         assert!((1..=4).contains(&lines.len()), "{}: {lines:?}", p.name);
-        let targets: std::collections::BTreeSet<&str> =
-            lines.iter().filter_map(|l| l.split("keepalive from ").nth(1)).collect();
-        assert_eq!(targets.len(), 1, "{}: keepalives on several paths: {lines:?}", p.name);
+        let targets: std::collections::BTreeSet<&str> = lines
+            .iter()
+            .filter_map(|l| l.split("keepalive from ").nth(1))
+            .collect();
+        assert_eq!(
+            targets.len(),
+            1,
+            "{}: keepalives on several paths: {lines:?}",
+            p.name
+        );
     }
 }
 
@@ -361,14 +420,19 @@ fn probe_answers_are_rate_limited_per_ip() {
     for _ in 0..5040 {
         let _ = socket.send_to(&Message::Probe.to_bytes(), (Ipv4Addr::LOCALHOST, port + 1));
     }
-    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let mut answers = 0;
     let mut buf = [0u8; 64];
     let end = Instant::now() + Duration::from_secs(3);
     while Instant::now() < end && socket.recv_from(&mut buf).is_ok() {
         answers += 1;
     }
-    assert!((1..=100).contains(&answers), "{answers} answers to one IP's burst");
+    assert!(
+        (1..=100).contains(&answers),
+        "{answers} answers to one IP's burst"
+    );
 }
 
 /// Finding 9: a lone client said nothing after HELLO and waited for ever, even with
@@ -382,7 +446,12 @@ fn a_lone_client_says_it_waits_and_its_timeout_ends_it() {
     assert!(a.log().contains("Timed out"), "{}", a.log());
 
     let mut b = client("b", port, 25200, &["--rounds", "1", "--round-timeout", "1"]);
-    assert_eq!(b.wait_exit(Duration::from_secs(10)).code(), Some(1), "{}", b.log());
+    assert_eq!(
+        b.wait_exit(Duration::from_secs(10)).code(),
+        Some(1),
+        "{}",
+        b.log()
+    );
 }
 
 /// Finding 10: rough edges of the command line.
@@ -397,7 +466,10 @@ fn probe_and_usage_errors_say_what_is_missing() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
-    assert!(err.contains("127.0.0.1:1") && err.contains("port 2"), "{err}");
+    assert!(
+        err.contains("127.0.0.1:1") && err.contains("port 2"),
+        "{err}"
+    );
     assert!(!err.contains("cannot connect"), "{err}");
 }
 
@@ -405,12 +477,30 @@ fn probe_and_usage_errors_say_what_is_missing() {
 fn numbers_in_reports_and_logs_are_readable() {
     let (_srv, port) = server(&[]);
     let out = Command::new(N4)
-        .args(["probe", "-h", "127.0.0.1", "-p", &port.to_string(), "--json"])
+        .args([
+            "probe",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = String::from_utf8_lossy(&out.stdout);
-    let rtt = json.split("\"rtt_ms\":").nth(1).expect("rtt_ms").split([',', '}']).next().unwrap();
+    let rtt = json
+        .split("\"rtt_ms\":")
+        .nth(1)
+        .expect("rtt_ms")
+        .split([',', '}'])
+        .next()
+        .unwrap();
     let decimals = rtt.split('.').nth(1).map_or(0, str::len);
     assert!(decimals <= 3, "rtt_ms {rtt}");
 
@@ -418,14 +508,21 @@ fn numbers_in_reports_and_logs_are_readable() {
     let b = client("b", port, 25400, &["-v"]);
     for p in [&a, &b] {
         let line = p.wait_log("plan:", T);
-        assert!(!line.contains("Some(") && !line.contains("-32768"), "{line}");
+        assert!(
+            !line.contains("Some(") && !line.contains("-32768"),
+            "{line}"
+        );
     }
 }
 
 #[test]
 fn cli_doc_has_a_probe_section_with_its_flags() {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/CLI.md")).unwrap();
-    let section = doc.split("## `n4 probe`").nth(1).expect("a `n4 probe` section");
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/CLI.md")).unwrap();
+    let section = doc
+        .split("## `n4 probe`")
+        .nth(1)
+        .expect("a `n4 probe` section");
     for flag in ["-h HOST", "-p PORT", "--samples", "--json", "-v"] {
         assert!(section.contains(flag), "no {flag} in the probe section");
     }

@@ -295,7 +295,7 @@ fn bad_flags_exit_2_with_one_line() {
             &["-c", "-h", "127.0.0.1", "--rounds", "0"],
             "at least one round",
         ),
-        (&["-c", "-h", "127.0.0.1", "--keepalive", "0"], "from 1"),
+        (&["-c", "-h", "127.0.0.1", "--keepalive", "0"], "at least 1"),
         // Deadlines are now + the flag: past a year the clock would overflow.
         (
             &["-c", "-h", "127.0.0.1", "--round-timeout", "1e19"],

@@ -423,7 +423,7 @@ fn secs_from(flag: &str, v: f64, min: f64) -> Result<Duration, Usage> {
         .filter(|_| (min..=MAX_SECS).contains(&v))
         .ok_or_else(|| {
             Usage(format!(
-                "{flag} {v}: must be a number of seconds from {min} to {MAX_SECS} (a year)"
+                "{flag} {v}: must be a number of seconds, at least {min} and at most {MAX_SECS} (a year)"
             ))
         })
 }
