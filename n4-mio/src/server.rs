@@ -126,6 +126,7 @@ pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
     }
 
     let only = options.config.only_ident;
+    let private = options.config.key.is_some();
     let extensions = options.config.extensions;
     let limits = (options.config.max_connections, options.config.max_per_ip);
     let mut driver = Driver {
@@ -153,6 +154,9 @@ pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
     match only {
         Some(ident) => info!("Identifier: {ident} (only)"),
         None => info!("Identifier: any"),
+    }
+    if private {
+        info!("Private server: only clients holding its key are served");
     }
     if !extensions {
         debug!("extensions off: pure v1 replies");
@@ -657,6 +661,11 @@ fn answer_probes(
 
 fn log_event(event: &ServerEvent) {
     match event {
+        // A private server's refusals are worth a line: someone holds a wrong key.
+        ServerEvent::Rejected {
+            remote,
+            reason: reason @ (RejectReason::WrongKey | RejectReason::KeyRequired),
+        } => info!("Refused {remote}: {reason:?}"),
         ServerEvent::Rejected { remote, reason } => debug!("Rejected {remote}: {reason:?}"),
         ServerEvent::Waiting { remote, ident } => debug!("Waiting [{ident}]: {remote}"),
         ServerEvent::Paired {
@@ -679,7 +688,7 @@ fn log_event(event: &ServerEvent) {
         // A pairing that fails half-way is worth a line; a client leaving is its own business.
         ServerEvent::Abandoned {
             ident,
-            reason: reason @ AbandonReason::ExchangeTimeout,
+            reason: reason @ (AbandonReason::ExchangeTimeout | AbandonReason::AuthFailed),
         } => info!("Abandoned [{ident}]: {reason:?}"),
         ServerEvent::Abandoned { ident, reason } => debug!("Abandoned [{ident}]: {reason:?}"),
     }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use n4_core::{ClientConfig, Ident, ServerConfig, Strategy};
+use n4_core::{ClientConfig, Ident, Key, ServerConfig, Strategy};
 use n4_mio::{
     exit, init_logging, run_client, run_probe, run_server, AfterWin, ClientOptions, ClientOutcome,
     Error, ProbeOptions, ServerOptions,
@@ -130,6 +130,13 @@ struct Cli {
     /// Pure v1: no token in READY (server); no probes, fixed offset (client)
     #[arg(long)]
     no_ext: bool,
+
+    /// Shared key, read from FILE (the environment variable N4_KEY holds it instead; never
+    /// put a secret on the command line). Client: pair only with a partner holding it,
+    /// authenticated through the server, and punch with authenticated datagrams. Server: a
+    /// private server, serving only clients holding it
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<std::path::PathBuf>,
 
     /// Run in client mode
     #[arg(short = 'c', long, help_heading = "Client")]
@@ -438,6 +445,7 @@ fn server_options(cli: &Cli) -> Result<ServerOptions, Usage> {
         return Err(Usage("--probe-rate must be at least 1".into()));
     }
     let config = ServerConfig {
+        key: key(cli)?,
         only_ident: ident(cli)?,
         hello_timeout: secs("--hello-timeout", cli.hello_timeout)?,
         wait_timeout: Some(secs("--wait-timeout", cli.wait_timeout)?),
@@ -447,7 +455,7 @@ fn server_options(cli: &Cli) -> Result<ServerOptions, Usage> {
         max_waiting_per_ip: cli.max_waiting_per_ip,
         probes_per_ip: cli.probe_rate,
         extensions: !cli.no_ext,
-        rng_seed: random_seed(),
+        rng_seed: u64::from_le_bytes(random_bytes()),
         ..ServerConfig::default()
     };
     Ok(ServerOptions {
@@ -501,7 +509,16 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
         (None, Some(interval)) => AfterWin::KeepAlive { interval },
         (None, None) => AfterWin::Exit,
     };
+    let key = key(cli)?;
+    if key.is_some() && cli.no_ext {
+        return Err(Usage(
+            "a key (--key-file / N4_KEY) needs the extension; drop --no-ext".into(),
+        )
+        .into());
+    }
     let mut config = ClientConfig {
+        key,
+        rng_seed: random_bytes(),
         ident: ident(cli)?.unwrap_or_default(),
         server: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cli.port),
         port_start: cli.start,
@@ -565,9 +582,67 @@ fn resolve_any(target: &str) -> Result<SocketAddr, String> {
     addrs.next().ok_or_else(|| "no address".into())
 }
 
-/// Seed for the server's tokens: std's `RandomState` keys come from the OS RNG.
-fn random_seed() -> u64 {
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(std::process::id().into());
-    h.finish()
+/// Seed bytes from the operating system's RNG (nonces and tokens come from CSPRNGs seeded
+/// with them).
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut seed = [0u8; N];
+    if let Err(e) = getrandom::fill(&mut seed) {
+        // No OS RNG: std's hasher keys come from it too, but try them as a last resort.
+        tracing::warn!("no OS random numbers ({e}); seeding from the hasher");
+        for (i, chunk) in seed.chunks_mut(8).enumerate() {
+            let mut h = RandomState::new().build_hasher();
+            h.write_usize(i);
+            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
+        }
+    }
+    seed
 }
+
+/// The environment variable that may hold the key itself.
+const KEY_ENV: &str = "N4_KEY";
+
+/// The shared key from `--key-file` or `N4_KEY`, if either is given.
+fn key(cli: &Cli) -> Result<Option<Key>, Usage> {
+    let from_env = std::env::var_os(KEY_ENV);
+    let (secret, source) = match (&cli.key_file, from_env) {
+        (Some(_), Some(_)) => {
+            return Err(Usage(format!(
+                "give the key once: --key-file or {KEY_ENV}, not both"
+            )))
+        }
+        (Some(path), None) => {
+            let secret = std::fs::read(path).map_err(|e| {
+                Usage(format!("--key-file {}: cannot read it: {e}", path.display()))
+            })?;
+            warn_if_others_can_read(path);
+            (secret, format!("--key-file {}", path.display()))
+        }
+        (None, Some(v)) => (v.into_encoded_bytes(), KEY_ENV.to_string()),
+        (None, None) => return Ok(None),
+    };
+    let key = Key::new(&secret).map_err(|e| Usage(format!("{source}: {e}")))?;
+    if secret.trim_ascii().len() < 16 {
+        tracing::warn!(
+            "{source}: the key is shorter than 16 bytes; a longer random one is safer \
+             (e.g. `head -c 32 /dev/urandom | base64 > n4.key`)"
+        );
+    }
+    Ok(Some(key))
+}
+
+#[cfg(unix)]
+fn warn_if_others_can_read(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                "--key-file {}: other users may read it (chmod 600 {})",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_others_can_read(_path: &std::path::Path) {}
