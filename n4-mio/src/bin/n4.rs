@@ -509,13 +509,13 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
         (None, Some(interval)) => AfterWin::KeepAlive { interval },
         (None, None) => AfterWin::Exit,
     };
-    let key = key(cli)?;
-    if key.is_some() && cli.no_ext {
+    if cli.no_ext && (cli.key_file.is_some() || std::env::var_os(KEY_ENV).is_some()) {
         return Err(Usage(
             "a key (--key-file / N4_KEY) needs the extension; drop --no-ext".into(),
         )
         .into());
     }
+    let key = key(cli)?;
     let mut config = ClientConfig {
         key,
         rng_seed: random_bytes(),
