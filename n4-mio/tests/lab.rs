@@ -339,6 +339,31 @@ fn default_strategy_predicts_and_wins_through_two_sequential_nats() {
     datagrams_cross_the_hole(&lab, &wa, &wb);
 }
 
+/// (b') A keyed session (`--key-file`) through the same NATs at 50 ms RTT with background
+/// load: authenticated through the server, WIN in the first round on one pair of addresses
+/// both sides agree on, and the hole carries a datagram each way.
+#[test]
+fn keyed_clients_win_through_two_sequential_nats_on_one_agreed_pair() {
+    let Some(lab) = Lab::up(&["--nat", "sequential", "--delay", "25", "--load", "200"]) else {
+        return;
+    };
+    let key = std::env::temp_dir().join(format!("n4-lab-{}.key", std::process::id()));
+    std::fs::write(&key, "a key for the lab, long enough").unwrap();
+    let k = key.to_str().unwrap();
+    let _srv = lab.server(&[]);
+    let args = ["--json", "-v", "--rounds", "3", "--key-file", k];
+    let mut a = lab.client("a", 30000, &args);
+    let mut b = lab.client("b", 31000, &args);
+    let (wa, wb) = both_won(&mut a, &mut b);
+    for (w, p) in [(&wa, &a), (&wb, &b)] {
+        assert!(p.log().contains("Partner authenticated"), "{}", p.log());
+        assert_eq!(w.json["round"], 1, "{}; log:\n{}", w.json, p.log());
+    }
+    assert_through_nats(&lab, &wa, &wb);
+    datagrams_cross_the_hole(&lab, &wa, &wb);
+    let _ = std::fs::remove_file(key);
+}
+
 /// (c) `--forward`: each side's local UDP program (on the host's loopback) talks to the other
 /// through the relay and the kernel NATs, both ways; a signal then ends both cleanly.
 #[test]
