@@ -981,6 +981,9 @@ impl Client {
                     self.commands
                         .push_back(Command::Send(LongMessage::Verified.into()));
                     self.events.push_back(Event::PeerAuthenticated);
+                    if self.peer_info_deadline.is_none() {
+                        self.send_exchange(now);
+                    }
                 } else {
                     self.commands
                         .push_back(Command::Send(LongMessage::AuthFailed.into()));
@@ -1112,7 +1115,12 @@ impl Client {
                 self.events.push_back(Event::Ready {
                     extended: self.token.is_some(),
                 });
-                if self.token.is_some() && self.predictor.len() < 2 && self.probes_sent > 0 {
+                if self.handshake.is_some() {
+                    // Keyed: the EXCHANGE waits for the handshake, so that PEERINFO follows it
+                    // one RTT later, as the aim assumes (the server holds PEERINFO until both
+                    // verified). The round timeout bounds the wait.
+                    self.deadline = Some(crate::later(now, self.config.round_timeout));
+                } else if self.token.is_some() && self.predictor.len() < 2 && self.probes_sent > 0 {
                     // READY came before our probes' answers (a partner already waiting, a
                     // short RTT): without them we could give no hint. Wait for them a little.
                     self.exchange_deferred = true;
