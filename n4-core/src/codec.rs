@@ -334,6 +334,18 @@ impl LongMessage {
     }
 }
 
+/// The one payload length each long command has (`None`: not a long command).
+fn long_payload_len(cmd: u8) -> Option<usize> {
+    match cmd {
+        CMD_KEYED_HELLO => Some(6 + NONCE_LEN + MAC_LEN),
+        CMD_REFUSED => Some(1),
+        CMD_PEER_NONCE => Some(NONCE_LEN),
+        CMD_AUTH | CMD_KEYED_PUNCH | CMD_KEYED_ACK | CMD_KEYED_CONFIRM => Some(MAC_LEN),
+        CMD_VERIFIED | CMD_AUTH_FAILED => Some(0),
+        _ => None,
+    }
+}
+
 /// Bytes of one frame, held inline (no allocation per datagram).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Payload {
@@ -464,14 +476,16 @@ impl FrameDecoder {
     /// once `input` is used up without completing one (the rest is kept for the next call).
     pub fn next(&mut self, input: &mut &[u8]) -> Option<Result<Frame, DecodeError>> {
         loop {
-            let want = self.frame_len();
+            let want = match self.frame_len() {
+                Ok(want) => want,
+                Err(e) => {
+                    self.len = 0;
+                    return Some(Err(e));
+                }
+            };
             if self.len == want {
                 self.len = 0;
                 return Some(Frame::decode(&self.buf[..want]));
-            }
-            if want > MAX_FRAME {
-                self.len = 0;
-                return Some(Err(DecodeError::Length(want)));
             }
             if input.is_empty() {
                 return None;
@@ -483,13 +497,17 @@ impl FrameDecoder {
         }
     }
 
-    /// The length of the frame being read, as far as its header tells.
-    fn frame_len(&self) -> usize {
+    /// The length of the frame being read, as far as its header tells. A long frame's
+    /// header is judged at once (each command has one payload length), so garbage is an error
+    /// after two bytes, not a wait for bytes that never come.
+    fn frame_len(&self) -> Result<usize, DecodeError> {
         match self.buf[..self.len] {
-            [] => 1,
-            [c, ..] if c < LONG_COMMANDS => MESSAGE_LEN,
-            [_] => 2,
-            [_, len, ..] => 2 + usize::from(len),
+            [] => Ok(1),
+            [c, ..] if c < LONG_COMMANDS => Ok(MESSAGE_LEN),
+            [c] if long_payload_len(c).is_none() => Err(DecodeError::Command(c)),
+            [_] => Ok(2),
+            [c, len, ..] if long_payload_len(c) == Some(usize::from(len)) => Ok(2 + usize::from(len)),
+            [_, len, ..] => Err(DecodeError::Length(2 + usize::from(len))),
         }
     }
 
@@ -892,10 +910,15 @@ mod tests {
             assert_eq!(got, frames, "split at {split}");
             assert_eq!(d.pending(), 0);
         }
-        // A length byte beyond any frame is an error, not a wait for 255 bytes.
+        // A length byte a command does not have is an error at once, not a wait for 200
+        // bytes; so is an unknown long command.
         let mut d = FrameDecoder::default();
         let mut input: &[u8] = &[0x13, 200];
         assert_eq!(d.next(&mut input), Some(Err(DecodeError::Length(202))));
+        let mut input: &[u8] = &[0x13, 15];
+        assert_eq!(d.next(&mut input), Some(Err(DecodeError::Length(17))));
+        let mut input: &[u8] = &[0xc4];
+        assert_eq!(d.next(&mut input), Some(Err(DecodeError::Command(0xc4))));
     }
 
     proptest! {
