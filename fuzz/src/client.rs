@@ -296,7 +296,7 @@ pub fn client_config(c: Config) -> ClientConfig {
         punch_budget: u32::MAX,
         // Keyless: the model speaks v1's wire (PUNCH, ACK, CONFIRM with the identifier).
         key: None,
-        rng_seed: [0; 32],
+        ..ClientConfig::default()
     }
 }
 
@@ -1104,6 +1104,9 @@ impl Harness {
                 self.finished = true;
                 self.outcome.finished = true;
             }
+            // Newer keyed events (a partner's data…) never reach a keyless client either.
+            #[allow(unreachable_patterns)]
+            other => panic!("a keyless client reported {other:?}"),
         }
     }
 

@@ -1,29 +1,45 @@
 //! The `server` target: a sequence of connection, stream, close, datagram and time events
-//! applied to [`Server`] with small limits, checked against a model of what a well-behaved
-//! driver sees.
+//! applied to [`Server`] with small limits, checked against a reference model of the server's
+//! documented behaviour.
 //!
-//! The model knows only what crosses the server's public API: which connections the driver
-//! holds open, the bytes each sent, the READYs, PEERINFOs and SEENs each received, and the
-//! datagrams sent to the server. From that alone it checks, after every event:
+//! The model predicts, for every event, exactly what the server must output (writes, closes,
+//! probe answers, in order, READY tokens included: it draws them from the same seed) and which
+//! events it must report, from what crossed the public API alone. After every event it checks:
 //! - no output names a connection the driver does not hold open (a refused connection gets
 //!   exactly one `Close`), and nothing is sent after a `Close`;
 //! - a connection is refused exactly when a limit is reached; `stats()` agree with the model
 //!   (so `connections <= max_connections`);
-//! - READY goes only to a connection whose first 8 bytes were a HELLO (with the allowed
-//!   identifier), once, two at a time to partners with equal identifiers;
-//! - PEERINFO goes only to a connection seated in a pair, at most once, carries the source of
-//!   the datagram just received, and that datagram was the partner's EXCHANGE (its token, or its
-//!   identifier from its TCP peer IP); SEEN likewise to the sender of a token EXCHANGE;
+//! - greeting: the first frame must be a HELLO or a keyed HELLO, and nothing more may complete
+//!   in the same read (another whole frame or bad bytes close it before it is seated; a trailing
+//!   partial frame is kept); a keyed HELLO needs the extension; `only_ident` applies to plain
+//!   HELLOs; a private server refuses plain HELLOs (REFUSED key-required) and keyed HELLOs
+//!   whose proof fails (REFUSED wrong-key), each followed by the close;
+//! - rooms: plain and keyed HELLOs with the same 6 bytes wait in separate rooms and never pair;
+//!   READY goes two at a time to the partners of one room, each with its own token (none when
+//!   the extension is off), and in a keyed room each then gets the partner's nonce;
+//! - keyed handshake: a side's first AUTH is relayed verbatim to its partner, a second one (or
+//!   VERIFIED before its AUTH, or anything else) ends the pair; AUTH-FAILED ends the pair (both
+//!   closed); no PEERINFO in a keyed pair before both sides said VERIFIED and both EXCHANGEs of
+//!   the round are in, whichever comes last;
+//! - rounds: PEERINFO carries the partner's latest EXCHANGE source (token or v1 attribution),
+//!   one per side per round; HINT (even of no advice) right before it whenever both sides used
+//!   tokens; SEEN to the sender of an attributed token EXCHANGE; a pair that is not two
+//!   token users is closed after its round, a session lives on `session_timeout`;
 //! - every deadline is honoured (silent, waiting and half-exchanged connections are closed in
 //!   time) and `poll_timeout()` is exactly the earliest one, never in the past;
-//! - every datagram is either attributed or counted as ignored.
+//! - every datagram is either acted on or counted as ignored, probes are answered to the source.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
-use n4_core::{ConnId, Hint, Message, Server, ServerConfig, ServerEvent, ServerOutput, Token};
+use n4_core::{
+    AbandonReason, ConnId, Frame, FrameDecoder, Hint, Ident, Key, LongMessage, Message, Nonce,
+    RefuseReason, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput, Token,
+};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::ident;
 use crate::seed::{Encode, Writer};
@@ -56,6 +72,24 @@ pub const HOSTS: [IpAddr; 5] = [
 /// UDP source ports datagrams come from: few, so repeats from one address happen.
 pub const UDP_PORTS: [u16; 4] = [40000, 40001, 1721, 0];
 
+/// PEER-DATA's command byte (a keyed client's data for its partner, relayed once after its
+/// AUTH). Named by its byte so that the harness also builds against a core without it, where
+/// it is an unknown command (garbage).
+pub const CMD_PEER_DATA: u8 = 0x19;
+/// PEER-DATA's payload: 32 bytes of data and a 16-byte MAC.
+const PEER_DATA_PAYLOAD: u8 = 48;
+
+/// The private server's key (when [`Config::private`] is set); keyed HELLOs prove it or
+/// [`other_key`].
+pub fn server_key() -> Key {
+    Key::new(b"n4 fuzz: the private server's key").expect("not empty")
+}
+
+/// A key that is not the server's.
+pub fn other_key() -> Key {
+    Key::new(b"n4 fuzz: somebody else's key").expect("not empty")
+}
+
 /// One fuzz input.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
 pub struct Input {
@@ -68,14 +102,22 @@ pub struct Input {
 /// The settings the fuzzer chooses; limits and timeouts are the constants above.
 #[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
-    /// Only `IDENTS[0]` may take a seat.
+    /// Only `IDENTS[0]` may take a seat (plain HELLOs).
     pub only_ident: bool,
     /// Waiting clients time out after [`WAIT_TIMEOUT`].
     pub wait_timeout: bool,
-    /// Offer the token extension.
+    /// Offer the token extension (always on for a private server, as the CLI requires).
     pub extensions: bool,
     /// Token seed.
     pub rng_seed: u8,
+    /// A private server with [`server_key`].
+    pub private: bool,
+}
+
+impl Config {
+    fn extensions(&self) -> bool {
+        self.extensions || self.private
+    }
 }
 
 /// One event at the server.
@@ -136,6 +178,45 @@ pub enum StreamData {
     Bytes8([u8; 8]),
     /// Anything.
     Raw(Vec<u8>),
+    /// One frame in one write.
+    Frame(FrameChoice),
+    /// Two frames in one write.
+    Frames(FrameChoice, FrameChoice),
+    /// One frame in two writes, cut after `at % (length + 1)` bytes.
+    SplitFrame {
+        /// The frame.
+        frame: FrameChoice,
+        /// Where to cut.
+        at: u8,
+    },
+}
+
+/// A frame a client might write.
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameChoice {
+    /// A plain HELLO.
+    Hello(IdentChoice),
+    /// A keyed HELLO for room tag `room` (the same 6 bytes as a plain identifier, when known),
+    /// nonce `[nonce; 16]`, with the proof of [`server_key`] (`proof`) or of [`other_key`].
+    KeyedHello {
+        /// The room tag.
+        room: IdentChoice,
+        /// The nonce's byte.
+        nonce: u8,
+        /// The proof is the server key's.
+        proof: bool,
+    },
+    /// AUTH with MAC `[mac; 16]`.
+    Auth(u8),
+    /// VERIFIED.
+    Verified,
+    /// AUTH-FAILED.
+    AuthFailed,
+    /// PEER-DATA with every payload byte `fill`.
+    PeerData(u8),
+    /// A long frame no client may write (`% 6`: unknown command, short AUTH, a length past any
+    /// frame, PEER-NONCE, a keyed PUNCH, VERIFIED with a payload).
+    Garbage(u8),
 }
 
 /// An identifier on the wire.
@@ -189,12 +270,26 @@ pub struct Outcome {
     pub readies: usize,
     /// PEERINFOs sent.
     pub peer_infos: usize,
+    /// HINTs sent.
+    pub hints: usize,
     /// SEENs sent.
     pub seens: usize,
     /// Pairs completed.
     pub completed: u64,
     /// Connections the server closed (refusals included).
     pub server_closes: usize,
+    /// PEER-NONCEs sent (keyed pairs).
+    pub peer_nonces: usize,
+    /// AUTHs relayed.
+    pub auths_relayed: usize,
+    /// PEERINFOs sent in keyed pairs.
+    pub keyed_peer_infos: usize,
+    /// REFUSEDs sent (a private server).
+    pub refusals: usize,
+    /// Pairs ended by AUTH-FAILED.
+    pub auth_failures: usize,
+    /// PEER-DATAs relayed.
+    pub data_relayed: usize,
 }
 
 /// Runs one input; panics on a broken promise.
@@ -221,57 +316,132 @@ fn message_bytes(cmd: u8, data: [u8; 6]) -> [u8; 8] {
     b
 }
 
-/// A datagram just handed to the server, to judge the outputs it causes.
-#[derive(Debug, Clone, Copy)]
-struct LastDatagram {
-    /// The source as the server sees it (v4-mapped IPv6 made IPv4); `None` for IPv6.
-    from: Option<SocketAddrV4>,
-    message: Option<Message>,
-    /// It may be the EXCHANGE of some seat.
-    candidate: bool,
+impl FrameChoice {
+    /// The bytes of the frame.
+    pub fn bytes(self) -> Vec<u8> {
+        match self {
+            Self::Hello(id) => message_bytes(0x01, id.wire()).to_vec(),
+            Self::KeyedHello { room, nonce, proof } => {
+                let room = room.wire();
+                let nonce = [nonce; 16];
+                let proof = match Ident::from_wire(room) {
+                    Ok(r) if proof => server_key().hello_proof(r, &nonce),
+                    Ok(r) => other_key().hello_proof(r, &nonce),
+                    Err(_) => [0; 16],
+                };
+                let mut b = vec![0x10, 38];
+                b.extend(room);
+                b.extend(nonce);
+                b.extend(proof);
+                b
+            }
+            Self::Auth(m) => LongMessage::Auth([m; 16]).to_bytes().to_vec(),
+            Self::Verified => LongMessage::Verified.to_bytes().to_vec(),
+            Self::AuthFailed => LongMessage::AuthFailed.to_bytes().to_vec(),
+            Self::PeerData(fill) => {
+                let mut b = vec![CMD_PEER_DATA, PEER_DATA_PAYLOAD];
+                b.extend([fill; PEER_DATA_PAYLOAD as usize]);
+                b
+            }
+            Self::Garbage(g) => match g % 6 {
+                0 => vec![0x1f, 0],
+                1 => vec![0x13, 2, 0, 0],
+                2 => vec![0x13, 200],
+                3 => LongMessage::PeerNonce([g; 16]).to_bytes().to_vec(),
+                4 => LongMessage::Punch([g; 16]).to_bytes().to_vec(),
+                _ => vec![0x14, 1, 0],
+            },
+        }
+    }
+}
+
+/// Where clients meet: (keyed, identifier or room tag).
+type Room = (bool, Ident);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seat {
+    Greeting,
+    Waiting(Room),
+    Paired(u64),
 }
 
 #[derive(Debug)]
 struct ConnModel {
+    remote: SocketAddr,
+    /// The remote IP as the server counts it (v4-mapped made IPv4).
     ip: IpAddr,
-    opened_at: Instant,
-    /// The first 16 bytes the connection sent (more is never allowed to stay open).
-    stream: Vec<u8>,
-    /// The HELLO identifier and when its last byte arrived.
-    hello: Option<([u8; 6], Instant)>,
-    ready: Option<ReadyModel>,
+    decoder: FrameDecoder,
+    seat: Seat,
+    /// Keyed: the nonce of its HELLO.
+    nonce: Option<Nonce>,
+    /// Hello or wait deadline.
+    deadline: Option<Instant>,
 }
 
 #[derive(Debug)]
-struct ReadyModel {
-    token: Option<Token>,
-    partner: Option<ConnId>,
-    /// When the pair is given up unless a round completes (exchange, then session timeout).
+struct SideModel {
+    conn: ConnId,
+    ip: IpAddr,
+    token: Token,
+    ext: bool,
+    round: u8,
+    exchanged: Option<SocketAddrV4>,
+    hint: Hint,
+    auth_relayed: bool,
+    data_relayed: bool,
+    verified: bool,
+}
+
+#[derive(Debug)]
+struct PairModel {
+    ident: Ident,
+    keyed: bool,
+    sides: [SideModel; 2],
     deadline: Instant,
-    /// Sources of datagrams that may be this seat's EXCHANGE.
-    candidates: Vec<SocketAddrV4>,
-    /// Hints of token EXCHANGEs that may be this seat's.
-    hints: Vec<Hint>,
-    /// A token EXCHANGE that may be this seat's arrived.
-    token_sent: bool,
-    /// A candidate arrived since the last completed round.
-    fresh: bool,
-    peer_infos: u32,
+    completed: u8,
+}
+
+impl PairModel {
+    fn side_of(&self, conn: ConnId) -> usize {
+        usize::from(self.sides[1].conn == conn)
+    }
 }
 
 struct Harness {
     config: Config,
+    key: Option<Key>,
     server: Server,
     now: Instant,
+    /// Connections the driver holds open.
+    held: BTreeSet<ConnId>,
+    /// The model of the server's connections, rooms and pairs.
     conns: BTreeMap<ConnId, ConnModel>,
-    tokens: Vec<Token>,
-    outcome: Outcome,
+    waiting: BTreeMap<Room, ConnId>,
+    pairs: BTreeMap<u64, PairModel>,
+    next_pair: u64,
+    tokens: BTreeMap<Token, (u64, usize)>,
+    /// Tokens shown in READYs, in order.
+    issued: Vec<Token>,
+    rng: ChaCha8Rng,
+    completed: u64,
     ignored: u64,
     probes: u64,
+    /// What the current step must output and report, in order.
+    out: Vec<ServerOutput>,
+    events: Vec<ServerEvent>,
+    outcome: Outcome,
+}
+
+fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match (addr.ip().to_canonical(), addr.port()) {
+        (IpAddr::V4(ip), port) => Some(SocketAddrV4::new(ip, port)),
+        _ => None,
+    }
 }
 
 impl Harness {
     fn new(config: Config) -> Self {
+        let key = config.private.then(server_key);
         let server = Server::new(ServerConfig {
             only_ident: config.only_ident.then(|| ident(0)),
             hello_timeout: HELLO_TIMEOUT,
@@ -284,75 +454,74 @@ impl Harness {
             // tests in n4-core/tests/hardening.rs).
             max_waiting_per_ip: usize::MAX,
             probes_per_ip: u32::MAX,
-            extensions: config.extensions,
+            extensions: config.extensions(),
             rng_seed: u64::from(config.rng_seed),
+            key,
         });
         Self {
             config,
+            key,
             server,
             now: Instant::now(),
+            held: BTreeSet::new(),
             conns: BTreeMap::new(),
-            tokens: Vec::new(),
-            outcome: Outcome::default(),
+            waiting: BTreeMap::new(),
+            pairs: BTreeMap::new(),
+            next_pair: 0,
+            tokens: BTreeMap::new(),
+            issued: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(u64::from(config.rng_seed)),
+            completed: 0,
             ignored: 0,
             probes: 0,
+            out: Vec::new(),
+            events: Vec::new(),
+            outcome: Outcome::default(),
         }
     }
 
     fn apply(&mut self, op: &Operation) {
-        let now = self.now;
         let mut refusing = None;
         let mut datagram = None;
-        let mut admitted = None;
         match *op {
             Operation::Open { conn, host, port } => {
                 let conn = ConnId(u64::from(conn % CONN_IDS));
-                if self.conns.contains_key(&conn) {
+                if self.held.contains(&conn) {
                     return; // a driver never reuses an id it holds open
                 }
                 let remote = SocketAddr::new(HOSTS[usize::from(host) % HOSTS.len()], port);
-                let ip = remote.ip().to_canonical();
-                let from_ip = self.conns.values().filter(|c| c.ip == ip).count();
-                if self.conns.len() >= MAX_CONNECTIONS || from_ip >= MAX_PER_IP {
-                    refusing = Some(conn);
+                if self.model_open(conn, remote) {
+                    self.held.insert(conn);
                 } else {
-                    admitted = Some(conn);
-                    self.conns.insert(
-                        conn,
-                        ConnModel {
-                            ip,
-                            opened_at: now,
-                            stream: Vec::new(),
-                            hello: None,
-                            ready: None,
-                        },
-                    );
+                    refusing = Some(conn);
                 }
-                self.server.handle_connection_opened(now, conn, remote);
+                self.server.handle_connection_opened(self.now, conn, remote);
             }
             Operation::Stream { conn, ref data } => {
                 let conn = ConnId(u64::from(conn % CONN_IDS));
+                let split = |b: Vec<u8>, at: usize| {
+                    let (x, y) = b.split_at(at);
+                    vec![x.to_vec(), y.to_vec()]
+                };
                 let writes: Vec<Vec<u8>> = match data {
                     StreamData::Hello(id) => vec![message_bytes(0x01, id.wire()).to_vec()],
-                    StreamData::SplitHello { ident, at } => {
-                        let b = message_bytes(0x01, ident.wire());
-                        let (x, y) = b.split_at(usize::from(*at) % 9);
-                        vec![x.to_vec(), y.to_vec()]
-                    }
+                    StreamData::SplitHello { ident, at } => split(
+                        message_bytes(0x01, ident.wire()).to_vec(),
+                        usize::from(*at) % 9,
+                    ),
                     StreamData::Bytes8(b) => vec![b.to_vec()],
                     StreamData::Raw(b) => vec![b.clone()],
+                    StreamData::Frame(f) => vec![f.bytes()],
+                    StreamData::Frames(a, b) => vec![[a.bytes(), b.bytes()].concat()],
+                    StreamData::SplitFrame { frame, at } => {
+                        let b = frame.bytes();
+                        let at = usize::from(*at) % (b.len() + 1);
+                        split(b, at)
+                    }
                 };
                 for w in writes {
-                    if let Some(c) = self.conns.get_mut(&conn) {
-                        let room = 16usize.saturating_sub(c.stream.len());
-                        c.stream.extend(w.iter().take(room));
-                        if c.hello.is_none() && c.stream.len() >= 8 {
-                            if let Ok(Message::Hello(id)) = Message::decode(&c.stream[..8]) {
-                                c.hello = Some((*id.as_bytes(), now));
-                            }
-                        }
-                    }
-                    self.server.handle_stream_data(now, conn, &w);
+                    self.model_stream(conn, &w);
+                    self.server.handle_stream_data(self.now, conn, &w);
                     self.drain(None, None);
                     self.check();
                 }
@@ -360,8 +529,9 @@ impl Harness {
             }
             Operation::Close { conn } => {
                 let conn = ConnId(u64::from(conn % CONN_IDS));
-                self.conns.remove(&conn);
-                self.server.handle_connection_closed(now, conn);
+                self.held.remove(&conn);
+                self.model_closed(conn);
+                self.server.handle_connection_closed(self.now, conn);
             }
             Operation::Datagram {
                 host,
@@ -376,8 +546,8 @@ impl Harness {
                     DatagramData::Exchange(id) => message_bytes(0x03, id.wire()).to_vec(),
                     DatagramData::Token { token, round, hint } => {
                         let token = match *token {
-                            TokenChoice::Issued(i) if !self.tokens.is_empty() => {
-                                self.tokens[usize::from(i) % self.tokens.len()]
+                            TokenChoice::Issued(i) if !self.issued.is_empty() => {
+                                self.issued[usize::from(i) % self.issued.len()]
                             }
                             TokenChoice::Issued(_) => Token(0),
                             TokenChoice::Raw(t) => Token(t),
@@ -394,110 +564,478 @@ impl Harness {
                     DatagramData::Bytes8(b) => b.to_vec(),
                     DatagramData::Raw(b) => b.clone(),
                 };
-                let from4 = match (from.ip().to_canonical(), from.port()) {
-                    (IpAddr::V4(ip), port) => Some(SocketAddrV4::new(ip, port)),
-                    _ => None,
-                };
-                let mut d = LastDatagram {
-                    from: from4,
-                    message: Message::decode(&bytes).ok(),
-                    candidate: false,
-                };
-                d.candidate = self.note_candidates(d);
-                datagram = Some(d);
-                self.server.handle_datagram(now, from, &bytes);
+                datagram = Some(from);
+                self.model_datagram(from, &bytes);
+                self.server.handle_datagram(self.now, from, &bytes);
             }
             Operation::Advance { millis } => {
                 self.now += Duration::from_millis(u64::from(millis));
+                self.model_timeout();
                 self.server.handle_timeout(self.now);
             }
             Operation::AdvanceToTimeout => {
                 if let Some(t) = self.server.poll_timeout() {
                     self.now = self.now.max(t);
                 }
+                self.model_timeout();
                 self.server.handle_timeout(self.now);
             }
         }
-        let outputs = self.drain(refusing, datagram);
-        if let Some(conn) = admitted {
-            assert!(
-                self.conns.contains_key(&conn),
-                "{conn:?} closed at once below the limits"
-            );
-        }
-        if let Some(d) = datagram {
-            let stats = self.server.stats();
-            let ignored = stats.ignored_datagrams - self.ignored;
-            let probes = stats.probes - self.probes;
-            self.ignored = stats.ignored_datagrams;
-            self.probes = stats.probes;
-            let is_probe =
-                d.from.is_some() && matches!(d.message, Some(Message::Probe | Message::ProbeOther));
-            assert_eq!(probes, u64::from(is_probe), "probe count");
-            assert!(ignored <= 1, "one datagram ignored {ignored} times");
-            if outputs > 0 || is_probe {
-                assert_eq!(ignored, 0, "a datagram acted on and counted as ignored");
-            } else if !d.candidate {
-                assert_eq!(
-                    ignored, 1,
-                    "a datagram neither acted on nor counted as ignored"
-                );
-            }
-        }
+        self.drain(refusing, datagram);
         self.check();
     }
 
-    /// Before the server sees a datagram: which seats might it be the EXCHANGE of?
-    fn note_candidates(&mut self, d: LastDatagram) -> bool {
-        let Some(from) = d.from else { return false };
-        let mut any = false;
-        let extensions = self.config.extensions;
-        for c in self.conns.values_mut() {
-            let hello = c.hello.map(|h| h.0);
-            let ip = c.ip;
-            let Some(r) = c.ready.as_mut() else { continue };
-            let mine = match d.message {
-                // With extensions off the tokens are never shown, so any seat might own it.
-                Some(Message::ExchangeToken { token, hint, .. }) => {
-                    let mine = !extensions || r.token == Some(token);
-                    if mine {
-                        r.hints.push(hint);
-                        r.token_sent = true;
-                    }
-                    mine
-                }
-                Some(Message::Exchange(id)) => {
-                    hello == Some(*id.as_bytes()) && ip == IpAddr::V4(*from.ip())
-                }
-                _ => false,
-            };
-            if mine {
-                r.candidates.push(from);
-                r.fresh = true;
-                any = true;
-            }
-        }
-        any
+    // ---- The model: what the server must do. ----
+
+    fn send(&mut self, conn: ConnId, message: impl Into<Frame>) {
+        self.out.push(ServerOutput::Send {
+            conn,
+            message: message.into(),
+        });
     }
 
-    /// Takes every output and event, checking each against the model. Returns how many
-    /// outputs there were.
-    fn drain(&mut self, mut refusing: Option<ConnId>, datagram: Option<LastDatagram>) -> usize {
-        let now = self.now;
-        let mut outputs = 0;
-        let mut readies = Vec::new();
-        let mut peer_infos = Vec::new();
-        let mut hint_for: Option<ConnId> = None;
-        let mut seen = false;
-        while let Some(out) = self.server.poll_output() {
-            outputs += 1;
-            if let Some(h) = hint_for.take() {
-                assert!(
-                    matches!(out, ServerOutput::Send { conn, message: Message::PeerInfo(_) } if conn == h),
-                    "HINT to {h:?} not followed by its PEERINFO but by {out:?}"
-                );
+    /// A connection was accepted: `true` if it is admitted.
+    fn model_open(&mut self, conn: ConnId, remote: SocketAddr) -> bool {
+        let ip = remote.ip().to_canonical();
+        let from_ip = self.conns.values().filter(|c| c.ip == ip).count();
+        let reason = if self.conns.len() >= MAX_CONNECTIONS {
+            Some(RejectReason::TooManyConnections)
+        } else if from_ip >= MAX_PER_IP {
+            Some(RejectReason::TooManyFromIp)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.out.push(ServerOutput::Close { conn });
+            self.events.push(ServerEvent::Rejected { remote, reason });
+            return false;
+        }
+        self.conns.insert(
+            conn,
+            ConnModel {
+                remote,
+                ip,
+                decoder: FrameDecoder::default(),
+                seat: Seat::Greeting,
+                nonce: None,
+                deadline: Some(self.now + HELLO_TIMEOUT),
+            },
+        );
+        true
+    }
+
+    /// Bytes on a connection, frame by frame.
+    fn model_stream(&mut self, conn: ConnId, bytes: &[u8]) {
+        let mut input = bytes;
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                return; // unknown, or closed by what came before
+            };
+            let Some(frame) = c.decoder.next(&mut input) else {
+                return; // a partial frame is kept
+            };
+            match (c.seat, frame) {
+                (
+                    Seat::Greeting,
+                    Ok(
+                        hello @ (Frame::Short(Message::Hello(_))
+                        | Frame::Long(LongMessage::KeyedHello { .. })),
+                    ),
+                ) => {
+                    // Nothing more may complete in the same read.
+                    let mut rest = c.decoder.clone();
+                    let mut tail = input;
+                    if rest.next(&mut tail).is_some() {
+                        self.reject(conn, RejectReason::Garbage);
+                        return;
+                    }
+                    c.decoder = rest;
+                    input = tail;
+                    match hello {
+                        Frame::Short(Message::Hello(id)) => self.on_hello(conn, id, None),
+                        Frame::Long(LongMessage::KeyedHello { room, nonce, proof }) => {
+                            self.on_hello(conn, room, Some((nonce, proof)))
+                        }
+                        _ => unreachable!("matched above"),
+                    }
+                }
+                (Seat::Greeting, _) => {
+                    self.reject(conn, RejectReason::Garbage);
+                    return;
+                }
+                (Seat::Paired(p), Ok(Frame::Long(m)))
+                    if self.pairs[&p].keyed
+                        && (matches!(
+                            m,
+                            LongMessage::Auth(_) | LongMessage::Verified | LongMessage::AuthFailed
+                        ) || m.command() == CMD_PEER_DATA) =>
+                {
+                    self.on_auth(p, conn, m)
+                }
+                (Seat::Waiting(_) | Seat::Paired(_), _) => {
+                    self.abandon(conn, AbandonReason::Garbage);
+                    return;
+                }
             }
-            match out {
+        }
+    }
+
+    fn on_hello(&mut self, conn: ConnId, ident_: Ident, keyed: Option<(Nonce, [u8; 16])>) {
+        match (self.key, keyed) {
+            (Some(_), None) => return self.refuse(conn, RefuseReason::KeyRequired),
+            (Some(key), Some((nonce, proof))) if !key.verify_hello(ident_, &nonce, &proof) => {
+                return self.refuse(conn, RefuseReason::WrongKey)
+            }
+            (None, Some(_)) if !self.config.extensions() => {
+                return self.reject(conn, RejectReason::Garbage)
+            }
+            _ => {}
+        }
+        if keyed.is_none() && self.config.only_ident && ident_ != ident(0) {
+            return self.reject(conn, RejectReason::WrongIdent);
+        }
+        let room: Room = (keyed.is_some(), ident_);
+        let now = self.now;
+        let c = self.conns.get_mut(&conn).expect("greeting conn");
+        c.nonce = keyed.map(|(nonce, _)| nonce);
+        c.deadline = None;
+        let remote = c.remote;
+        let Some(first) = self.waiting.remove(&room) else {
+            self.waiting.insert(room, conn);
+            c.seat = Seat::Waiting(room);
+            if self.config.wait_timeout {
+                c.deadline = Some(now + WAIT_TIMEOUT);
+            }
+            self.events.push(ServerEvent::Waiting {
+                remote,
+                ident: ident_,
+            });
+            return;
+        };
+        let pair = self.next_pair;
+        self.next_pair += 1;
+        let ext = self.config.extensions();
+        let mut sides = Vec::new();
+        for (i, conn) in [first, conn].into_iter().enumerate() {
+            let token = loop {
+                let t = Token(self.rng.next_u32());
+                if !self.tokens.contains_key(&t) {
+                    break t;
+                }
+            };
+            self.tokens.insert(token, (pair, i));
+            let c = self.conns.get_mut(&conn).expect("seated conn");
+            c.seat = Seat::Paired(pair);
+            c.deadline = None;
+            sides.push(SideModel {
+                conn,
+                ip: c.ip,
+                token,
+                ext: false,
+                round: 0,
+                exchanged: None,
+                hint: Hint::NONE,
+                auth_relayed: false,
+                data_relayed: false,
+                verified: false,
+            });
+            self.send(conn, Message::Ready(ext.then_some(token)));
+        }
+        if room.0 {
+            for (me, other) in [(first, conn), (conn, first)] {
+                let nonce = self.conns[&other].nonce.expect("a keyed room's nonce");
+                self.send(me, LongMessage::PeerNonce(nonce));
+            }
+        }
+        self.events.push(ServerEvent::Paired {
+            ident: ident_,
+            first: self.conns[&first].remote,
+            second: remote,
+        });
+        let [a, b]: [SideModel; 2] = sides.try_into().expect("two sides");
+        self.pairs.insert(
+            pair,
+            PairModel {
+                ident: ident_,
+                keyed: room.0,
+                sides: [a, b],
+                deadline: now + EXCHANGE_TIMEOUT,
+                completed: 0,
+            },
+        );
+    }
+
+    fn on_auth(&mut self, p: u64, conn: ConnId, m: LongMessage) {
+        let pair = self.pairs.get_mut(&p).expect("paired");
+        let side = pair.side_of(conn);
+        let partner = pair.sides[1 - side].conn;
+        match m {
+            LongMessage::Auth(_) if !pair.sides[side].auth_relayed => {
+                pair.sides[side].auth_relayed = true;
+                self.send(partner, m);
+            }
+            m if m.command() == CMD_PEER_DATA
+                && pair.sides[side].auth_relayed
+                && !pair.sides[side].data_relayed =>
+            {
+                pair.sides[side].data_relayed = true;
+                self.send(partner, m);
+            }
+            LongMessage::Verified if pair.sides[side].auth_relayed => {
+                pair.sides[side].verified = true;
+                self.complete_round(p);
+            }
+            LongMessage::AuthFailed => self.abandon(conn, AbandonReason::AuthFailed),
+            _ => self.abandon(conn, AbandonReason::Garbage),
+        }
+    }
+
+    /// Both sides have a new EXCHANGE (and, keyed, both said VERIFIED): each learns the other's
+    /// address; a pair that is not two token users is then closed.
+    fn complete_round(&mut self, p: u64) {
+        let now = self.now;
+        let pair = self.pairs.get_mut(&p).expect("pair");
+        if pair.sides.iter().any(|s| s.round <= pair.completed) {
+            return;
+        }
+        if pair.keyed && !pair.sides.iter().all(|s| s.verified) {
+            return;
+        }
+        let mut sends = Vec::new();
+        for (me, other) in [(0, 1), (1, 0)] {
+            let (me, other) = (&pair.sides[me], &pair.sides[other]);
+            if me.ext && other.ext {
+                sends.push((me.conn, Message::Hint(other.hint)));
+            }
+            let addr = other.exchanged.expect("a side with a round has an address");
+            sends.push((me.conn, Message::PeerInfo(addr)));
+        }
+        let round = pair.sides[0].round.max(pair.sides[1].round);
+        let first_round = pair.completed == 0;
+        pair.completed = round;
+        let event = ServerEvent::Completed {
+            round,
+            ident: pair.ident,
+            first: pair.sides[0].exchanged.expect("exchanged"),
+            second: pair.sides[1].exchanged.expect("exchanged"),
+        };
+        let session = pair.sides.iter().all(|s| s.ext);
+        if pair.keyed {
+            self.outcome.keyed_peer_infos += 2;
+        }
+        if session {
+            pair.deadline = now + SESSION_TIMEOUT;
+        }
+        for (conn, m) in sends {
+            self.send(conn, m);
+        }
+        if !session {
+            self.close_pair(p);
+        }
+        if first_round {
+            self.completed += 1;
+        }
+        self.events.push(event);
+    }
+
+    fn refuse(&mut self, conn: ConnId, why: RefuseReason) {
+        self.send(conn, LongMessage::Refused(why));
+        let reason = match why {
+            RefuseReason::KeyRequired => RejectReason::KeyRequired,
+            _ => RejectReason::WrongKey,
+        };
+        self.reject(conn, reason);
+    }
+
+    /// Closes a connection that never took a seat.
+    fn reject(&mut self, conn: ConnId, reason: RejectReason) {
+        if let Some(c) = self.conns.remove(&conn) {
+            self.out.push(ServerOutput::Close { conn });
+            self.events.push(ServerEvent::Rejected {
+                remote: c.remote,
+                reason,
+            });
+        }
+    }
+
+    /// Gives up a seated connection and its pair (a peer's close gets no `Close`).
+    fn abandon(&mut self, conn: ConnId, reason: AbandonReason) {
+        let Some(seat) = self.conns.get(&conn).map(|c| c.seat) else {
+            return;
+        };
+        if reason == AbandonReason::Closed {
+            self.conns.remove(&conn);
+        }
+        let ident_ = match seat {
+            Seat::Greeting => return,
+            Seat::Waiting(room) => {
+                self.waiting.remove(&room);
+                if self.conns.remove(&conn).is_some() {
+                    self.out.push(ServerOutput::Close { conn });
+                }
+                room.1
+            }
+            Seat::Paired(p) => {
+                let ident_ = self.pairs[&p].ident;
+                self.close_pair(p);
+                ident_
+            }
+        };
+        if reason == AbandonReason::AuthFailed {
+            self.outcome.auth_failures += 1;
+        }
+        self.events.push(ServerEvent::Abandoned {
+            ident: ident_,
+            reason,
+        });
+    }
+
+    /// Closes both connections of a pair (those still known) and forgets it.
+    fn close_pair(&mut self, p: u64) {
+        let Some(pair) = self.pairs.remove(&p) else {
+            return;
+        };
+        for side in &pair.sides {
+            self.tokens.remove(&side.token);
+            if self.conns.remove(&side.conn).is_some() {
+                self.out.push(ServerOutput::Close { conn: side.conn });
+            }
+        }
+    }
+
+    fn model_closed(&mut self, conn: ConnId) {
+        match self.conns.get(&conn).map(|c| (c.seat, c.remote)) {
+            None => {}
+            Some((Seat::Greeting, remote)) => {
+                self.conns.remove(&conn);
+                self.events.push(ServerEvent::Rejected {
+                    remote,
+                    reason: RejectReason::Closed,
+                });
+            }
+            Some(_) => self.abandon(conn, AbandonReason::Closed),
+        }
+    }
+
+    fn model_datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
+        let Some(from) = v4(from) else {
+            self.ignored += 1;
+            return;
+        };
+        let seat = match Message::decode(bytes) {
+            Ok(Message::ExchangeToken { token, round, hint }) => self
+                .tokens
+                .get(&token)
+                .map(|&seat| (seat, Some((round, hint)))),
+            Ok(Message::Exchange(id)) => self.attribute_v1(id, from).map(|seat| (seat, None)),
+            Ok(Message::Probe | Message::ProbeOther) => {
+                self.probes += 1;
+                self.out.push(ServerOutput::Datagram {
+                    to: from.into(),
+                    message: Message::Seen(from),
+                });
+                return;
+            }
+            _ => None,
+        };
+        match seat {
+            Some(((p, side), ext)) => self.on_exchange(p, side, from, ext),
+            None => self.ignored += 1,
+        }
+    }
+
+    /// v1: the earliest pair with this identifier (or room tag) that the source IP can belong
+    /// to (a seat's TCP IP, or a seat's EXCHANGE IP); a repeat of an attributed source is
+    /// ignored; else the first seat from that IP without an EXCHANGE yet.
+    fn attribute_v1(&self, id: Ident, from: SocketAddrV4) -> Option<(u64, usize)> {
+        let ip = IpAddr::V4(*from.ip());
+        for (&p, pair) in &self.pairs {
+            let listed = pair.sides.iter().any(|s| {
+                s.ip == ip || s.exchanged.map(|e| IpAddr::V4(*e.ip())) == Some(ip)
+            });
+            if pair.ident != id || !listed {
+                continue;
+            }
+            if pair.sides.iter().any(|s| s.exchanged == Some(from)) {
+                return None;
+            }
+            if let Some(i) = pair
+                .sides
+                .iter()
+                .position(|s| s.ip == ip && s.exchanged.is_none())
+            {
+                return Some((p, i));
+            }
+        }
+        None
+    }
+
+    fn on_exchange(&mut self, p: u64, side: usize, from: SocketAddrV4, ext: Option<(u8, Hint)>) {
+        let pair = self.pairs.get_mut(&p).expect("attributed to a pair");
+        let completed = pair.completed;
+        let s = &mut pair.sides[side];
+        let (round, hint) = ext.unwrap_or((1, Hint::NONE));
+        // A newer round, or a refresh of the open round from a new address; else ignored.
+        let refresh = round == s.round && round > completed && s.exchanged != Some(from);
+        if round < s.round || (round == s.round && !refresh) {
+            self.ignored += 1;
+            return;
+        }
+        s.ext |= ext.is_some();
+        s.round = round;
+        s.exchanged = Some(from);
+        s.hint = hint;
+        if s.ext {
+            let conn = s.conn;
+            self.send(conn, Message::Seen(from));
+        }
+        self.complete_round(p);
+    }
+
+    fn model_timeout(&mut self) {
+        let now = self.now;
+        let mut due: Vec<(Instant, ConnId)> = self
+            .conns
+            .iter()
+            .filter_map(|(&id, c)| c.deadline.filter(|&d| d <= now).map(|d| (d, id)))
+            .collect();
+        due.sort();
+        for (_, conn) in due {
+            match self.conns.get(&conn).map(|c| c.seat) {
+                Some(Seat::Greeting) => self.reject(conn, RejectReason::HelloTimeout),
+                Some(Seat::Waiting(_)) => self.abandon(conn, AbandonReason::WaitTimeout),
+                _ => {}
+            }
+        }
+        let mut due: Vec<(Instant, u64)> = self
+            .pairs
+            .iter()
+            .filter(|(_, pair)| pair.deadline <= now)
+            .map(|(&p, pair)| (pair.deadline, p))
+            .collect();
+        due.sort();
+        for (_, p) in due {
+            if let Some(conn) = self.pairs.get(&p).map(|pair| pair.sides[0].conn) {
+                self.abandon(conn, AbandonReason::ExchangeTimeout);
+            }
+        }
+    }
+
+    // ---- The checks. ----
+
+    /// Takes every output and event: the driver's own rules first, then the model's
+    /// prediction, output for output.
+    fn drain(&mut self, mut refusing: Option<ConnId>, datagram: Option<SocketAddr>) {
+        let expected = std::mem::take(&mut self.out);
+        let expected_events = std::mem::take(&mut self.events);
+        let mut outputs = Vec::new();
+        while let Some(out) = self.server.poll_output() {
+            outputs.push(out);
+        }
+        let mut readies = Vec::new();
+        let mut answered = false;
+        for out in &outputs {
+            match *out {
                 ServerOutput::Close { conn } => {
                     self.outcome.server_closes += 1;
                     if refusing == Some(conn) {
@@ -505,247 +1043,114 @@ impl Harness {
                         self.outcome.refused += 1;
                     } else {
                         assert!(
-                            self.conns.remove(&conn).is_some(),
+                            self.held.remove(&conn),
                             "Close for {conn:?}, which the driver does not hold open"
                         );
                     }
                 }
                 ServerOutput::Datagram { to, message } => {
-                    let d = datagram.expect("a datagram output without a datagram");
-                    let from = d.from.expect("a datagram output to an IPv6 source");
-                    assert!(
-                        matches!(d.message, Some(Message::Probe | Message::ProbeOther)),
-                        "answered a non-PROBE"
-                    );
+                    let from = datagram.expect("a datagram output without a datagram");
+                    let from = v4(from).expect("a datagram output to an IPv6 source");
                     assert_eq!((to, message), (SocketAddr::V4(from), Message::Seen(from)));
-                    assert!(!seen, "two answers to one datagram");
-                    seen = true;
+                    assert!(!answered, "two answers to one datagram");
+                    answered = true;
                 }
                 ServerOutput::Send { conn, message } => {
-                    let Some(c) = self.conns.get(&conn) else {
-                        panic!(
-                            "{message:?} sent to {conn:?}, which is not open (closed or unknown)"
-                        );
-                    };
+                    assert!(
+                        self.held.contains(&conn),
+                        "{message:?} sent to {conn:?}, which is not open (closed or unknown)"
+                    );
                     match message {
-                        Message::Ready(token) => {
-                            let Some((id, _)) = c.hello else {
-                                panic!("READY to {conn:?}, which sent no HELLO");
-                            };
-                            assert!(c.ready.is_none(), "second READY to {conn:?}");
-                            if self.config.only_ident {
-                                assert_eq!(&id, ident(0).as_bytes(), "READY for a wrong ident");
-                            }
-                            assert_eq!(token.is_some(), self.config.extensions);
-                            self.tokens.extend(token);
+                        Frame::Short(Message::Ready(token)) => {
+                            assert_eq!(token.is_some(), self.config.extensions());
+                            self.issued.extend(token);
                             self.outcome.readies += 1;
                             readies.push(conn);
-                            self.conns.get_mut(&conn).expect("checked").ready = Some(ReadyModel {
-                                token,
-                                partner: None,
-                                deadline: now + EXCHANGE_TIMEOUT,
-                                candidates: Vec::new(),
-                                hints: Vec::new(),
-                                token_sent: false,
-                                fresh: false,
-                                peer_infos: 0,
-                            });
                         }
-                        Message::PeerInfo(_) | Message::Hint(_) => {
-                            let Some(ready) = &c.ready else {
-                                panic!("{message:?} to {conn:?}, which is not in a pair");
-                            };
-                            let partner = ready.partner.expect("READYs come in pairs");
-                            let Some(p) = self.conns.get(&partner).and_then(|p| p.ready.as_ref())
-                            else {
-                                panic!("{message:?} to {conn:?} after its partner left");
-                            };
-                            match message {
-                                Message::Hint(h) => {
-                                    assert_ne!(h, Hint::NONE, "HINT of no advice");
-                                    assert!(p.hints.contains(&h), "HINT the partner never gave");
-                                    assert!(
-                                        ready.token_sent,
-                                        "HINT to a client that never used a token"
-                                    );
-                                    hint_for = Some(conn);
-                                }
-                                Message::PeerInfo(addr) => {
-                                    assert!(
-                                        p.candidates.contains(&addr),
-                                        "PEERINFO {addr} is no EXCHANGE of the partner"
-                                    );
-                                    assert!(
-                                        p.fresh && ready.fresh,
-                                        "a round completed without a new EXCHANGE from each side"
-                                    );
-                                    assert!(
-                                        !peer_infos.iter().any(|&(c, _)| c == conn),
-                                        "two PEERINFOs to {conn:?} in one step"
-                                    );
-                                    peer_infos.push((conn, partner));
-                                    self.outcome.peer_infos += 1;
-                                }
-                                _ => unreachable!("matched above"),
-                            }
-                        }
-                        Message::Seen(addr) => {
-                            let Some(ready) = &c.ready else {
-                                panic!("SEEN to {conn:?}, which is not in a pair");
-                            };
-                            let d = datagram.expect("SEEN without a datagram");
-                            assert_eq!(d.from, Some(addr), "SEEN is not the datagram's source");
-                            let Some(Message::ExchangeToken { token, .. }) = d.message else {
-                                panic!("SEEN for a datagram without a token");
-                            };
-                            if self.config.extensions {
-                                assert_eq!(ready.token, Some(token), "SEEN to the wrong seat");
-                            }
-                            assert!(!seen, "two answers to one datagram");
-                            seen = true;
-                            self.outcome.seens += 1;
+                        Frame::Short(Message::PeerInfo(_)) => self.outcome.peer_infos += 1,
+                        Frame::Short(Message::Hint(_)) => self.outcome.hints += 1,
+                        Frame::Short(Message::Seen(_)) => self.outcome.seens += 1,
+                        Frame::Long(LongMessage::PeerNonce(_)) => self.outcome.peer_nonces += 1,
+                        Frame::Long(LongMessage::Auth(_)) => self.outcome.auths_relayed += 1,
+                        Frame::Long(LongMessage::Refused(_)) => self.outcome.refusals += 1,
+                        Frame::Long(m) if m.command() == CMD_PEER_DATA => {
+                            self.outcome.data_relayed += 1
                         }
                         other => panic!("server sent {other:?}"),
                     }
                 }
             }
         }
-        assert_eq!(hint_for, None, "HINT without PEERINFO");
         assert_eq!(refusing, None, "a refused connection got no Close");
+        assert_eq!(
+            outputs, expected,
+            "the server's outputs (left) are not the model's (right)"
+        );
+        let mut events = Vec::new();
+        while let Some(e) = self.server.poll_event() {
+            events.push(e);
+        }
+        assert_eq!(
+            events, expected_events,
+            "the server's events (left) are not the model's (right)"
+        );
+        // READY goes to the two partners of one room, never across plain and keyed.
         match readies[..] {
             [] => {}
             [a, b] => {
-                let id = |c: ConnId| self.conns.get(&c).and_then(|c| c.hello).map(|h| h.0);
-                assert_eq!(id(a), id(b), "partners with different identifiers");
-                for (me, other) in [(a, b), (b, a)] {
-                    if let Some(r) = self.conns.get_mut(&me).and_then(|c| c.ready.as_mut()) {
-                        r.partner = Some(other);
-                    }
-                }
+                let room = |c: ConnId| {
+                    let Seat::Paired(p) = self.conns[&c].seat else {
+                        panic!("READY to {c:?}, which is not paired");
+                    };
+                    (p, self.pairs[&p].keyed, self.pairs[&p].ident)
+                };
+                assert_eq!(room(a), room(b), "READY to two conns of different rooms");
             }
             _ => panic!("READY to {readies:?} in one step"),
         }
-        let mut first_rounds = 0;
-        match peer_infos[..] {
-            [] => {}
-            [(a, pa), (b, pb)] => {
-                assert_eq!(
-                    (pa, pb),
-                    (b, a),
-                    "one round's PEERINFOs to two non-partners"
-                );
-                // Both stay open for more rounds (a session of two clients of ours), or neither.
-                let open = [a, b].map(|c| self.conns.contains_key(&c));
-                assert_eq!(open[0], open[1], "half a pair left open");
-                for c in [a, b] {
-                    if let Some(r) = self.conns.get_mut(&c).and_then(|c| c.ready.as_mut()) {
-                        if self.config.extensions {
-                            assert!(r.token_sent, "a session with a v1 client");
-                        }
-                        r.deadline = now + SESSION_TIMEOUT;
-                        r.fresh = false;
-                        r.peer_infos += 1;
-                    }
-                }
-                first_rounds = 1; // refined below for sessions
-                if open[0] {
-                    let r = self.conns[&a].ready.as_ref().expect("paired");
-                    if r.peer_infos > 1 {
-                        first_rounds = 0;
-                    }
-                }
-            }
-            _ => panic!("PEERINFO to {peer_infos:?} in one step"),
-        }
-        let mut completed = 0;
-        while let Some(e) = self.server.poll_event() {
-            if matches!(e, ServerEvent::Completed { .. }) {
-                completed += 1;
-            }
-        }
-        assert_eq!(
-            completed,
-            peer_infos.len() / 2,
-            "Completed events and PEERINFOs disagree"
-        );
-        let stats = self.server.stats();
-        assert_eq!(
-            stats.completed,
-            self.outcome.completed + first_rounds,
-            "first rounds completed"
-        );
-        self.outcome.completed = stats.completed;
-        outputs
     }
 
     /// Model-wide promises that hold between events.
-    fn check(&self) {
+    fn check(&mut self) {
         let now = self.now;
         let stats = self.server.stats();
+        let known: BTreeSet<ConnId> = self.conns.keys().copied().collect();
+        assert_eq!(known, self.held, "the model and the driver disagree on open connections");
         assert_eq!(
             stats.connections,
-            self.conns.len(),
+            self.held.len(),
             "server and driver disagree on open connections"
         );
         assert!(stats.connections <= MAX_CONNECTIONS);
-        let mut expected_timeout: Option<Instant> = None;
-        let mut deadline = |t: Instant| {
-            expected_timeout = Some(expected_timeout.map_or(t, |e| e.min(t)));
-        };
-        let mut waiting = Vec::new();
-        let mut paired = 0;
-        for (id, c) in &self.conns {
+        for c in self.conns.values() {
             let same_ip = self.conns.values().filter(|o| o.ip == c.ip).count();
             assert!(same_ip <= MAX_PER_IP);
-            assert!(
-                c.stream.len() < 16,
-                "{id:?} still open after a second message"
-            );
-            match (c.hello, &c.ready) {
-                (None, _) => {
-                    assert!(
-                        c.stream.len() < 8,
-                        "{id:?} still open after a first message that is not a HELLO"
-                    );
-                    assert!(
-                        now < c.opened_at + HELLO_TIMEOUT,
-                        "{id:?} silent past hello_timeout"
-                    );
-                    deadline(c.opened_at + HELLO_TIMEOUT);
-                }
-                (Some((ident_bytes, at)), None) => {
-                    if self.config.only_ident {
-                        assert_eq!(
-                            &ident_bytes,
-                            ident(0).as_bytes(),
-                            "{id:?} seated with a wrong ident"
-                        );
-                    }
-                    if self.config.wait_timeout {
-                        assert!(now < at + WAIT_TIMEOUT, "{id:?} waiting past wait_timeout");
-                        deadline(at + WAIT_TIMEOUT);
-                    }
-                    assert!(
-                        !waiting.contains(&ident_bytes),
-                        "two clients wait for one identifier"
-                    );
-                    waiting.push(ident_bytes);
-                }
-                (Some(_), Some(r)) => {
-                    assert!(now < r.deadline, "{id:?} paired past its deadline");
-                    deadline(r.deadline);
-                    paired += 1;
-                }
+        }
+        assert_eq!(stats.waiting, self.waiting.len(), "waiting");
+        assert_eq!(stats.pairing, self.pairs.len(), "pairing");
+        assert_eq!(stats.completed, self.completed, "first rounds completed");
+        assert_eq!(stats.probes, self.probes, "probes answered");
+        assert_eq!(stats.probes_limited, 0, "probes limited");
+        assert_eq!(stats.ignored_datagrams, self.ignored, "datagrams ignored");
+        self.outcome.completed = stats.completed;
+        // A keyed pair learns addresses only after both sides proved the key.
+        for pair in self.pairs.values() {
+            if pair.keyed && pair.completed > 0 {
+                assert!(pair.sides.iter().all(|s| s.verified));
             }
         }
-        assert_eq!(stats.waiting, waiting.len());
-        assert_eq!(stats.pairing * 2, paired);
+        let expected_timeout = self
+            .conns
+            .values()
+            .filter_map(|c| c.deadline)
+            .chain(self.pairs.values().map(|p| p.deadline))
+            .min();
         let timeout = self.server.poll_timeout();
         assert_eq!(
             timeout, expected_timeout,
             "poll_timeout is not the earliest deadline"
         );
-        assert!(timeout.is_none_or(|t| t > now));
+        assert!(timeout.is_none_or(|t| t > now), "a deadline was left in the past");
     }
 }
 
@@ -762,6 +1167,7 @@ impl Encode for Config {
         w.bool(self.wait_timeout);
         w.bool(self.extensions);
         w.u8(self.rng_seed);
+        w.bool(self.private);
     }
 }
 
@@ -804,21 +1210,68 @@ impl Encode for Operation {
 
 impl Encode for StreamData {
     fn encode(&self, w: &mut Writer) {
+        const N: u32 = 7;
         match self {
             Self::Hello(id) => {
-                w.variant(0, 4);
+                w.variant(0, N);
                 id.encode(w);
             }
             Self::SplitHello { ident, at } => {
-                w.variant(1, 4);
+                w.variant(1, N);
                 ident.encode(w);
                 w.u8(*at);
             }
             Self::Bytes8(b) => {
-                w.variant(2, 4);
+                w.variant(2, N);
                 w.bytes(b);
             }
             Self::Raw(_) => unimplemented!("seeds use Bytes8, not Raw"),
+            Self::Frame(f) => {
+                w.variant(4, N);
+                f.encode(w);
+            }
+            Self::Frames(a, b) => {
+                w.variant(5, N);
+                a.encode(w);
+                b.encode(w);
+            }
+            Self::SplitFrame { frame, at } => {
+                w.variant(6, N);
+                frame.encode(w);
+                w.u8(*at);
+            }
+        }
+    }
+}
+
+impl Encode for FrameChoice {
+    fn encode(&self, w: &mut Writer) {
+        const N: u32 = 7;
+        match *self {
+            Self::Hello(id) => {
+                w.variant(0, N);
+                id.encode(w);
+            }
+            Self::KeyedHello { room, nonce, proof } => {
+                w.variant(1, N);
+                room.encode(w);
+                w.u8(nonce);
+                w.bool(proof);
+            }
+            Self::Auth(m) => {
+                w.variant(2, N);
+                w.u8(m);
+            }
+            Self::Verified => w.variant(3, N),
+            Self::AuthFailed => w.variant(4, N),
+            Self::PeerData(fill) => {
+                w.variant(5, N);
+                w.u8(fill);
+            }
+            Self::Garbage(g) => {
+                w.variant(6, N);
+                w.u8(g);
+            }
         }
     }
 }

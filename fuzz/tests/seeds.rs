@@ -83,7 +83,9 @@ fn codec_seeds() {
 
 mod server_seeds {
     use super::*;
-    use server::{Config, DatagramData, IdentChoice, Input, Operation, StreamData, TokenChoice};
+    use server::{
+        Config, DatagramData, FrameChoice, IdentChoice, Input, Operation, StreamData, TokenChoice,
+    };
     use Operation::*;
 
     const N4: IdentChoice = IdentChoice::Known(0);
@@ -126,6 +128,7 @@ mod server_seeds {
             wait_timeout: false,
             extensions: false,
             rng_seed: 0,
+            private: false,
         };
         let ops = vec![
             open(0, 0),
@@ -151,6 +154,7 @@ mod server_seeds {
             wait_timeout: true,
             extensions: true,
             rng_seed: 7,
+            private: false,
         };
         // Host 3 is host 0 as a v4-mapped IPv6 address: one public IP, told apart by tokens.
         let ops = vec![
@@ -189,6 +193,7 @@ mod server_seeds {
             wait_timeout: true,
             extensions: true,
             rng_seed: 1,
+            private: false,
         };
         let ops = vec![
             open(0, 0), // silent: hello timeout
@@ -221,6 +226,7 @@ mod server_seeds {
             wait_timeout: false,
             extensions: true,
             rng_seed: 2,
+            private: false,
         };
         let ops = vec![
             open(0, 0),
@@ -245,6 +251,123 @@ mod server_seeds {
         ];
         write("limits-garbage", Input { config, ops }, |o| {
             assert_eq!((o.refused, o.readies, o.server_closes), (1, 0, 4));
+        });
+    }
+
+    fn frame(conn: u8, f: FrameChoice) -> Operation {
+        Stream {
+            conn,
+            data: StreamData::Frame(f),
+        }
+    }
+
+    fn keyed_hello(conn: u8, nonce: u8, proof: bool) -> Operation {
+        frame(
+            conn,
+            FrameChoice::KeyedHello {
+                room: N4,
+                nonce,
+                proof,
+            },
+        )
+    }
+
+    #[test]
+    fn keyed_pair_verifies_then_learns_addresses() {
+        let config = Config {
+            only_ident: false,
+            wait_timeout: true,
+            extensions: true,
+            rng_seed: 3,
+            private: false,
+        };
+        let ops = vec![
+            open(0, 0),
+            open(1, 1),
+            open(2, 2),
+            hello(2), // a plain HELLO with the room's 6 bytes: another room
+            keyed_hello(0, 1, false),
+            keyed_hello(1, 2, false), // the keyed pair: READY and PEER-NONCE each
+            token(0, 0, 0, 1, 5),
+            token(1, 1, 1, 1, 0), // both EXCHANGEs in: no PEERINFO before VERIFIED
+            Stream {
+                conn: 0,
+                data: StreamData::Frames(FrameChoice::Auth(7), FrameChoice::Verified),
+            },
+            frame(1, FrameChoice::Auth(9)),
+            Stream {
+                conn: 1,
+                data: StreamData::SplitFrame {
+                    frame: FrameChoice::Verified,
+                    at: 1,
+                },
+            }, // the last VERIFIED: HINT and PEERINFO to both
+            AdvanceToTimeout,
+        ];
+        write("keyed-pair", Input { config, ops }, |o| {
+            assert_eq!((o.readies, o.peer_nonces, o.auths_relayed), (2, 2, 2));
+            assert_eq!((o.peer_infos, o.keyed_peer_infos, o.hints), (2, 2, 2));
+            assert_eq!(o.completed, 1);
+        });
+    }
+
+    #[test]
+    fn keyed_auth_failed_and_greeting_garbage() {
+        let config = Config {
+            only_ident: false,
+            wait_timeout: false,
+            extensions: true,
+            rng_seed: 4,
+            private: false,
+        };
+        let ops = vec![
+            open(0, 0),
+            open(1, 1),
+            open(2, 2),
+            keyed_hello(0, 1, true),
+            keyed_hello(1, 2, true),
+            frame(0, FrameChoice::Auth(3)),
+            frame(1, FrameChoice::AuthFailed), // ends the pair: both closed
+            Stream {
+                conn: 2,
+                data: StreamData::Frames(
+                    FrameChoice::KeyedHello {
+                        room: N4,
+                        nonce: 3,
+                        proof: true,
+                    },
+                    FrameChoice::Verified,
+                ), // more than a HELLO in the first read: garbage
+            },
+        ];
+        write("keyed-auth-failed", Input { config, ops }, |o| {
+            assert_eq!((o.readies, o.auths_relayed, o.auth_failures), (2, 1, 1));
+            assert_eq!((o.peer_infos, o.server_closes), (0, 3));
+        });
+    }
+
+    #[test]
+    fn private_server_refuses_plain_and_wrong_keys() {
+        let config = Config {
+            only_ident: true,
+            wait_timeout: false,
+            extensions: false, // a private server speaks the extension anyway
+            rng_seed: 5,
+            private: true,
+        };
+        let ops = vec![
+            open(0, 0),
+            open(1, 1),
+            open(2, 2),
+            open(3, 1),
+            hello(0),                 // REFUSED: key required
+            keyed_hello(1, 1, false), // REFUSED: wrong key
+            keyed_hello(2, 2, true),
+            keyed_hello(3, 3, true),
+        ];
+        write("private", Input { config, ops }, |o| {
+            assert_eq!((o.refusals, o.readies, o.peer_nonces), (2, 2, 2));
+            assert_eq!(o.server_closes, 2);
         });
     }
 }
@@ -292,6 +415,15 @@ mod client_seeds {
         }
     }
 
+    fn from_peer(slot: u8, port: u16, data: DatagramData) -> Operation {
+        Datagram {
+            slot,
+            host: 0,
+            port,
+            data,
+        }
+    }
+
     fn write(name: &str, input: Input, check: impl FnOnce(&client::Outcome)) {
         let bytes = encode(&input);
         let outcome = client::run(&input);
@@ -308,8 +440,15 @@ mod client_seeds {
         }
     }
 
-    /// The predicting client's start: probes, their answers, TCP up, an extended READY.
+    /// The predicting client's start: probes, their answers, TCP up, an extended READY, and
+    /// SEEN naming our public address 198.51.100.3:40004, lower than the peer's (203.0.113.12):
+    /// we lead the confirmation.
     fn predict_start() -> Vec<Operation> {
+        predict_start_seen(1)
+    }
+
+    /// The same with SEEN naming `PEER_IPS[ip]`.
+    fn predict_start_seen(ip: u8) -> Vec<Operation> {
         vec![
             AdvanceToTimeout, // the first two probes, back to back, from slots 8 and 9
             probe_reply(8, 40000),
@@ -318,7 +457,7 @@ mod client_seeds {
             Advance { millis: 30 }, // the third probe
             probe_reply(10, 40003),
             Stream(StreamData::Ready(Some(0xdead_beef))),
-            Stream(StreamData::Seen { ip: 1, port: 40004 }),
+            Stream(StreamData::Seen { ip, port: 40004 }),
         ]
     }
 
@@ -328,7 +467,8 @@ mod client_seeds {
         ops.extend([
             Stream(StreamData::Hint(20)),
             peer_info(40000),
-            punch(2, 40020),
+            punch(2, 40020), // the peer's PUNCH: we ACK it on that pair
+            from_peer(2, 40020, DatagramData::Ack), // its ACK of ours: WIN, 3 CONFIRMs
             Advance { millis: 1000 },
         ]);
         write(
@@ -342,6 +482,55 @@ mod client_seeds {
                     (o.rounds, o.wins, o.predicted_wins, o.finished),
                     (1, 1, 1, true)
                 );
+                assert_eq!((o.confirmed_wins, o.led_wins, o.acks), (1, 1, 1));
+            },
+        );
+    }
+
+    #[test]
+    fn predicted_win_as_the_other_side() {
+        // Our public address 203.0.113.12:40004 is above the peer's 203.0.113.12:40000.
+        let mut ops = predict_start_seen(0);
+        ops.extend([
+            Stream(StreamData::Hint(20)),
+            peer_info(40000),
+            from_peer(3, 40021, DatagramData::AckWith(1)), // another identifier: nothing
+            punch(3, 40021),
+            from_peer(3, 40021, DatagramData::Ack), // an ACK to the non-leader: nothing
+            from_peer(3, 40021, DatagramData::Confirm), // the leader's choice: WIN
+            Advance { millis: 1000 },
+        ]);
+        write(
+            "predict-follow",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!((o.wins, o.confirmed_wins, o.led_wins), (1, 1, 0));
+                assert_eq!((o.acks, o.finished), (1, true));
+            },
+        );
+    }
+
+    #[test]
+    fn no_ack_from_the_peer_wins_the_v1_way() {
+        // An extended READY and SEEN, but no HINT: the peer may be v1.
+        let mut ops = predict_start();
+        ops.extend([
+            peer_info(40000),
+            punch(0, 40020),          // ACKed; the fallback is armed
+            Advance { millis: 1000 }, // no ACK: WIN the v1 way, then 3 PUNCHes back
+        ]);
+        write(
+            "v1-fallback",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!((o.wins, o.fallback_wins, o.confirmed_wins), (1, 1, 0));
+                assert_eq!((o.acks, o.predicted_wins, o.finished), (1, 0, true));
             },
         );
     }
@@ -356,6 +545,7 @@ mod client_seeds {
             Stream(StreamData::Hint(21)),
             peer_info(40001),
             punch(1, 40022),
+            from_peer(1, 40022, DatagramData::Ack),
             Advance { millis: 1000 },
         ]);
         write(
@@ -436,6 +626,26 @@ mod client_seeds {
         ];
         write("server-trouble", Input { config, ops }, |o| {
             assert_eq!((o.rounds, o.losses, o.wins, o.finished), (3, 3, 0, true));
+        });
+    }
+
+    #[test]
+    fn rehello_after_the_servers_wait_timeout_then_refused() {
+        let ops = vec![
+            Connected,
+            Advance { millis: 1500 },
+            StreamClosed, // 1.5 s after HELLO: the server's wait timeout, HELLO again
+            Advance { millis: 200 },
+            Connected,
+            Advance { millis: 400 },
+            StreamClosed, // 0.4 s after HELLO: a lost round
+            Advance { millis: 200 },
+            Connected,
+            Stream(StreamData::Refused(2)), // a private server: key required
+        ];
+        write("rehello-refused", Input { config: BASE, ops }, |o| {
+            assert_eq!((o.rounds, o.losses, o.rehellos), (2, 1, 1));
+            assert!(o.refused && o.finished);
         });
     }
 

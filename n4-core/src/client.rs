@@ -106,6 +106,9 @@ pub struct ClientConfig {
     /// Seed of the client's CSPRNG, which draws the handshake nonces. Default all zeros;
     /// real clients pass an unpredictable seed.
     pub rng_seed: [u8; 32],
+    /// Keyed: 32 bytes to hand the authenticated partner (our WireGuard public key); the
+    /// partner's arrive as [`Event::PeerData`]. Default `None`.
+    pub peer_data: Option<[u8; crate::codec::PEER_DATA_LEN]>,
 }
 
 impl Default for ClientConfig {
@@ -131,6 +134,7 @@ impl Default for ClientConfig {
             punch_budget: 3_000,
             key: None,
             rng_seed: [0; 32],
+            peer_data: None,
         }
     }
 }
@@ -334,6 +338,8 @@ pub enum Event {
     Rehello,
     /// Keyed: the partner proved it holds the key (its MAC over both fresh nonces checked out).
     PeerAuthenticated,
+    /// Keyed: the partner handed us its 32 bytes (its WireGuard public key), authenticated.
+    PeerData([u8; crate::codec::PEER_DATA_LEN]),
     /// Keyed: the partner the server seated with us did not prove the key. We tell the server,
     /// which ends that pair; we wait for another partner.
     PeerAuthFailed,
@@ -969,6 +975,11 @@ impl Client {
                 let mac = h.key.auth(h.room, &h.mine, &theirs);
                 self.commands
                     .push_back(Command::Send(LongMessage::Auth(mac).into()));
+                if let Some(data) = self.config.peer_data {
+                    let mac = h.key.peer_data(h.room, &h.mine, &theirs, &data);
+                    self.commands
+                        .push_back(Command::Send(LongMessage::PeerData { data, mac }.into()));
+                }
             }
             (Phase::AwaitPeerInfo, LongMessage::Auth(mac), Some(mut h))
                 if h.theirs.is_some() && !h.verified =>
@@ -985,6 +996,18 @@ impl Client {
                         self.send_exchange(now);
                     }
                 } else {
+                    self.commands
+                        .push_back(Command::Send(LongMessage::AuthFailed.into()));
+                    self.events.push_back(Event::PeerAuthFailed);
+                    self.lose(now, LoseReason::AuthFailed);
+                }
+            }
+            (_, LongMessage::PeerData { data, mac }, Some(h)) if h.theirs.is_some() => {
+                let theirs = h.theirs.expect("checked");
+                if h.key.verify_peer_data(h.room, &theirs, &h.mine, &data, &mac) {
+                    self.events.push_back(Event::PeerData(data));
+                } else if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
+                    // Only someone without the key sends a bad MAC: as a failed AUTH.
                     self.commands
                         .push_back(Command::Send(LongMessage::AuthFailed.into()));
                     self.events.push_back(Event::PeerAuthFailed);

@@ -38,9 +38,12 @@ const CMD_AUTH_FAILED: u8 = 0x15;
 const CMD_KEYED_PUNCH: u8 = 0x16;
 const CMD_KEYED_ACK: u8 = 0x17;
 const CMD_KEYED_CONFIRM: u8 = 0x18;
+const CMD_PEER_DATA: u8 = 0x19;
 
-/// The longest frame on the wire (a keyed HELLO).
-pub const MAX_FRAME: usize = 2 + 6 + NONCE_LEN + MAC_LEN;
+/// Bytes of the data a keyed client may hand its partner (a WireGuard public key).
+pub const PEER_DATA_LEN: usize = 32;
+/// The longest frame on the wire (PEER-DATA).
+pub const MAX_FRAME: usize = 2 + PEER_DATA_LEN + MAC_LEN;
 /// Bytes of a nonce.
 pub const NONCE_LEN: usize = 16;
 /// Bytes of a (truncated HMAC-SHA256) MAC.
@@ -243,6 +246,14 @@ pub enum LongMessage {
     Ack(Mac),
     /// 0x18, client ↔ client (UDP): [`Message::Confirm`] with a MAC under the session key.
     Confirm(Mac),
+    /// 0x19, client → server → partner (TCP), after AUTH: data for the partner (its WireGuard
+    /// public key) with a MAC over it and both nonces. The server relays it unchanged.
+    PeerData {
+        /// The data.
+        data: [u8; PEER_DATA_LEN],
+        /// MAC under the key.
+        mac: Mac,
+    },
 }
 
 impl LongMessage {
@@ -258,6 +269,7 @@ impl LongMessage {
             Self::Punch(_) => CMD_KEYED_PUNCH,
             Self::Ack(_) => CMD_KEYED_ACK,
             Self::Confirm(_) => CMD_KEYED_CONFIRM,
+            Self::PeerData { .. } => CMD_PEER_DATA,
         }
     }
 
@@ -285,6 +297,11 @@ impl LongMessage {
                 MAC_LEN
             }
             Self::Verified | Self::AuthFailed => 0,
+            Self::PeerData { data, mac } => {
+                payload[..PEER_DATA_LEN].copy_from_slice(data);
+                payload[PEER_DATA_LEN..PEER_DATA_LEN + MAC_LEN].copy_from_slice(mac);
+                PEER_DATA_LEN + MAC_LEN
+            }
         };
         p.push(&[self.command(), n as u8]);
         p.push(&payload[..n]);
@@ -329,6 +346,11 @@ impl LongMessage {
             CMD_KEYED_PUNCH => Self::Punch(mac()?),
             CMD_KEYED_ACK => Self::Ack(mac()?),
             CMD_KEYED_CONFIRM => Self::Confirm(mac()?),
+            CMD_PEER_DATA if payload.len() == PEER_DATA_LEN + MAC_LEN => Self::PeerData {
+                data: payload[..PEER_DATA_LEN].try_into().expect("length checked"),
+                mac: payload[PEER_DATA_LEN..].try_into().expect("length checked"),
+            },
+            CMD_PEER_DATA => return Err(DecodeError::Data),
             c => return Err(DecodeError::Command(c)),
         })
     }
@@ -342,6 +364,7 @@ fn long_payload_len(cmd: u8) -> Option<usize> {
         CMD_PEER_NONCE => Some(NONCE_LEN),
         CMD_AUTH | CMD_KEYED_PUNCH | CMD_KEYED_ACK | CMD_KEYED_CONFIRM => Some(MAC_LEN),
         CMD_VERIFIED | CMD_AUTH_FAILED => Some(0),
+        CMD_PEER_DATA => Some(PEER_DATA_LEN + MAC_LEN),
         _ => None,
     }
 }
@@ -864,7 +887,9 @@ mod tests {
             Just(LongMessage::AuthFailed),
             bytes16.clone().prop_map(LongMessage::Punch),
             bytes16.clone().prop_map(LongMessage::Ack),
-            bytes16.prop_map(LongMessage::Confirm),
+            bytes16.clone().prop_map(LongMessage::Confirm),
+            (proptest::array::uniform32(any::<u8>()), bytes16)
+                .prop_map(|(data, mac)| LongMessage::PeerData { data, mac }),
         ]
     }
 

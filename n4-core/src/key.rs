@@ -100,6 +100,23 @@ impl Key {
         verify(&self.master, &[b"auth", room.as_bytes(), theirs, mine], mac)
     }
 
+    /// The MAC over `data` a client with nonce `mine` hands a partner with nonce `theirs`.
+    pub fn peer_data(&self, room: Ident, mine: &Nonce, theirs: &Nonce, data: &[u8]) -> Mac {
+        truncate(hmac(&self.master, &[b"data", room.as_bytes(), mine, theirs, data]))
+    }
+
+    /// Whether `mac` is the MAC over `data` from a partner with nonce `theirs`.
+    pub fn verify_peer_data(
+        &self,
+        room: Ident,
+        theirs: &Nonce,
+        mine: &Nonce,
+        data: &[u8],
+        mac: &Mac,
+    ) -> bool {
+        verify(&self.master, &[b"data", room.as_bytes(), theirs, mine, data], mac)
+    }
+
     /// The session key of the handshake between nonces `a` and `b` (in either order).
     pub fn session(&self, room: Ident, a: &Nonce, b: &Nonce) -> SessionKey {
         let (low, high) = if a <= b { (a, b) } else { (b, a) };

@@ -27,7 +27,7 @@ pub use client::{
 pub use codec::{
     check_round_trip, DecodeError, Frame, FrameDecoder, Hint, Ident, IdentError, LongMessage, Mac,
     Message, Nonce, Payload, RefuseReason, StreamDecoder, Token, MAC_LEN, MAX_FRAME, MESSAGE_LEN,
-    NONCE_LEN,
+    NONCE_LEN, PEER_DATA_LEN,
 };
 pub use key::{Datagram, Key, KeyError, SessionKey};
 pub use prediction::{NatBehaviour, Observation, Plan, PortPredictor};

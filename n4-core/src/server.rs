@@ -279,6 +279,8 @@ struct Side {
     hint: Hint,
     /// Keyed: its AUTH was relayed to the partner (once).
     auth_relayed: bool,
+    /// Keyed: its PEER-DATA was relayed to the partner (once).
+    data_relayed: bool,
     /// Keyed: it said its partner proved the key.
     verified: bool,
 }
@@ -428,7 +430,10 @@ impl Server {
                     if self.pairs.get(&pair).is_some_and(|p| p.keyed)
                         && matches!(
                             m,
-                            LongMessage::Auth(_) | LongMessage::Verified | LongMessage::AuthFailed
+                            LongMessage::Auth(_)
+                                | LongMessage::PeerData { .. }
+                                | LongMessage::Verified
+                                | LongMessage::AuthFailed
                         ) =>
                 {
                     self.on_auth(now, pair, conn, m)
@@ -602,6 +607,7 @@ impl Server {
             exchanged: None,
             hint: Hint::NONE,
             auth_relayed: false,
+            data_relayed: false,
             verified: false,
         });
         let deadline = crate::later(now, self.config.exchange_timeout);
@@ -733,14 +739,24 @@ impl Server {
         self.complete_round(now, pair_id);
     }
 
-    /// Keyed handshake messages of a seated pair: AUTH is relayed (once per side), VERIFIED
-    /// may complete the round, AUTH-FAILED ends the pair.
+    /// Keyed handshake messages of a seated pair: AUTH and then PEER-DATA are relayed (once
+    /// per side), VERIFIED may complete the round, AUTH-FAILED ends the pair.
     fn on_auth(&mut self, now: Instant, pair_id: PairId, conn: ConnId, msg: LongMessage) {
         let pair = self.pairs.get_mut(&pair_id).expect("seat index is in sync");
         let side = usize::from(pair.sides[1].conn == conn);
         match msg {
             LongMessage::Auth(_) if !pair.sides[side].auth_relayed => {
                 pair.sides[side].auth_relayed = true;
+                let to = pair.sides[1 - side].conn;
+                self.outputs.push_back(ServerOutput::Send {
+                    conn: to,
+                    message: msg.into(),
+                });
+            }
+            LongMessage::PeerData { .. }
+                if pair.sides[side].auth_relayed && !pair.sides[side].data_relayed =>
+            {
+                pair.sides[side].data_relayed = true;
                 let to = pair.sides[1 - side].conn;
                 self.outputs.push_back(ServerOutput::Send {
                     conn: to,

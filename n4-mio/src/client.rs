@@ -66,6 +66,8 @@ pub struct ClientOptions {
     /// Give up when no WIN came within this of the start, whatever the client is doing
     /// (waiting for a partner included); `None`: no overall deadline.
     pub timeout: Option<Duration>,
+    /// A shell command run after each WIN with the result JSON on stdin (`--exec`).
+    pub exec: Option<String>,
 }
 
 /// How often a client waiting for a partner says it still waits.
@@ -90,6 +92,9 @@ pub struct WinReport {
     /// With `--forward`: the local relay socket the local program talks to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forward_via: Option<SocketAddr>,
+    /// Keyed: the WireGuard public key the authenticated partner handed us (base64).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_wg_key: Option<String>,
 }
 
 /// How a client run ended (errors aside).
@@ -102,6 +107,9 @@ pub enum ClientOutcome {
         /// Rounds played.
         rounds: u32,
     },
+    /// With `--keepalive`/`--forward`: nothing came from the peer for three keepalive
+    /// intervals after WIN — the NAT forgot the hole. The caller punches again.
+    HoleDied(WinReport),
     /// No WIN within [`ClientOptions::timeout`].
     TimedOut {
         /// The timeout.
@@ -152,6 +160,9 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
         deadline: None,
         waiting_since: None,
         waiting_log_at: None,
+        peer_data: None,
+        last_from_peer: None,
+        peer_keeps_alive: false,
     };
     driver.deadline = driver.options.timeout.and_then(|t| start.checked_add(t));
     let mut events = Events::with_capacity(256);
@@ -199,6 +210,9 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
             }
         }
         driver.timers(now);
+        if let Some(report) = driver.hole_died(now) {
+            return Ok(ClientOutcome::HoleDied(report));
+        }
         if driver.won.is_none() && driver.deadline.is_some_and(|d| d <= now) {
             return Ok(ClientOutcome::TimedOut {
                 after: driver.options.timeout.unwrap_or_default(),
@@ -255,16 +269,47 @@ struct Driver {
     waiting_since: Option<Instant>,
     /// When to say again that we still wait.
     waiting_log_at: Option<Instant>,
+    /// Keyed: the partner's 32 bytes (its WireGuard public key).
+    peer_data: Option<[u8; 32]>,
+    /// After WIN: when the peer's path last carried anything.
+    last_from_peer: Option<Instant>,
+    /// A keepalive came from the peer: it keeps the hole too (a v1 peer never does, and its
+    /// silence is no death).
+    peer_keeps_alive: bool,
 }
 
+/// Keepalive intervals of silence after which a kept hole counts as dead.
+pub(crate) const DEAD_AFTER_KEEPALIVES: u32 = 3;
+
 impl Driver {
+    /// After WIN in a lasting mode: the report, if the peer has been silent too long.
+    fn hole_died(&self, now: Instant) -> Option<WinReport> {
+        let since = self.last_from_peer?;
+        if !self.finished || !self.peer_keeps_alive || self.options.after_win == AfterWin::Exit {
+            return None;
+        }
+        let dead_after = self
+            .keepalive_interval()
+            .saturating_mul(DEAD_AFTER_KEEPALIVES);
+        (now.saturating_duration_since(since) >= dead_after)
+            .then(|| self.won.as_ref().map(|w| w.report.clone()))
+            .flatten()
+    }
+
     fn next_wakeup(&self) -> Option<Instant> {
+        let dead_at = self.last_from_peer.and_then(|t| {
+            t.checked_add(
+                self.keepalive_interval()
+                    .saturating_mul(DEAD_AFTER_KEEPALIVES),
+            )
+        });
         [
             self.client.poll_timeout(),
             self.connect_deadline,
             self.keepalive_at,
             self.deadline.filter(|_| self.won.is_none()),
             self.waiting_log_at,
+            dead_at.filter(|_| self.finished),
         ]
         .into_iter()
         .flatten()
@@ -544,7 +589,11 @@ impl Driver {
                 }
                 if won.paths.get(&slot) != Some(&from) {
                     debug!("{n} bytes from {from} on slot {slot}: not the peer's path; dropped");
-                } else if handshake || data == KEEPALIVE {
+                } else if {
+                    self.last_from_peer = Some(now);
+                    self.peer_keeps_alive |= data == KEEPALIVE;
+                    handshake || data == KEEPALIVE
+                } {
                     // Handshake noise, not the user's traffic.
                 } else if let (Some(relay), AfterWin::Forward { to, .. }) =
                     (&self.forward, &self.options.after_win)
@@ -655,6 +704,10 @@ impl Driver {
                 until.saturating_duration_since(now).as_secs_f64()
             ),
             Event::PeerAuthenticated => info!(" => Partner authenticated (shared key)"),
+            Event::PeerData(data) => {
+                debug!("partner's WireGuard public key: {}", wg_key_text(&data));
+                self.peer_data = Some(data);
+            }
             Event::PeerAuthFailed => error!(
                 "The partner the server seated with us does not hold our key: not told our \
                  address; waiting for another"
@@ -719,7 +772,9 @@ impl Driver {
                     strategy: strategy.name(),
                     datagrams: 0,
                     forward_via: self.forward.as_ref().and_then(|s| s.local_addr().ok()),
+                    peer_wg_key: self.peer_data.as_ref().map(wg_key_text),
                 };
+                self.last_from_peer = Some(now);
                 if self.options.after_win != AfterWin::Exit {
                     self.keepalive_at = self.keepalive_after(now);
                 }
@@ -820,17 +875,26 @@ impl Driver {
                     .map_or_else(|| "?".into(), |a| a.to_string())
             ),
         }
+        let line = serde_json::to_string(&report).expect("a WinReport always serializes");
         if self.options.json {
-            let line = serde_json::to_string(&report).expect("a WinReport always serializes");
             let mut stdout = io::stdout().lock();
             let _ = writeln!(stdout, "{line}");
             let _ = stdout.flush();
+        }
+        if let Some(cmd) = &self.options.exec {
+            crate::hook::run(cmd, &report, &line);
         }
         match self.options.after_win {
             AfterWin::Exit => Some(ClientOutcome::Won(report)),
             _ => None,
         }
     }
+}
+
+/// A WireGuard key as `wg` prints it (base64).
+pub(crate) fn wg_key_text(key: &[u8; 32]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(key)
 }
 
 /// Milliseconds of `d`, as a float for printing.

@@ -16,12 +16,17 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod client;
+mod hook;
+mod link;
 mod log;
 mod probe;
 mod server;
 mod sockets;
+mod wg;
 
 pub use client::{run_client, AfterWin, ClientOptions, ClientOutcome, WinReport, KEEPALIVE};
+pub use link::{run_link, WireGuardOptions};
+pub use wg::parse_key as parse_wg_key;
 pub use log::init_logging;
 pub use probe::{run_probe, ProbeOptions, ProbeReport};
 pub use server::{run_server, ServerOptions};
@@ -79,6 +84,14 @@ pub enum Error {
     NeedsOurServer {
         /// Server address.
         addr: SocketAddr,
+    },
+    /// `--wg`: the WireGuard interface could not be read or configured.
+    #[error("WireGuard interface {iface}: {reason}")]
+    WireGuard {
+        /// The interface.
+        iface: String,
+        /// Why.
+        reason: String,
     },
     /// `n4 probe`: the server's probe port did not answer.
     #[error("no probe answer from n4 server {server} (probes go to its UDP port {probe_port}): {reason}")]

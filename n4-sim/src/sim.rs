@@ -1247,6 +1247,7 @@ impl Sim {
             Event::BudgetExhausted { budget, .. } => format!("punch budget {budget}/min spent"),
             Event::Rehello => "wait ended by the server; HELLO again".into(),
             Event::PeerAuthenticated => "partner authenticated".into(),
+            Event::PeerData(_) => "partner's data (WireGuard key)".into(),
             Event::PeerAuthFailed => "partner failed authentication".into(),
             Event::Refused(r) => format!("refused by the server: {r:?}"),
             Event::NeedsOurServer => "keyed, but the server is v1".into(),

@@ -10,8 +10,8 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use n4_core::{ClientConfig, Ident, Key, ServerConfig, Strategy};
 use n4_mio::{
-    exit, init_logging, run_client, run_probe, run_server, AfterWin, ClientOptions, ClientOutcome,
-    Error, ProbeOptions, ServerOptions,
+    exit, init_logging, run_link, run_probe, run_server, AfterWin, ClientOptions, ClientOutcome,
+    Error, ProbeOptions, ServerOptions, WireGuardOptions,
 };
 use tracing::{error, Level};
 
@@ -53,7 +53,7 @@ struct Cli {
     help: Option<bool>,
 
     /// Identifier, at most 6 ASCII characters [default: n4n4n4; server: any]
-    #[arg(short = 'a', long = "ident", value_name = "IDENT")]
+    #[arg(short = 'a', long = "ident", value_name = "IDENT", env = "N4_IDENT")]
     ident: Option<String>,
 
     /// Log more (-v: debug, -vv: trace); RUST_LOG overrides
@@ -65,7 +65,7 @@ struct Cli {
     quiet: bool,
 
     /// Run in server mode
-    #[arg(short = 's', long, help_heading = "Server", conflicts_with = "client")]
+    #[arg(short = 's', long, help_heading = "Server", conflicts_with = "client", env = "N4_SERVER")]
     server: bool,
 
     /// TCP and UDP port to listen on (UDP PORT+1 answers probes)
@@ -74,8 +74,7 @@ struct Cli {
         long,
         value_name = "PORT",
         default_value_t = 1721,
-        help_heading = "Server"
-    )]
+        help_heading = "Server", env = "N4_LISTEN")]
     listen: u16,
 
     /// A connection must say HELLO within this
@@ -83,8 +82,7 @@ struct Cli {
         long,
         value_name = "SECS",
         default_value = "10",
-        help_heading = "Server"
-    )]
+        help_heading = "Server", env = "N4_HELLO_TIMEOUT")]
     hello_timeout: f64,
 
     /// A seated client waits this long for a partner, then its seat is freed (our clients
@@ -93,8 +91,7 @@ struct Cli {
         long,
         value_name = "SECS",
         default_value = "60",
-        help_heading = "Server"
-    )]
+        help_heading = "Server", env = "N4_WAIT_TIMEOUT")]
     wait_timeout: f64,
 
     /// After READY, both EXCHANGEs must arrive within this
@@ -102,8 +99,7 @@ struct Cli {
         long,
         value_name = "SECS",
         default_value = "10",
-        help_heading = "Server"
-    )]
+        help_heading = "Server", env = "N4_EXCHANGE_TIMEOUT")]
     exchange_timeout: f64,
 
     /// Open connections in all
@@ -111,39 +107,38 @@ struct Cli {
         long,
         value_name = "N",
         default_value_t = 100_000,
-        help_heading = "Server"
-    )]
+        help_heading = "Server", env = "N4_MAX_CONNS")]
     max_conns: usize,
 
     /// Open connections from one IP address
-    #[arg(long, value_name = "N", default_value_t = 256, help_heading = "Server")]
+    #[arg(long, value_name = "N", default_value_t = 256, help_heading = "Server", env = "N4_MAX_PER_IP")]
     max_per_ip: usize,
 
     /// Clients from one IP address waiting for a partner at once
-    #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Server")]
+    #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Server", env = "N4_MAX_WAITING_PER_IP")]
     max_waiting_per_ip: usize,
 
     /// Probe answers per second to one IP address
-    #[arg(long, value_name = "N", default_value_t = 50, help_heading = "Server")]
+    #[arg(long, value_name = "N", default_value_t = 50, help_heading = "Server", env = "N4_PROBE_RATE")]
     probe_rate: u32,
 
     /// Pure v1: no token in READY (server); no probes, fixed offset (client)
-    #[arg(long)]
+    #[arg(long, env = "N4_NO_EXT")]
     no_ext: bool,
 
     /// Shared key, read from FILE (the environment variable N4_KEY holds it instead; never
     /// put a secret on the command line). Client: pair only with a partner holding it,
     /// authenticated through the server, and punch with authenticated datagrams. Server: a
     /// private server, serving only clients holding it
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "N4_KEY_FILE")]
     key_file: Option<std::path::PathBuf>,
 
     /// Run in client mode
-    #[arg(short = 'c', long, help_heading = "Client")]
+    #[arg(short = 'c', long, help_heading = "Client", env = "N4_CLIENT")]
     client: bool,
 
     /// Hostname of the N4 server (required with -c)
-    #[arg(short = 'h', long, value_name = "HOST", help_heading = "Client")]
+    #[arg(short = 'h', long, value_name = "HOST", help_heading = "Client", env = "N4_HOST")]
     host: Option<String>,
 
     /// Port of the N4 server
@@ -152,8 +147,7 @@ struct Cli {
         long,
         value_name = "PORT",
         default_value_t = 1721,
-        help_heading = "Client"
-    )]
+        help_heading = "Client", env = "N4_PORT")]
     port: u16,
 
     /// Source port start (0: ephemeral ports)
@@ -162,8 +156,7 @@ struct Cli {
         long,
         value_name = "PORT",
         default_value_t = 30000,
-        help_heading = "Client"
-    )]
+        help_heading = "Client", env = "N4_START")]
     start: u16,
 
     /// Source port count (with the extension at least 64 ports are opened)
@@ -172,8 +165,7 @@ struct Cli {
         long,
         value_name = "COUNT",
         default_value_t = 25,
-        help_heading = "Client"
-    )]
+        help_heading = "Client", env = "N4_COUNT")]
     count: u16,
 
     /// Peer port offset
@@ -183,21 +175,20 @@ struct Cli {
         value_name = "OFFSET",
         default_value_t = 20,
         allow_negative_numbers = true,
-        help_heading = "Client"
-    )]
+        help_heading = "Client", env = "N4_OFFSET")]
     offset: i32,
 
     /// Accept the peer's punch from any IP, not only the server-given one
-    #[arg(short = 'x', long, help_heading = "Client")]
+    #[arg(short = 'x', long, help_heading = "Client", env = "N4_ANY_IP")]
     any_ip: bool,
 
     /// Give up after N rounds (exit 1) [default: never]
-    #[arg(long, value_name = "N", help_heading = "Client")]
+    #[arg(long, value_name = "N", help_heading = "Client", env = "N4_ROUNDS")]
     rounds: Option<u32>,
 
     /// Give up (exit 1) when no WIN came within SECS of the start, waiting for a partner
     /// included [default: never]
-    #[arg(long, value_name = "SECS", help_heading = "Client")]
+    #[arg(long, value_name = "SECS", help_heading = "Client", env = "N4_TIMEOUT")]
     timeout: Option<f64>,
 
     /// How long a round waits for the peer's punch (at least 0.5)
@@ -205,12 +196,11 @@ struct Cli {
         long,
         value_name = "SECS",
         default_value = "10",
-        help_heading = "Client"
-    )]
+        help_heading = "Client", env = "N4_ROUND_TIMEOUT")]
     round_timeout: f64,
 
     /// On WIN, print the result as one JSON object on stdout
-    #[arg(long, help_heading = "Client")]
+    #[arg(long, help_heading = "Client", env = "N4_JSON")]
     json: bool,
 
     /// After WIN, keep the hole open: a keepalive every SECS [15, at least 1] until Ctrl-C
@@ -219,12 +209,11 @@ struct Cli {
         value_name = "SECS",
         num_args = 0..=1,
         default_missing_value = "15",
-        help_heading = "Client"
-    )]
+        help_heading = "Client", env = "N4_KEEPALIVE")]
     keepalive: Option<f64>,
 
     /// After WIN, relay the hole to/from the local UDP program at HOST:PORT
-    #[arg(long, value_name = "HOST:PORT", help_heading = "Client")]
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Client", env = "N4_FORWARD")]
     forward: Option<String>,
 
     /// Address of the relay socket the local program talks to [default: 127.0.0.1:0; only
@@ -233,9 +222,37 @@ struct Cli {
         long,
         value_name = "ADDR:PORT",
         requires = "forward",
-        help_heading = "Client"
-    )]
+        help_heading = "Client", env = "N4_FORWARD_BIND")]
     forward_bind: Option<SocketAddr>,
+
+    /// Hand the hole to the WireGuard interface IFACE and keep the link: after each WIN,
+    /// set its listen port to the punched port and the peer's endpoint to the punched peer
+    /// (with a persistent keepalive), watch the peer, punch again when the hole dies
+    #[arg(long, value_name = "IFACE", help_heading = "Lasting link", env = "N4_WG",
+        conflicts_with_all = ["forward", "keepalive"])]
+    wg: Option<String>,
+
+    /// The peer's WireGuard public key [default: handed over in the keyed handshake]
+    #[arg(long, value_name = "PUBKEY", help_heading = "Lasting link", env = "N4_WG_PEER",
+        requires = "wg")]
+    wg_peer: Option<String>,
+
+    /// WireGuard persistent keepalive; 3 silent intervals mean the hole died
+    #[arg(long, value_name = "SECS", default_value = "1", help_heading = "Lasting link",
+        env = "N4_WG_KEEPALIVE")]
+    wg_keepalive: f64,
+
+    /// Allowed IPs to set on the WireGuard peer, e.g. 10.44.0.2/32 [default: leave them as
+    /// configured]
+    #[arg(long, value_name = "CIDRS", help_heading = "Lasting link", env = "N4_WG_ALLOWED_IPS",
+        requires = "wg")]
+    wg_allowed_ips: Option<String>,
+
+    /// After each WIN, run CMD (with sh -c): the result JSON on its stdin and in N4_LOCAL_PORT,
+    /// N4_PEER, N4_PEER_IP, N4_PEER_PORT, N4_ROUND, N4_ELAPSED_MS, N4_STRATEGY (N4_PEER_WG_KEY,
+    /// N4_FORWARD_VIA when known)
+    #[arg(long, value_name = "CMD", help_heading = "Lasting link", env = "N4_EXEC")]
+    exec: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -260,6 +277,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout
+    Man,
 }
 
 /// A usage error: one line on stderr, exit 2.
@@ -333,6 +357,25 @@ fn code(c: i32) -> ExitCode {
 
 fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
     init_logging(level);
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "n4", &mut std::io::stdout());
+            return Ok(exit::WIN);
+        }
+        Some(Command::Man) => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                // `n4 man | head`: the reader left; nothing is wrong.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(Usage(format!("man: {e}")).into())
+                }
+                _ => {}
+            }
+            return Ok(exit::WIN);
+        }
+        _ => {}
+    }
     if let Some(Command::Probe {
         host,
         port,
@@ -377,7 +420,8 @@ fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
         }
         (false, true) => {
             let options = client_options(&cli)?;
-            Ok(match run_client(options)? {
+            let wireguard = wireguard_options(&cli, &options)?;
+            Ok(match run_link(options, wireguard)? {
                 ClientOutcome::Won(_) => exit::WIN,
                 ClientOutcome::GaveUp { rounds } => {
                     let s = if rounds == 1 { "" } else { "s" };
@@ -393,6 +437,8 @@ fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
                     exit::GAVE_UP
                 }
                 ClientOutcome::Interrupted => exit::INTERRUPTED,
+                // run_link punches again; it never hands this back.
+                ClientOutcome::HoleDied(_) => exit::GAVE_UP,
             })
         }
         (false, false) => Err(Usage(
@@ -556,7 +602,40 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
         json: cli.json,
         connect_timeout: round_timeout,
         timeout,
+        exec: cli.exec.clone(),
     })
+}
+
+/// `--wg`: what WireGuard needs (checked before anything starts).
+fn wireguard_options(
+    cli: &Cli,
+    options: &ClientOptions,
+) -> Result<Option<WireGuardOptions>, Usage> {
+    let Some(iface) = cli.wg.clone() else {
+        return Ok(None);
+    };
+    if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
+        return Err(Usage(format!("--wg {iface:?}: not an interface name")));
+    }
+    if let Some(peer) = &cli.wg_peer {
+        if n4_mio::parse_wg_key(peer).is_none() {
+            return Err(Usage(format!(
+                "--wg-peer {peer:?}: not a WireGuard public key (44 characters of base64)"
+            )));
+        }
+    } else if options.config.key.is_none() {
+        return Err(Usage(
+            "--wg needs the peer's WireGuard key: a shared key (--key-file / N4_KEY) hands it \
+             over in the handshake, or give it with --wg-peer"
+                .into(),
+        ));
+    }
+    Ok(Some(WireGuardOptions {
+        iface,
+        peer: cli.wg_peer.clone(),
+        keepalive: secs("--wg-keepalive", cli.wg_keepalive)?,
+        allowed_ips: cli.wg_allowed_ips.clone(),
+    }))
 }
 
 /// The server's IPv4 address (the v1 wire format carries IPv4 only).
