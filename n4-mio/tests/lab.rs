@@ -364,6 +364,86 @@ fn keyed_clients_win_through_two_sequential_nats_on_one_agreed_pair() {
     let _ = std::fs::remove_file(key);
 }
 
+/// (d) WireGuard between the two NAT4 boxes, kept by `n4 --wg`: userspace WireGuard
+/// (wireguard-go) on host A and host B behind the sequential NATs at 50 ms RTT with λ = 200;
+/// a ping crosses the tunnel; then NAT A forgets every mapping (`conntrack -F`) and, without a
+/// human, the ping gets through again within 10 s. The whole story is `lab/wg.py` (which also
+/// measures it, docs/LAB.md); this runs one trial and checks its numbers.
+#[test]
+fn wireguard_link_through_two_nats_recovers_when_a_nat_forgets_the_hole() {
+    if !lab_available() {
+        return;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for (tool, package) in [
+        ("wireguard-go", "wireguard-go"),
+        ("wg", "wireguard-tools"),
+        ("conntrack", "conntrack"),
+    ] {
+        assert!(
+            std::env::split_paths(&path).any(|d| d.join(tool).is_file()),
+            "the WireGuard lab test needs `{tool}` (package {package}; .ci/run installs it)"
+        );
+    }
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/wg.py"))
+        .args(["--trials", "1", "--delay", "25", "--load", "200", "--n4", util::N4])
+        .output()
+        .expect("run lab/wg.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let trial: serde_json::Value = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no trial result:\n{stdout}\n{stderr}"));
+    let first = trial["first_ping_s"].as_f64();
+    let recover = trial["recover_s"].as_f64();
+    assert!(first.is_some(), "no ping through WireGuard: {trial:#}");
+    assert_eq!(trial["outage_seen"], true, "the flush did not break the hole: {trial:#}");
+    assert!(
+        recover.is_some_and(|r| r <= 10.0),
+        "no ping within 10 s after the NAT forgot the hole: {trial:#}"
+    );
+    for side in ["a", "b"] {
+        assert!(
+            trial[side]["died"].as_u64() >= Some(1) && trial[side]["wins"].as_u64() >= Some(2),
+            "{side} did not notice the dead hole and punch again: {trial:#}"
+        );
+    }
+}
+
+/// (e) `--keepalive`: when a NAT forgets the hole, both sides notice the silence and punch
+/// again by themselves.
+#[test]
+fn keepalive_mode_punches_again_when_a_nat_forgets_the_hole() {
+    let Some(lab) = Lab::up(&["--nat", "sequential", "--delay", "25"]) else {
+        return;
+    };
+    let _srv = lab.server(&[]);
+    let args = ["--keepalive", "1", "-v"];
+    let a = lab.client("a", 30000, &args);
+    let b = lab.client("b", 31000, &args);
+    for p in [&a, &b] {
+        p.wait_log("[ WIN ]", WIN);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let flush = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.var("LAB_NS_NAT_A"), "conntrack", "-F"])
+        .output()
+        .expect("conntrack -F (package conntrack)");
+    assert!(flush.status.success(), "{}", String::from_utf8_lossy(&flush.stderr));
+    for p in [&a, &b] {
+        p.wait_log("the hole died; punching again", Duration::from_secs(10));
+    }
+    for p in [&a, &b] {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while p.log().matches("[ WIN ]").count() < 2 {
+            assert!(std::time::Instant::now() < end, "{}: no second WIN:\n{}", p.name, p.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// (c) `--forward`: each side's local UDP program (on the host's loopback) talks to the other
 /// through the relay and the kernel NATs, both ways; a signal then ends both cleanly.
 #[test]
