@@ -744,9 +744,7 @@ impl Harness {
                     DatagramData::Ack => Message::Ack(id).to_bytes().to_vec(),
                     DatagramData::AckWith(i) => Message::Ack(ident(i)).to_bytes().to_vec(),
                     DatagramData::Confirm => Message::Confirm(id).to_bytes().to_vec(),
-                    DatagramData::ConfirmWith(i) => {
-                        Message::Confirm(ident(i)).to_bytes().to_vec()
-                    }
+                    DatagramData::ConfirmWith(i) => Message::Confirm(ident(i)).to_bytes().to_vec(),
                     DatagramData::ProbeReply { port } => {
                         from = self.config.probe_server().into();
                         Message::Seen(SocketAddrV4::new(PEER_IPS[1], port))
@@ -850,7 +848,10 @@ impl Harness {
         );
         if matches!(expect.won, Some(WinKind::Lead | WinKind::Follow)) {
             assert!(expect.finished, "a confirmed WIN did not finish at once");
-            assert!(!self.connected, "a confirmed WIN kept the server connection");
+            assert!(
+                !self.connected,
+                "a confirmed WIN kept the server connection"
+            );
         }
         if expect.finished {
             self.check_finished();
@@ -1039,13 +1040,14 @@ impl Harness {
                 if reason == LoseReason::TargetOutOfRange {
                     assert!(r.peer.is_some() && r.target.is_none());
                 }
-                if matches!(
-                    reason,
-                    LoseReason::AuthFailed | LoseReason::BadPeerAddress
-                ) {
+                if matches!(reason, LoseReason::AuthFailed | LoseReason::BadPeerAddress) {
                     assert!(r.peer.is_none(), "{reason:?} after PEERINFO");
                 }
-                assert_ne!(reason, LoseReason::AuthFailed, "a keyless client lost on auth");
+                assert_ne!(
+                    reason,
+                    LoseReason::AuthFailed,
+                    "a keyless client lost on auth"
+                );
                 r.lost = true;
                 self.outcome.losses += 1;
             }
@@ -1085,8 +1087,7 @@ impl Harness {
             }
             Event::Refused(why) => {
                 assert!(
-                    step.said
-                        .contains(&Frame::Long(LongMessage::Refused(why))),
+                    step.said.contains(&Frame::Long(LongMessage::Refused(why))),
                     "Refused({why:?}) the server never said"
                 );
                 self.finished = true;

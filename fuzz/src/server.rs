@@ -950,9 +950,10 @@ impl Harness {
     fn attribute_v1(&self, id: Ident, from: SocketAddrV4) -> Option<(u64, usize)> {
         let ip = IpAddr::V4(*from.ip());
         for (&p, pair) in &self.pairs {
-            let listed = pair.sides.iter().any(|s| {
-                s.ip == ip || s.exchanged.map(|e| IpAddr::V4(*e.ip())) == Some(ip)
-            });
+            let listed = pair
+                .sides
+                .iter()
+                .any(|s| s.ip == ip || s.exchanged.map(|e| IpAddr::V4(*e.ip())) == Some(ip));
             if pair.ident != id || !listed {
                 continue;
             }
@@ -1115,7 +1116,10 @@ impl Harness {
         let now = self.now;
         let stats = self.server.stats();
         let known: BTreeSet<ConnId> = self.conns.keys().copied().collect();
-        assert_eq!(known, self.held, "the model and the driver disagree on open connections");
+        assert_eq!(
+            known, self.held,
+            "the model and the driver disagree on open connections"
+        );
         assert_eq!(
             stats.connections,
             self.held.len(),
@@ -1150,7 +1154,10 @@ impl Harness {
             timeout, expected_timeout,
             "poll_timeout is not the earliest deadline"
         );
-        assert!(timeout.is_none_or(|t| t > now), "a deadline was left in the past");
+        assert!(
+            timeout.is_none_or(|t| t > now),
+            "a deadline was left in the past"
+        );
     }
 }
 

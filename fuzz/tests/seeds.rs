@@ -9,7 +9,7 @@ use std::fs;
 use std::path::PathBuf;
 
 use arbitrary::{Arbitrary, Unstructured};
-use n4_core::{Hint, Ident, Message, Token};
+use n4_core::{Hint, Ident, Key, LongMessage, Message, RefuseReason, Token};
 use n4_fuzz::seed::Encode;
 use n4_fuzz::{client, codec, server};
 
@@ -79,6 +79,46 @@ fn codec_seeds() {
     garbage.extend(Message::Ready(None).to_bytes());
     codec::run(&garbage);
     seed_file("codec", "stream-garbage", &garbage);
+
+    // Long frames (keyed sessions), alone and in a stream mixed with 8-byte messages.
+    let key = Key::new(b"seed").unwrap();
+    let room = key.room(id);
+    let nonce = [7u8; 16];
+    let longs = [
+        (
+            "keyed-hello",
+            LongMessage::KeyedHello {
+                room,
+                nonce,
+                proof: key.hello_proof(room, &nonce),
+            },
+        ),
+        ("refused", LongMessage::Refused(RefuseReason::WrongKey)),
+        ("peer-nonce", LongMessage::PeerNonce(nonce)),
+        ("auth", LongMessage::Auth(key.auth(room, &nonce, &[8; 16]))),
+        ("verified", LongMessage::Verified),
+        ("auth-failed", LongMessage::AuthFailed),
+        ("keyed-punch", LongMessage::Punch([9; 16])),
+        ("keyed-ack", LongMessage::Ack([10; 16])),
+        ("keyed-confirm", LongMessage::Confirm([11; 16])),
+    ];
+    let mut frames = vec![5u8];
+    for (i, (name, m)) in longs.into_iter().enumerate() {
+        let bytes = m.to_bytes();
+        codec::run(&bytes);
+        seed_file("codec", name, &bytes);
+        frames.extend(&bytes[..]);
+        frames.extend(messages[i].1.to_bytes());
+    }
+    frames.extend(&[0x13, 16, 1, 2]); // a partial AUTH at the end
+    codec::run(&frames);
+    seed_file("codec", "frames-mixed", &frames);
+    let mut bad = vec![2u8];
+    bad.extend(&LongMessage::Verified.to_bytes()[..]);
+    bad.extend(&[0x13, 15]); // AUTH's header with another length: an error at once
+    bad.extend(&LongMessage::AuthFailed.to_bytes()[..]);
+    codec::run(&bad);
+    seed_file("codec", "frames-garbage", &bad);
 }
 
 mod server_seeds {
