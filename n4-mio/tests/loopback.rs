@@ -411,6 +411,7 @@ fn library_client_takes_durations_too_long_for_the_clock() {
         json: false,
         connect_timeout: Duration::MAX,
         timeout: Some(Duration::MAX),
+        exec: None,
     });
     assert!(
         matches!(result, Err(Error::Unreachable { .. })),

@@ -442,7 +442,7 @@ fn run(cli: Cli, level: Level) -> Result<i32, Failure> {
             })
         }
         (false, false) => Err(Usage(
-            "choose a mode: -s (server), -c (client), or the subcommand probe (n4 probe -h HOST)"
+            "choose a mode: -s (server) or -c (client), or the subcommand probe (n4 probe -h HOST)"
                 .into(),
         )
         .into()),
