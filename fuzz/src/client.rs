@@ -321,6 +321,20 @@ fn says(config: &ClientConfig, bytes: &[u8]) -> Option<Says> {
     .map(|(_, s)| s)
 }
 
+/// Whether the client must refuse to punch `peer` as a server named it: port 0, or no host on
+/// the Internet (0.0.0.0/8, broadcast, multicast, 240.0.0.0/4), or loopback while the server
+/// is not on this machine.
+fn refused(config: &ClientConfig, peer: SocketAddrV4) -> bool {
+    let ip = *peer.ip();
+    let first = ip.octets()[0];
+    peer.port() == 0
+        || first == 0
+        || ip == Ipv4Addr::BROADCAST
+        || (224..240).contains(&first)
+        || first >= 240
+        || (first == 127 && !config.server.ip().is_loopback())
+}
+
 /// Runs one input; panics on a broken promise.
 pub fn run(input: &Input) -> Outcome {
     let config = client_config(input.config);
@@ -423,6 +437,8 @@ struct Expect {
     won: Option<WinKind>,
     /// `Finished` came in this step.
     finished: bool,
+    /// `PeerRefused` came in this step: the round's LOSE must follow.
+    peer_refused: bool,
 }
 
 #[derive(Debug, Default)]
@@ -841,6 +857,10 @@ impl Harness {
         self.check_transmits(&transmits, first_round, won_before);
         let expect = std::mem::take(&mut self.expect);
         assert_eq!(expect.win, None, "a due WIN did not happen");
+        assert!(
+            !expect.peer_refused,
+            "a refused peer address did not end the round"
+        );
         assert_ne!(
             expect.rehello,
             Some(true),
@@ -1034,6 +1054,11 @@ impl Harness {
             } => self.on_win(round, slot, peer, strategy),
             Event::Lose { round, reason } => {
                 assert_eq!(round as usize, self.rounds.len());
+                assert_eq!(
+                    reason == LoseReason::BadPeerAddress,
+                    std::mem::take(&mut self.expect.peer_refused),
+                    "a refused peer address and the round's end disagree"
+                );
                 let r = self.round();
                 assert!(r.won.is_none(), "LOSE after WIN");
                 assert!(!r.lost, "two LOSEs in a round");
@@ -1069,9 +1094,12 @@ impl Harness {
             }
             Event::PeerRefused { peer, .. } => {
                 assert!(step.said.contains(&Frame::Short(Message::PeerInfo(peer))));
-                // The model's peers are public hosts: only port 0 can be refused.
-                assert_eq!(peer.port(), 0, "refused a good peer address");
+                assert!(
+                    refused(&self.config, peer),
+                    "refused a good peer address {peer}"
+                );
                 assert!(self.round().token.is_some(), "PEERINFO before READY");
+                self.expect.peer_refused = true;
             }
             Event::BudgetExhausted { .. } => panic!("the model's budget is unbounded"),
             Event::Rehello => {
@@ -1113,6 +1141,10 @@ impl Harness {
 
     fn on_peer_info(&mut self, peer: SocketAddrV4, target: Option<SocketAddrV4>, step: &Step) {
         assert!(step.said.contains(&Frame::Short(Message::PeerInfo(peer))));
+        assert!(
+            !refused(&self.config, peer),
+            "punching {peer}, which is no host to punch"
+        );
         // The peer's hint, else v1's offset, fixes the aim; a predicting client without a
         // hint (against a v1 server) may sweep, but aims at the peer's IP.
         let strategy = self.config.strategy;
