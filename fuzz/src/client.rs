@@ -439,6 +439,9 @@ struct Expect {
     finished: bool,
     /// `PeerRefused` came in this step: the round's LOSE must follow.
     peer_refused: bool,
+    /// The wait for READY is over (`round_timeout` after HELLO, in a retry round or with
+    /// `max_rounds`): LOSE no-partner is due.
+    no_partner: bool,
 }
 
 #[derive(Debug, Default)]
@@ -650,6 +653,16 @@ impl Harness {
         self.expect.timeout_step = true;
         let now = self.now;
         let phase = self.phase();
+        let bounded = self.rounds.len() > 1 || self.config.max_rounds.is_some();
+        if phase == Phase::AwaitReady
+            && self.connected
+            && bounded
+            && self
+                .hello_sent
+                .is_some_and(|t| t + self.config.round_timeout <= now)
+        {
+            self.expect.no_partner = true;
+        }
         let Some(r) = self.rounds.last_mut() else {
             return;
         };
@@ -861,6 +874,10 @@ impl Harness {
             !expect.peer_refused,
             "a refused peer address did not end the round"
         );
+        assert!(
+            !expect.no_partner,
+            "the wait for READY outlived round_timeout (retry round or max_rounds)"
+        );
         assert_ne!(
             expect.rehello,
             Some(true),
@@ -1058,6 +1075,11 @@ impl Harness {
                     reason == LoseReason::BadPeerAddress,
                     std::mem::take(&mut self.expect.peer_refused),
                     "a refused peer address and the round's end disagree"
+                );
+                assert_eq!(
+                    reason == LoseReason::NoPartner,
+                    std::mem::take(&mut self.expect.no_partner),
+                    "LOSE {reason:?}, but the wait for READY was (not) over"
                 );
                 let r = self.round();
                 assert!(r.won.is_none(), "LOSE after WIN");
