@@ -208,3 +208,61 @@ fn bad_keys_are_usage_errors_with_one_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+#[test]
+fn injected_punches_never_win_a_keyed_session_on_loopback() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let key = key_file("inject", "correct horse battery staple");
+    let k = key.to_str().unwrap();
+    let (_srv, port) = server(&[]);
+    // An injector floods both windows with what it can make without the key: v1's PUNCH and
+    // our plain ACK/CONFIRM (the identifier is no secret) and keyed frames with made-up MACs,
+    // from another IP and from the peers' own IP on other ports, all through the session.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let from: Vec<UdpSocket> = [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::LOCALHOST]
+                .into_iter()
+                .map(|ip| UdpSocket::bind((ip, 0)).unwrap())
+                .collect();
+            let ident = Ident::default();
+            let mut fakes: Vec<Vec<u8>> = vec![
+                Message::Punch(ident).to_bytes().to_vec(),
+                Message::Ack(ident).to_bytes().to_vec(),
+                Message::Confirm(ident).to_bytes().to_vec(),
+            ];
+            for cmd in [0x16u8, 0x17, 0x18] {
+                let mut f = vec![cmd, 16];
+                f.extend_from_slice(&[0x5a; 16]);
+                fakes.push(f);
+            }
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for port in (27700..27764).chain(27800..27864) {
+                    for s in &from {
+                        for f in &fakes {
+                            let _ = s.send_to(f, (Ipv4Addr::LOCALHOST, port));
+                            sent += 1;
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let mut a = client("a", port, 27700, &["--json", "-x", "--key-file", k]);
+    let mut b = client("b", port, 27800, &["--json", "-x", "--key-file", k]);
+    let (ra, rb) = (result(&mut a), result(&mut b));
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    assert!(sent > 1000, "the injector sent only {sent}");
+    assert_mirrored(&ra, &rb);
+    let ((_, pa), (_, pb)) = (local_and_peer(&ra), local_and_peer(&rb));
+    assert!((27800..27864).contains(&pa.port()), "A won with {pa}");
+    assert!((27700..27764).contains(&pb.port()), "B won with {pb}");
+}

@@ -179,15 +179,33 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// Starts `n4 -s -l PORT` (plus `extra`) and waits until it listens.
+/// Starts `n4 -s -l PORT` (plus `extra`) and waits until it listens. A port that another
+/// test took between `free_port` and the bind is tried again with another one.
 pub fn server(extra: &[&str]) -> (Proc, u16) {
-    let port = free_port();
-    let p = port.to_string();
-    let mut args = vec!["-s", "-l", &p];
-    args.extend_from_slice(extra);
-    let proc = Proc::spawn("server", &args);
-    proc.wait_log("Listening on", Duration::from_secs(10));
-    (proc, port)
+    for _ in 0..5 {
+        let port = free_port();
+        let p = port.to_string();
+        let mut args = vec!["-s", "-l", &p];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn("server", &args);
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if proc.log().contains("Listening on") {
+                return (proc, port);
+            }
+            if !proc.is_running() {
+                thread::sleep(Duration::from_millis(50));
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            proc.log().contains("Address already in use"),
+            "server did not start:\n{}",
+            proc.log()
+        );
+    }
+    panic!("no free port for the server after 5 tries")
 }
 
 /// Starts `n4 -c -h 127.0.0.1 -p PORT -b START` plus `extra`.
