@@ -1004,7 +1004,9 @@ impl Client {
             }
             (_, LongMessage::PeerData { data, mac }, Some(h)) if h.theirs.is_some() => {
                 let theirs = h.theirs.expect("checked");
-                if h.key.verify_peer_data(h.room, &theirs, &h.mine, &data, &mac) {
+                if h.key
+                    .verify_peer_data(h.room, &theirs, &h.mine, &data, &mac)
+                {
                     self.events.push_back(Event::PeerData(data));
                 } else if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
                     // Only someone without the key sends a bad MAC: as a failed AUTH.

@@ -529,7 +529,9 @@ impl FrameDecoder {
             [c, ..] if c < LONG_COMMANDS => Ok(MESSAGE_LEN),
             [c] if long_payload_len(c).is_none() => Err(DecodeError::Command(c)),
             [_] => Ok(2),
-            [c, len, ..] if long_payload_len(c) == Some(usize::from(len)) => Ok(2 + usize::from(len)),
+            [c, len, ..] if long_payload_len(c) == Some(usize::from(len)) => {
+                Ok(2 + usize::from(len))
+            }
             [_, len, ..] => Err(DecodeError::Length(2 + usize::from(len))),
         }
     }
@@ -873,7 +875,7 @@ mod tests {
     fn any_long() -> impl Strategy<Value = LongMessage> {
         let bytes16 = proptest::array::uniform16(any::<u8>());
         prop_oneof![
-            ("[ -~]{6}", bytes16.clone(), bytes16.clone()).prop_map(|(room, nonce, proof)| {
+            ("[ -~]{6}", bytes16, bytes16).prop_map(|(room, nonce, proof)| {
                 LongMessage::KeyedHello {
                     room: Ident::new(&room).unwrap(),
                     nonce,
@@ -881,13 +883,13 @@ mod tests {
                 }
             }),
             any::<u8>().prop_map(|b| LongMessage::Refused(RefuseReason::from_byte(b))),
-            bytes16.clone().prop_map(LongMessage::PeerNonce),
-            bytes16.clone().prop_map(LongMessage::Auth),
+            bytes16.prop_map(LongMessage::PeerNonce),
+            bytes16.prop_map(LongMessage::Auth),
             Just(LongMessage::Verified),
             Just(LongMessage::AuthFailed),
-            bytes16.clone().prop_map(LongMessage::Punch),
-            bytes16.clone().prop_map(LongMessage::Ack),
-            bytes16.clone().prop_map(LongMessage::Confirm),
+            bytes16.prop_map(LongMessage::Punch),
+            bytes16.prop_map(LongMessage::Ack),
+            bytes16.prop_map(LongMessage::Confirm),
             (proptest::array::uniform32(any::<u8>()), bytes16)
                 .prop_map(|(data, mac)| LongMessage::PeerData { data, mac }),
         ]

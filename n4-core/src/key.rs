@@ -102,7 +102,10 @@ impl Key {
 
     /// The MAC over `data` a client with nonce `mine` hands a partner with nonce `theirs`.
     pub fn peer_data(&self, room: Ident, mine: &Nonce, theirs: &Nonce, data: &[u8]) -> Mac {
-        truncate(hmac(&self.master, &[b"data", room.as_bytes(), mine, theirs, data]))
+        truncate(hmac(
+            &self.master,
+            &[b"data", room.as_bytes(), mine, theirs, data],
+        ))
     }
 
     /// Whether `mac` is the MAC over `data` from a partner with nonce `theirs`.
@@ -114,7 +117,11 @@ impl Key {
         data: &[u8],
         mac: &Mac,
     ) -> bool {
-        verify(&self.master, &[b"data", room.as_bytes(), theirs, mine, data], mac)
+        verify(
+            &self.master,
+            &[b"data", room.as_bytes(), theirs, mine, data],
+            mac,
+        )
     }
 
     /// The session key of the handshake between nonces `a` and `b` (in either order).

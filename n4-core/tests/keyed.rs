@@ -64,8 +64,14 @@ fn keyed_clients_pair_while_squatters_with_the_identifier_are_never_seated_with_
     }
     // One pair of addresses, agreed: each side's local port and peer are the other's.
     let ((slot_a, peer_a), (slot_b, peer_b)) = (w.won(a).unwrap(), w.won(b).unwrap());
-    assert_eq!(peer_a, SocketAddr::from(([203, 0, 113, 12], w.hosts[b].window[slot_b])));
-    assert_eq!(peer_b, SocketAddr::from(([198, 51, 100, 3], w.hosts[a].window[slot_a])));
+    assert_eq!(
+        peer_a,
+        SocketAddr::from(([203, 0, 113, 12], w.hosts[b].window[slot_b]))
+    );
+    assert_eq!(
+        peer_b,
+        SocketAddr::from(([198, 51, 100, 3], w.hosts[a].window[slot_a]))
+    );
     // The squatters heard nothing: not seated with them, no address.
     for conn in [plain, guess] {
         assert_eq!(w.raw[&conn].received, Vec::<u8>::new());
@@ -108,15 +114,27 @@ fn a_squatter_that_knows_the_room_never_learns_the_address_nor_blocks_the_room()
         round: 1,
         hint: Hint::NONE,
     };
-    w.datagram_to_server(SocketAddr::from(([192, 0, 2, 66], 5001)), &exchange.to_bytes());
-    assert!(w.run_until(Duration::from_secs(2), |w| saw(w, a, &Event::PeerAuthFailed)));
+    w.datagram_to_server(
+        SocketAddr::from(([192, 0, 2, 66], 5001)),
+        &exchange.to_bytes(),
+    );
+    assert!(w.run_until(Duration::from_secs(2), |w| saw(
+        w,
+        a,
+        &Event::PeerAuthFailed
+    )));
     w.run_for(Duration::from_millis(200));
     let heard = frames(&w.raw[&squatter].received);
     assert!(
-        !heard.iter().any(|f| matches!(f, Frame::Short(Message::PeerInfo(_)))),
+        !heard
+            .iter()
+            .any(|f| matches!(f, Frame::Short(Message::PeerInfo(_)))),
         "the squatter learned an address: {heard:?}"
     );
-    assert!(w.peer_info(a).is_empty(), "a was told the squatter's address");
+    assert!(
+        w.peer_info(a).is_empty(),
+        "a was told the squatter's address"
+    );
 
     // The real partner comes: they pair at once.
     let b = w.add_client([203, 0, 113, 12], keyed(31000));
@@ -151,7 +169,11 @@ fn keyed_client_punching(peer_nonce: Nonce, accept_any_ip: bool) -> Punching {
         panic!("no keyed HELLO")
     };
     let k = key();
-    assert_eq!(room, k.room(Ident::default()), "the server sees only the room");
+    assert_eq!(
+        room,
+        k.room(Ident::default()),
+        "the server sees only the room"
+    );
     let peer = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 12), 40000);
     let mut server_says = Vec::new();
     for m in [
@@ -169,7 +191,10 @@ fn keyed_client_punching(peer_nonce: Nonce, accept_any_ip: bool) -> Punching {
     while let Some(cmd) = c.poll_command() {
         sent.push(cmd);
     }
-    assert!(sent.contains(&Command::Send(LongMessage::Verified.into())), "{sent:?}");
+    assert!(
+        sent.contains(&Command::Send(LongMessage::Verified.into())),
+        "{sent:?}"
+    );
     let punches = std::iter::from_fn(|| c.poll_transmit())
         .filter(|t| t.destination.ip() == *peer.ip())
         .count();
@@ -240,7 +265,9 @@ fn a_genuine_punch_from_the_peer_is_acknowledged_with_a_mac() {
     assert_eq!((ack.slot, ack.destination), (5, peer));
     assert_eq!(
         Frame::decode(&ack.payload),
-        Ok(Frame::Long(LongMessage::Ack(p.session.mac(Datagram::Ack, p.low))))
+        Ok(Frame::Long(LongMessage::Ack(
+            p.session.mac(Datagram::Ack, p.low)
+        )))
     );
 }
 

@@ -587,13 +587,14 @@ impl Driver {
                     debug!("peer {from} reaches us on slot {slot}");
                     won.paths.insert(slot, from);
                 }
-                if won.paths.get(&slot) != Some(&from) {
-                    debug!("{n} bytes from {from} on slot {slot}: not the peer's path; dropped");
-                } else if {
+                let on_path = won.paths.get(&slot) == Some(&from);
+                if on_path {
                     self.last_from_peer = Some(now);
                     self.peer_keeps_alive |= data == KEEPALIVE;
-                    handshake || data == KEEPALIVE
-                } {
+                }
+                if !on_path {
+                    debug!("{n} bytes from {from} on slot {slot}: not the peer's path; dropped");
+                } else if handshake || data == KEEPALIVE {
                     // Handshake noise, not the user's traffic.
                 } else if let (Some(relay), AfterWin::Forward { to, .. }) =
                     (&self.forward, &self.options.after_win)

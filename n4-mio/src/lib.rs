@@ -26,10 +26,10 @@ mod wg;
 
 pub use client::{run_client, AfterWin, ClientOptions, ClientOutcome, WinReport, KEEPALIVE};
 pub use link::{run_link, WireGuardOptions};
-pub use wg::parse_key as parse_wg_key;
 pub use log::init_logging;
 pub use probe::{run_probe, ProbeOptions, ProbeReport};
 pub use server::{run_server, ServerOptions};
+pub use wg::parse_key as parse_wg_key;
 
 use std::io;
 use std::net::SocketAddr;

@@ -142,7 +142,10 @@ fn watch(
         let now = Instant::now();
         let state = wg::peer_state(&wg.iface, peer)?;
         let Some(state) = state else {
-            warn!("WireGuard: {} no longer has the peer; punching again", wg.iface);
+            warn!(
+                "WireGuard: {} no longer has the peer; punching again",
+                wg.iface
+            );
             return Ok(true);
         };
         if state.rx > last_rx {

@@ -59,18 +59,6 @@ pub(crate) fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::escape_controls;
-
-    #[test]
-    fn control_bytes_are_escaped_and_the_rest_kept() {
-        assert_eq!(escape_controls("Paired [ab] ok"), "Paired [ab] ok");
-        assert_eq!(escape_controls("a\r\nINFO forged"), "a\\r\\nINFO forged");
-        assert_eq!(escape_controls("\u{1b}[2J\u{7f}\t"), "\\u{1b}[2J\\u{7f}\\t");
-    }
-}
-
 /// Sends `tracing` output to stderr in the original's format. `RUST_LOG` overrides `default`
 /// (e.g. `info`, `debug`, `n4_mio=trace`).
 pub fn init_logging(default: Level) {
@@ -82,4 +70,16 @@ pub fn init_logging(default: Level) {
         .with_env_filter(filter)
         .event_format(V1Format)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_bytes_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("Paired [ab] ok"), "Paired [ab] ok");
+        assert_eq!(escape_controls("a\r\nINFO forged"), "a\\r\\nINFO forged");
+        assert_eq!(escape_controls("\u{1b}[2J\u{7f}\t"), "\\u{1b}[2J\\u{7f}\\t");
+    }
 }

@@ -19,10 +19,13 @@ pub(crate) struct PeerState {
 }
 
 fn wg(iface: &str, args: &[&str]) -> Result<String, Error> {
-    let out = Command::new("wg").args(args).output().map_err(|e| Error::WireGuard {
-        iface: iface.to_string(),
-        reason: format!("cannot run `wg` (package wireguard-tools): {e}"),
-    })?;
+    let out = Command::new("wg")
+        .args(args)
+        .output()
+        .map_err(|e| Error::WireGuard {
+            iface: iface.to_string(),
+            reason: format!("cannot run `wg` (package wireguard-tools): {e}"),
+        })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(Error::WireGuard {
@@ -90,7 +93,11 @@ pub(crate) fn configure(
 /// tells us the hole is alive.
 pub(crate) fn keepalive(iface: &str, peer: &str, every: Duration) -> Result<(), Error> {
     let every = every.as_secs().max(1).to_string();
-    wg(iface, &["set", iface, "peer", peer, "persistent-keepalive", &every]).map(drop)
+    wg(
+        iface,
+        &["set", iface, "peer", peer, "persistent-keepalive", &every],
+    )
+    .map(drop)
 }
 
 /// Starts a handshake again at once: WireGuard sends at most one initiation per peer every
@@ -161,7 +168,10 @@ mod tests {
             })
         );
         assert_eq!(parse_dump(dump, "other"), None);
-        assert_eq!(parse_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="), Some([0; 32]));
+        assert_eq!(
+            parse_key("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            Some([0; 32])
+        );
         assert_eq!(parse_key("not a key"), None);
     }
 }

@@ -80,7 +80,9 @@ fn the_two_printed_nc_lines_talk_to_each_other() {
     let (n, from) = sa.recv_from(&mut buf).expect("B's line reaches A's");
     assert_eq!((&buf[..n], from.port()), (&b"hello A"[..], lb));
     // And the log says the same as the JSON.
-    assert!(a.log().contains(&format!("> nc -u -p {la} {} {}", pa.ip(), pa.port())));
+    assert!(a
+        .log()
+        .contains(&format!("> nc -u -p {la} {} {}", pa.ip(), pa.port())));
 }
 
 #[test]
@@ -98,7 +100,10 @@ fn a_client_without_the_key_is_never_paired_with_keyed_ones() {
     assert_mirrored(&ra, &rb);
     for r in [&ra, &rb] {
         let (_, peer) = local_and_peer(r);
-        assert!((26500..26700).contains(&peer.port()), "paired with a squatter: {r}");
+        assert!(
+            (26500..26700).contains(&peer.port()),
+            "paired with a squatter: {r}"
+        );
     }
     // The keyless client never heard of them: still waiting, no partner, no address.
     assert!(!keyless.log().contains(" => Ready "), "{}", keyless.log());
@@ -117,7 +122,8 @@ fn a_raw_v1_squatter_first_in_the_room_is_never_answered() {
     let mut b = client("b", port, 27200, &["--json", "--key-file", k]);
     let (ra, rb) = (result(&mut a), result(&mut b));
     assert_mirrored(&ra, &rb);
-    raw.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    raw.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let mut buf = [0u8; 8];
     assert!(
         !matches!(raw.read(&mut buf), Ok(n) if n > 0),
@@ -130,7 +136,12 @@ fn n4_key_in_the_environment_is_the_same_key() {
     let secret = "one secret, two ways to give it";
     let key = key_file("env", secret);
     let (_srv, port) = server(&[]);
-    let mut a = client("a", port, 26700, &["--json", "--key-file", key.to_str().unwrap()]);
+    let mut a = client(
+        "a",
+        port,
+        26700,
+        &["--json", "--key-file", key.to_str().unwrap()],
+    );
     let (p, b_start) = (port.to_string(), "26800".to_string());
     let mut cmd = Command::new(N4);
     cmd.args(["-c", "-h", "127.0.0.1", "-p", &p, "-b", &b_start, "--json"])
@@ -158,7 +169,10 @@ fn a_private_server_refuses_a_wrong_key_and_a_missing_one_with_one_line() {
             .map(String::from)
             .collect();
         assert_eq!(errors.len(), 1, "{name}: {errors:?}");
-        assert!(errors[0].contains("refused us") && errors[0].contains("key"), "{errors:?}");
+        assert!(
+            errors[0].contains("refused us") && errors[0].contains("key"),
+            "{errors:?}"
+        );
     }
     // Holders of its key are served.
     let r = right.to_str().unwrap();
@@ -175,26 +189,55 @@ fn bad_keys_are_usage_errors_with_one_line() {
     let missing = std::env::temp_dir().join("n4-test-no-such.key");
     for (args, env, needle) in [
         (
-            vec!["-c", "-h", "127.0.0.1", "--key-file", missing.to_str().unwrap()],
+            vec![
+                "-c",
+                "-h",
+                "127.0.0.1",
+                "--key-file",
+                missing.to_str().unwrap(),
+            ],
             None,
             "cannot read",
         ),
         (
-            vec!["-c", "-h", "127.0.0.1", "--key-file", empty.to_str().unwrap()],
+            vec![
+                "-c",
+                "-h",
+                "127.0.0.1",
+                "--key-file",
+                empty.to_str().unwrap(),
+            ],
             None,
             "the key is empty",
         ),
         (
-            vec!["-c", "-h", "127.0.0.1", "--key-file", good.to_str().unwrap()],
+            vec![
+                "-c",
+                "-h",
+                "127.0.0.1",
+                "--key-file",
+                good.to_str().unwrap(),
+            ],
             Some("also a key"),
             "not both",
         ),
         (
-            vec!["-c", "-h", "127.0.0.1", "--key-file", good.to_str().unwrap(), "--no-ext"],
+            vec![
+                "-c",
+                "-h",
+                "127.0.0.1",
+                "--key-file",
+                good.to_str().unwrap(),
+                "--no-ext",
+            ],
             None,
             "--no-ext",
         ),
-        (vec!["-s", "--key-file", missing.to_str().unwrap()], None, "cannot read"),
+        (
+            vec!["-s", "--key-file", missing.to_str().unwrap()],
+            None,
+            "cannot read",
+        ),
     ] {
         let mut cmd = Command::new(N4);
         cmd.args(&args).env_remove("N4_KEY");

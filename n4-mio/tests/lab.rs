@@ -387,7 +387,16 @@ fn wireguard_link_through_two_nats_recovers_when_a_nat_forgets_the_hole() {
     }
     let out = std::process::Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/wg.py"))
-        .args(["--trials", "1", "--delay", "25", "--load", "200", "--n4", util::N4])
+        .args([
+            "--trials",
+            "1",
+            "--delay",
+            "25",
+            "--load",
+            "200",
+            "--n4",
+            util::N4,
+        ])
         .output()
         .expect("run lab/wg.py");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -399,7 +408,10 @@ fn wireguard_link_through_two_nats_recovers_when_a_nat_forgets_the_hole() {
     let first = trial["first_ping_s"].as_f64();
     let recover = trial["recover_s"].as_f64();
     assert!(first.is_some(), "no ping through WireGuard: {trial:#}");
-    assert_eq!(trial["outage_seen"], true, "the flush did not break the hole: {trial:#}");
+    assert_eq!(
+        trial["outage_seen"], true,
+        "the flush did not break the hole: {trial:#}"
+    );
     assert!(
         recover.is_some_and(|r| r <= 10.0),
         "no ping within 10 s after the NAT forgot the hole: {trial:#}"
@@ -431,14 +443,23 @@ fn keepalive_mode_punches_again_when_a_nat_forgets_the_hole() {
         .args(["netns", "exec", lab.var("LAB_NS_NAT_A"), "conntrack", "-F"])
         .output()
         .expect("conntrack -F (package conntrack)");
-    assert!(flush.status.success(), "{}", String::from_utf8_lossy(&flush.stderr));
+    assert!(
+        flush.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flush.stderr)
+    );
     for p in [&a, &b] {
         p.wait_log("the hole died; punching again", Duration::from_secs(10));
     }
     for p in [&a, &b] {
         let end = std::time::Instant::now() + Duration::from_secs(10);
         while p.log().matches("[ WIN ]").count() < 2 {
-            assert!(std::time::Instant::now() < end, "{}: no second WIN:\n{}", p.name, p.log());
+            assert!(
+                std::time::Instant::now() < end,
+                "{}: no second WIN:\n{}",
+                p.name,
+                p.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

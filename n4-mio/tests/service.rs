@@ -38,8 +38,18 @@ fn help_names_the_environment_variable_of_every_flag() {
     let out = Command::new(N4).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
-        "--host", "--port", "--ident", "--key-file", "--wg", "--wg-peer", "--exec", "--timeout",
-        "--listen", "--wait-timeout", "--forward", "--keepalive",
+        "--host",
+        "--port",
+        "--ident",
+        "--key-file",
+        "--wg",
+        "--wg-peer",
+        "--exec",
+        "--timeout",
+        "--listen",
+        "--wait-timeout",
+        "--forward",
+        "--keepalive",
     ] {
         let line = help
             .lines()
@@ -67,13 +77,16 @@ fn exec_runs_after_win_with_the_result_on_stdin_and_in_the_environment() {
     assert_eq!(b.wait_exit(T).code(), Some(0), "{}", b.log());
     let end = std::time::Instant::now() + T;
     while !env_file.exists() || std::fs::read_to_string(&env_file).unwrap().is_empty() {
-        assert!(std::time::Instant::now() < end, "the hook did not run: {}", a.log());
+        assert!(
+            std::time::Instant::now() < end,
+            "the hook did not run: {}",
+            a.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let result: serde_json::Value = serde_json::from_str(&line).unwrap();
     let hooked: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(&json_file).unwrap()).unwrap();
     assert_eq!(hooked, result, "the hook read the result JSON");
     let peer: std::net::SocketAddr = result["peer"].as_str().unwrap().parse().unwrap();
     assert_eq!(
@@ -86,16 +99,28 @@ fn exec_runs_after_win_with_the_result_on_stdin_and_in_the_environment() {
 #[test]
 fn completions_and_the_man_page_come_from_the_flags() {
     for shell in ["bash", "zsh", "fish"] {
-        let out = Command::new(N4).args(["completions", shell]).output().unwrap();
+        let out = Command::new(N4)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{shell}");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("key-file") && text.contains("wg-peer"), "{shell}: {text}");
+        assert!(
+            text.contains("key-file") && text.contains("wg-peer"),
+            "{shell}: {text}"
+        );
     }
     let out = Command::new(N4).arg("man").output().unwrap();
     assert!(out.status.success());
     let man = String::from_utf8_lossy(&out.stdout);
-    assert!(man.contains(".TH n4 1") && man.contains("key\\-file"), "{man}");
-    let out = Command::new(N4).args(["completions", "tcsh"]).output().unwrap();
+    assert!(
+        man.contains(".TH n4 1") && man.contains("key\\-file"),
+        "{man}"
+    );
+    let out = Command::new(N4)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 

@@ -72,7 +72,7 @@ impl<E> EventQueue<E> {
             ev,
         };
         // A later seq at an equal time sorts after the lane's back, so the lane stays sorted.
-        if self.lane.back().map_or(true, |b| b.at <= e.at) {
+        if self.lane.back().is_none_or(|b| b.at <= e.at) {
             self.lane.push_back(e);
         } else {
             self.heap.push(e);

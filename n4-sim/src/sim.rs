@@ -1334,6 +1334,14 @@ pub fn run_traced(
     Ok((outcome, sim.trace().to_owned()))
 }
 
+/// The 8 bytes of a keyless message: the simulator runs keyless sessions only, so every frame
+/// its machines produce is one of v1's 8-byte shapes (a longer one is a bug here).
+fn eight(bytes: &[u8]) -> [u8; 8] {
+    bytes
+        .try_into()
+        .expect("the simulator runs keyless sessions: 8-byte messages")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1388,12 +1396,4 @@ mod tests {
             }
         }
     }
-}
-
-/// The 8 bytes of a keyless message: the simulator runs keyless sessions only, so every frame
-/// its machines produce is one of v1's 8-byte shapes (a longer one is a bug here).
-fn eight(bytes: &[u8]) -> [u8; 8] {
-    bytes
-        .try_into()
-        .expect("the simulator runs keyless sessions: 8-byte messages")
 }

@@ -65,7 +65,13 @@ struct Cli {
     quiet: bool,
 
     /// Run in server mode
-    #[arg(short = 's', long, help_heading = "Server", conflicts_with = "client", env = "N4_SERVER")]
+    #[arg(
+        short = 's',
+        long,
+        help_heading = "Server",
+        conflicts_with = "client",
+        env = "N4_SERVER"
+    )]
     server: bool,
 
     /// TCP and UDP port to listen on (UDP PORT+1 answers probes)
@@ -74,7 +80,9 @@ struct Cli {
         long,
         value_name = "PORT",
         default_value_t = 1721,
-        help_heading = "Server", env = "N4_LISTEN")]
+        help_heading = "Server",
+        env = "N4_LISTEN"
+    )]
     listen: u16,
 
     /// A connection must say HELLO within this
@@ -82,7 +90,9 @@ struct Cli {
         long,
         value_name = "SECS",
         default_value = "10",
-        help_heading = "Server", env = "N4_HELLO_TIMEOUT")]
+        help_heading = "Server",
+        env = "N4_HELLO_TIMEOUT"
+    )]
     hello_timeout: f64,
 
     /// A seated client waits this long for a partner, then its seat is freed (our clients
@@ -91,7 +101,9 @@ struct Cli {
         long,
         value_name = "SECS",
         default_value = "60",
-        help_heading = "Server", env = "N4_WAIT_TIMEOUT")]
+        help_heading = "Server",
+        env = "N4_WAIT_TIMEOUT"
+    )]
     wait_timeout: f64,
 
     /// After READY, both EXCHANGEs must arrive within this
@@ -99,7 +111,9 @@ struct Cli {
         long,
         value_name = "SECS",
         default_value = "10",
-        help_heading = "Server", env = "N4_EXCHANGE_TIMEOUT")]
+        help_heading = "Server",
+        env = "N4_EXCHANGE_TIMEOUT"
+    )]
     exchange_timeout: f64,
 
     /// Open connections in all
@@ -107,19 +121,39 @@ struct Cli {
         long,
         value_name = "N",
         default_value_t = 100_000,
-        help_heading = "Server", env = "N4_MAX_CONNS")]
+        help_heading = "Server",
+        env = "N4_MAX_CONNS"
+    )]
     max_conns: usize,
 
     /// Open connections from one IP address
-    #[arg(long, value_name = "N", default_value_t = 256, help_heading = "Server", env = "N4_MAX_PER_IP")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 256,
+        help_heading = "Server",
+        env = "N4_MAX_PER_IP"
+    )]
     max_per_ip: usize,
 
     /// Clients from one IP address waiting for a partner at once
-    #[arg(long, value_name = "N", default_value_t = 16, help_heading = "Server", env = "N4_MAX_WAITING_PER_IP")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 16,
+        help_heading = "Server",
+        env = "N4_MAX_WAITING_PER_IP"
+    )]
     max_waiting_per_ip: usize,
 
     /// Probe answers per second to one IP address
-    #[arg(long, value_name = "N", default_value_t = 50, help_heading = "Server", env = "N4_PROBE_RATE")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 50,
+        help_heading = "Server",
+        env = "N4_PROBE_RATE"
+    )]
     probe_rate: u32,
 
     /// Pure v1: no token in READY (server); no probes, fixed offset (client)
@@ -138,7 +172,13 @@ struct Cli {
     client: bool,
 
     /// Hostname of the N4 server (required with -c)
-    #[arg(short = 'h', long, value_name = "HOST", help_heading = "Client", env = "N4_HOST")]
+    #[arg(
+        short = 'h',
+        long,
+        value_name = "HOST",
+        help_heading = "Client",
+        env = "N4_HOST"
+    )]
     host: Option<String>,
 
     /// Port of the N4 server
@@ -147,7 +187,9 @@ struct Cli {
         long,
         value_name = "PORT",
         default_value_t = 1721,
-        help_heading = "Client", env = "N4_PORT")]
+        help_heading = "Client",
+        env = "N4_PORT"
+    )]
     port: u16,
 
     /// Source port start (0: ephemeral ports)
@@ -156,7 +198,9 @@ struct Cli {
         long,
         value_name = "PORT",
         default_value_t = 30000,
-        help_heading = "Client", env = "N4_START")]
+        help_heading = "Client",
+        env = "N4_START"
+    )]
     start: u16,
 
     /// Source port count (with the extension at least 64 ports are opened)
@@ -165,7 +209,9 @@ struct Cli {
         long,
         value_name = "COUNT",
         default_value_t = 25,
-        help_heading = "Client", env = "N4_COUNT")]
+        help_heading = "Client",
+        env = "N4_COUNT"
+    )]
     count: u16,
 
     /// Peer port offset
@@ -175,7 +221,9 @@ struct Cli {
         value_name = "OFFSET",
         default_value_t = 20,
         allow_negative_numbers = true,
-        help_heading = "Client", env = "N4_OFFSET")]
+        help_heading = "Client",
+        env = "N4_OFFSET"
+    )]
     offset: i32,
 
     /// Accept the peer's punch from any IP, not only the server-given one
@@ -196,7 +244,9 @@ struct Cli {
         long,
         value_name = "SECS",
         default_value = "10",
-        help_heading = "Client", env = "N4_ROUND_TIMEOUT")]
+        help_heading = "Client",
+        env = "N4_ROUND_TIMEOUT"
+    )]
     round_timeout: f64,
 
     /// On WIN, print the result as one JSON object on stdout
@@ -213,7 +263,12 @@ struct Cli {
     keepalive: Option<f64>,
 
     /// After WIN, relay the hole to/from the local UDP program at HOST:PORT
-    #[arg(long, value_name = "HOST:PORT", help_heading = "Client", env = "N4_FORWARD")]
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        help_heading = "Client",
+        env = "N4_FORWARD"
+    )]
     forward: Option<String>,
 
     /// Address of the relay socket the local program talks to [default: 127.0.0.1:0; only
@@ -222,7 +277,9 @@ struct Cli {
         long,
         value_name = "ADDR:PORT",
         requires = "forward",
-        help_heading = "Client", env = "N4_FORWARD_BIND")]
+        help_heading = "Client",
+        env = "N4_FORWARD_BIND"
+    )]
     forward_bind: Option<SocketAddr>,
 
     /// Hand the hole to the WireGuard interface IFACE and keep the link: after each WIN,
@@ -233,25 +290,45 @@ struct Cli {
     wg: Option<String>,
 
     /// The peer's WireGuard public key [default: handed over in the keyed handshake]
-    #[arg(long, value_name = "PUBKEY", help_heading = "Lasting link", env = "N4_WG_PEER",
-        requires = "wg")]
+    #[arg(
+        long,
+        value_name = "PUBKEY",
+        help_heading = "Lasting link",
+        env = "N4_WG_PEER",
+        requires = "wg"
+    )]
     wg_peer: Option<String>,
 
     /// WireGuard persistent keepalive; 3 silent intervals mean the hole died
-    #[arg(long, value_name = "SECS", default_value = "1", help_heading = "Lasting link",
-        env = "N4_WG_KEEPALIVE")]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value = "1",
+        help_heading = "Lasting link",
+        env = "N4_WG_KEEPALIVE"
+    )]
     wg_keepalive: f64,
 
     /// Allowed IPs to set on the WireGuard peer, e.g. 10.44.0.2/32 [default: leave them as
     /// configured]
-    #[arg(long, value_name = "CIDRS", help_heading = "Lasting link", env = "N4_WG_ALLOWED_IPS",
-        requires = "wg")]
+    #[arg(
+        long,
+        value_name = "CIDRS",
+        help_heading = "Lasting link",
+        env = "N4_WG_ALLOWED_IPS",
+        requires = "wg"
+    )]
     wg_allowed_ips: Option<String>,
 
     /// After each WIN, run CMD (with sh -c): the result JSON on its stdin and in N4_LOCAL_PORT,
     /// N4_PEER, N4_PEER_IP, N4_PEER_PORT, N4_ROUND, N4_ELAPSED_MS, N4_STRATEGY (N4_PEER_WG_KEY,
     /// N4_FORWARD_VIA when known)
-    #[arg(long, value_name = "CMD", help_heading = "Lasting link", env = "N4_EXEC")]
+    #[arg(
+        long,
+        value_name = "CMD",
+        help_heading = "Lasting link",
+        env = "N4_EXEC"
+    )]
     exec: Option<String>,
 }
 
@@ -556,10 +633,9 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
         (None, None) => AfterWin::Exit,
     };
     if cli.no_ext && (cli.key_file.is_some() || std::env::var_os(KEY_ENV).is_some()) {
-        return Err(Usage(
-            "a key (--key-file / N4_KEY) needs the extension; drop --no-ext".into(),
-        )
-        .into());
+        return Err(
+            Usage("a key (--key-file / N4_KEY) needs the extension; drop --no-ext".into()).into(),
+        );
     }
     let key = key(cli)?;
     let mut config = ClientConfig {
@@ -691,7 +767,10 @@ fn key(cli: &Cli) -> Result<Option<Key>, Usage> {
         }
         (Some(path), None) => {
             let secret = std::fs::read(path).map_err(|e| {
-                Usage(format!("--key-file {}: cannot read it: {e}", path.display()))
+                Usage(format!(
+                    "--key-file {}: cannot read it: {e}",
+                    path.display()
+                ))
             })?;
             warn_if_others_can_read(path);
             (secret, format!("--key-file {}", path.display()))
