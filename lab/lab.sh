@@ -44,7 +44,9 @@ lab/lab.sh — real-kernel NAT lab for N4 (run as root)
 ROLES: server router nat-a nat-b host-a host-b   (aliases: a = host-a, b = host-b)
 
 OPTIONS (each also settable by the environment variable shown; options win):
-  --nat KIND        LAB_NAT        sequential (default) | random | preserving, both NATs
+  --nat KIND        LAB_NAT        sequential (default) | blocks | random | preserving, both NATs
+                                   (blocks: sequential inside blocks of --block-size ports, the
+                                   blocks in a shuffled order, as carrier NATs hand them out)
   --nat-a KIND      LAB_NAT_A      this NAT only (default: --nat)
   --nat-b KIND      LAB_NAT_B
   --delay MS        LAB_DELAY_MS   one-way delay the WAN router adds to every packet it forwards
@@ -55,6 +57,7 @@ OPTIONS (each also settable by the environment variable shown; options win):
   --port-base P     LAB_PORT_BASE  first external port of the NATs' pool; default 20000
   --port-count N    LAB_PORT_COUNT pool size; default 10000 (ports wrap inside the pool)
   --port-step K     LAB_PORT_STEP  sequential step; default 1
+  --block-size B    LAB_BLOCK_SIZE blocks: ports per block; default 64
   --seed N          LAB_SEED       seed of the background-load generators; default 1
   --keep            LAB_KEEP=1     `run`/`demo`: leave the lab up afterwards (print its name)
   demo only:        LAB_N4=PATH    n4 binary to use instead of building target/release/n4
@@ -100,6 +103,7 @@ parse_opts() {
   PORT_BASE=${LAB_PORT_BASE:-20000}
   PORT_COUNT=${LAB_PORT_COUNT:-10000}
   PORT_STEP=${LAB_PORT_STEP:-1}
+  BLOCK_SIZE=${LAB_BLOCK_SIZE:-64}
   SEED=${LAB_SEED:-1}
   KEEP=${LAB_KEEP:-0}
   REST=()
@@ -115,6 +119,7 @@ parse_opts() {
       --port-base) PORT_BASE=$2; shift 2 ;;
       --port-count) PORT_COUNT=$2; shift 2 ;;
       --port-step) PORT_STEP=$2; shift 2 ;;
+      --block-size) BLOCK_SIZE=$2; shift 2 ;;
       --seed) SEED=$2; shift 2 ;;
       --keep) KEEP=1; shift ;;
       --) shift; REST=("$@"); break ;;
@@ -126,13 +131,15 @@ parse_opts() {
   LOAD_A=${LOAD_A:-$LOAD} LOAD_B=${LOAD_B:-$LOAD}
   local k
   for k in "$NAT_A" "$NAT_B"; do
-    case $k in sequential|random|preserving) ;; *) die "unknown NAT kind '$k'" ;; esac
+    case $k in sequential|blocks|random|preserving) ;; *) die "unknown NAT kind '$k'" ;; esac
   done
   [[ $DELAY_MS =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--delay wants milliseconds, got '$DELAY_MS'"
   [[ $LOAD_A =~ ^[0-9]+([.][0-9]+)?$ && $LOAD_B =~ ^[0-9]+([.][0-9]+)?$ ]] ||
     die "--load wants flows per second"
-  [[ $PORT_BASE =~ ^[0-9]+$ && $PORT_COUNT =~ ^[0-9]+$ && $PORT_STEP =~ ^[0-9]+$ ]] ||
-    die "port options want integers"
+  [[ $PORT_BASE =~ ^[0-9]+$ && $PORT_COUNT =~ ^[0-9]+$ && $PORT_STEP =~ ^[0-9]+$ &&
+     $BLOCK_SIZE =~ ^[0-9]+$ ]] || die "port options want integers"
+  [ "$BLOCK_SIZE" -ge 1 ] && [ "$BLOCK_SIZE" -le "$PORT_COUNT" ] ||
+    die "--block-size must be 1..--port-count ($PORT_COUNT)"
   [ "$PORT_COUNT" -ge 1 ] && [ "$PORT_STEP" -ge 1 ] && [ "$PORT_BASE" -ge 1 ] &&
     [ $((PORT_BASE + (PORT_COUNT - 1) * PORT_STEP)) -le 65535 ] ||
     die "port pool $PORT_BASE + ($PORT_COUNT-1)*$PORT_STEP leaves 1..65535"
@@ -176,6 +183,20 @@ nat_rules() { # KIND EXT_IP -> nft ruleset for a NAT box (wan = outside, lan = i
       local map=""
       for ((i = 0; i < PORT_COUNT; i++)); do
         map+="$sep$i : $((PORT_BASE + i * PORT_STEP))"; sep=", "
+      done
+      snat+=" $map }"
+      ;;
+    blocks)
+      # The i-th new mapping gets port BASE + block(i / B)·B + i % B, the blocks in an order
+      # shuffled with the seed: sequential inside a block, a jump to another block after it.
+      # (The pool is the whole blocks that fit in --port-count.)
+      local nblocks=$((PORT_COUNT / BLOCK_SIZE)) order
+      order=$("$PY" -c 'import random,sys; n=int(sys.argv[1]); o=list(range(n)); random.Random(int(sys.argv[2])).shuffle(o); print(" ".join(map(str,o)))' "$nblocks" "$((SEED * 7919 + ${3:-0}))")
+      local -a blk=($order)
+      snat="snat ip to $ext : numgen inc mod $((nblocks * BLOCK_SIZE)) map {"
+      local map=""
+      for ((i = 0; i < nblocks * BLOCK_SIZE; i++)); do
+        map+="$sep$i : $((PORT_BASE + blk[i / BLOCK_SIZE] * BLOCK_SIZE + i % BLOCK_SIZE))"; sep=", "
       done
       snat+=" $map }"
       ;;
@@ -256,8 +277,8 @@ lab_up() { # NAME; uses the parsed options; sets DIR
     nsx "$ns" sysctl -qw net.ipv4.ip_forward=1
   done
 
-  nat_rules "$NAT_A" $IP_NAT_A >"$DIR/nat-a.nft"
-  nat_rules "$NAT_B" $IP_NAT_B >"$DIR/nat-b.nft"
+  nat_rules "$NAT_A" $IP_NAT_A 1 >"$DIR/nat-a.nft"
+  nat_rules "$NAT_B" $IP_NAT_B 2 >"$DIR/nat-b.nft"
   nsx "$NA" nft -f "$DIR/nat-a.nft"
   nsx "$NB" nft -f "$DIR/nat-b.nft"
   # The server silently drops the background flows (no ICMP storm back through the NATs).
@@ -317,6 +338,7 @@ LAB_LOAD_B=$LOAD_B
 LAB_PORT_BASE=$PORT_BASE
 LAB_PORT_COUNT=$PORT_COUNT
 LAB_PORT_STEP=$PORT_STEP
+LAB_BLOCK_SIZE=$BLOCK_SIZE
 EOF
   # Reachability check: both NATs reach the server through the router.
   nsx "$HA" "$PY" "$LAB_HOME/n4-lab-udp.py" ping --to $IP_SERVER --timeout 3 >/dev/null ||
