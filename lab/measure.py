@@ -223,7 +223,7 @@ def run_trial(a, cell, k):
     limit = a.limit_v1 if strat == "v1" else a.limit_predict
     tag = "l%s-d%s-%s-%d" % (num(lam), num(delay), strat, k)
     cmd = [LAB_SH, "run", "--delay", num(delay), "--load", num(lam), "--seed", str(2 * k + 1),
-           "--", sys.executable, os.path.abspath(__file__), "trial", "--n4", a.n4,
+           "--nat-a", a.nat_a, "--nat-b", a.nat_b, "--", sys.executable, os.path.abspath(__file__), "trial", "--n4", a.n4,
            "--strategy", strat, "--limit", str(limit), "--tag", tag]
     if a.logs:
         cmd += ["--logs", a.logs]
@@ -345,6 +345,9 @@ def main():
     ap.add_argument("--limit-predict", type=float, default=10,
                     help="s to WIN for predict (default 10)")
     ap.add_argument("--client-args", help="extra arguments for both n4 -c")
+    ap.add_argument("--nat-a", default="sequential",
+                    help="lab NAT kind of site A: sequential, blocks, random, preserving")
+    ap.add_argument("--nat-b", default="sequential", help="lab NAT kind of site B")
     ap.add_argument("--n4", help="n4 binary (default: build target/release/n4)")
     ap.add_argument("--sim", help="n4-sim binary (default: build target/release/n4-sim)")
     ap.add_argument("--no-sim", action="store_true", help="lab only")

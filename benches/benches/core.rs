@@ -285,7 +285,7 @@ impl Round {
                     Command::Send(m) => self
                         .inbox
                         .push_back(Delivery::ServerStream(CLIENT_CONN, m.to_bytes())),
-                    Command::Disconnect => {}
+                    Command::Disconnect | Command::OpenSlots { .. } => {}
                 }
             }
             while let Some(t) = self.client.poll_transmit() {

@@ -245,6 +245,12 @@ pub enum Command {
     Send(Frame),
     /// Close the TCP connection.
     Disconnect,
+    /// Bind `count` more UDP sockets on ephemeral ports, as slots after the window and probe
+    /// slots (the birthday strategy's many mappings). They close with the window.
+    OpenSlots {
+        /// How many.
+        count: u16,
+    },
 }
 
 /// Progress, for logs and for the caller's decisions.
@@ -349,6 +355,13 @@ pub enum Event {
     /// Keyed, but the server does not speak our extension (a v1 server): it cannot pass the
     /// handshake, so the client stops.
     NeedsOurServer,
+    /// Both sides' NATs are known now, and one is hard: how this pair is punched.
+    HardNat {
+        /// What we do.
+        plan: HardNatPlan,
+        /// Why, in words.
+        why: &'static str,
+    },
     /// The acknowledgement burst is done; the client has nothing more to do.
     Finished,
     /// `max_rounds` rounds lost.
@@ -358,6 +371,44 @@ pub enum Event {
     },
     /// The TCP connection to the server failed; the client stops.
     ServerUnreachable,
+}
+
+/// How a pair with a hard (random-port) NAT is punched, chosen from the two probe results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardNatPlan {
+    /// Our NAT gives random ports, the peer's keeps them (endpoint-independent): we open
+    /// [`BIRTHDAY_SLOTS`] mappings towards the peer's one port and wait for its spray.
+    BirthdayHard,
+    /// Our NAT keeps ports, the peer's gives random ones: we spray the peer's IP at random
+    /// ports from our one socket ([`SPRAY_MAX`] at most, [`SPRAY_RATE`] a second) until one
+    /// hits a mapping it opened towards us.
+    BirthdayEasy,
+    /// Both NATs are address-dependent and at least one gives random ports: a hit needs two
+    /// coincidences at once (≈ 3 % within 2,000 datagrams per side). We try a bounded number
+    /// of rounds ([`UNLIKELY_ROUNDS`]) and then give up, saying why.
+    Unlikely,
+}
+
+/// Mappings the random-port side opens towards the peer (Tailscale's "256").
+pub const BIRTHDAY_SLOTS: u16 = 256;
+/// Datagrams the easy side sprays at most per round: with 256 (+ the window's) mappings open
+/// among ~64,500 ports, ≈ 98 % of sessions meet within 1,024 (≈ 50 % within 174).
+pub const SPRAY_MAX: u16 = 1024;
+/// Spray datagrams per second (documented pace, 5 every 10 ms).
+pub const SPRAY_RATE: u32 = 500;
+/// Rounds tried for a pair that is unlikely to punch before giving up.
+pub const UNLIKELY_ROUNDS: u32 = 3;
+const SPRAY_BATCH: u16 = 5;
+const SPRAY_TICK: Duration = Duration::from_millis(10);
+
+/// What the probes say of a NAT, for choosing how a pair is punched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NatClass {
+    Unknown,
+    /// Keeps a socket's port (window slot 0's probe came back with its own port).
+    Independent,
+    Sequential,
+    Random,
 }
 
 /// Why a round was lost.
@@ -481,6 +532,21 @@ pub struct Client {
     first_punch: Option<(usize, SocketAddr)>,
     /// When to give up waiting for an ACK and win the v1 way.
     v1_fallback: Option<Instant>,
+    /// Window slot 0's probe answer: its public port equals its local one (a port-keeping,
+    /// endpoint-independent NAT, or none).
+    preserving: Option<bool>,
+    /// Extra slots opened for the birthday strategy (after window and probe slots).
+    extra_slots: u16,
+    /// The easy side's spray this round: target IP, datagrams sent, next tick.
+    spray: Option<(std::net::Ipv4Addr, u16)>,
+    spray_at: Option<Instant>,
+    /// The pair was found unlikely to punch in this round (said once per client).
+    unlikely_said: bool,
+    /// Rounds played since the pair was found unlikely.
+    unlikely_rounds: u32,
+    /// Our NAT was seen allocating sequentially (in runs): block jumps later must not make
+    /// it look random (which would call a good pair hopeless).
+    seen_sequential: bool,
     /// The server's token: set when both it and we speak the extension.
     token: Option<Token>,
     /// The peer's hint for this round, if it gave one.
@@ -562,6 +628,13 @@ impl Client {
             acked: Vec::new(),
             first_punch: None,
             v1_fallback: None,
+            preserving: None,
+            extra_slots: 0,
+            spray: None,
+            spray_at: None,
+            unlikely_said: false,
+            unlikely_rounds: 0,
+            seen_sequential: false,
             token: None,
             peer_hint: None,
             session_peer: None,
@@ -720,8 +793,16 @@ impl Client {
     /// A datagram arrived on slot `slot` from `from`.
     pub fn handle_datagram(&mut self, now: Instant, slot: usize, from: SocketAddr, bytes: &[u8]) {
         let window = usize::from(self.config.window_slots());
-        if slot >= window {
+        let probes = usize::from(self.config.probe_slots());
+        if (window..window + probes).contains(&slot) {
             self.on_probe_reply(now, slot - window, from, bytes);
+            return;
+        }
+        if slot == 0 && from == SocketAddr::from(self.config.probe_server()) {
+            // Window slot 0's own probe: does our NAT keep the port?
+            if let Ok(Message::Seen(addr)) = Message::decode(bytes) {
+                self.preserving = Some(addr.port() == self.window_start);
+            }
             return;
         }
         let Some(says) = self.wire.and_then(|w| w.judge(bytes)) else {
@@ -760,6 +841,10 @@ impl Client {
                 match (self.leads(peer), says) {
                     (Some(true), PeerSays::Ack) => self.win_confirmed(now, slot, from, true),
                     (Some(false), PeerSays::Confirm) => self.win_confirmed(now, slot, from, false),
+                    // The peer proved a pair we never ACKed (its PUNCH could not reach us
+                    // before our datagram opened our NAT, as in the birthday strategy): our
+                    // ACK gives the leader its proof.
+                    (Some(false), PeerSays::Ack) => self.send_peer_ack(slot, from),
                     _ => {}
                 }
             }
@@ -776,6 +861,9 @@ impl Client {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.probe_at.is_some_and(|t| t <= now) {
             self.send_probe(now);
+        }
+        if self.spray_at.is_some_and(|t| t <= now) {
+            self.spray_tick(now);
         }
         if self.v1_fallback.is_some_and(|t| t <= now) {
             self.v1_fallback = None;
@@ -853,6 +941,7 @@ impl Client {
             self.probe_at,
             self.pass.map(|p| p.at),
             self.v1_fallback,
+            self.spray_at,
         ]
         .into_iter()
         .flatten()
@@ -889,6 +978,18 @@ impl Client {
             self.win(now, slot, from);
             return;
         }
+        self.send_peer_ack(slot, from);
+        if self.first_punch.is_none() {
+            self.first_punch = Some((slot, from));
+            if !self.peer_ours && self.phase != Phase::AwaitPeerInfo {
+                let wait = self.rtt().saturating_mul(2).max(V1_FALLBACK_MIN);
+                self.v1_fallback = Some(crate::later(now, wait));
+            }
+        }
+    }
+
+    /// An ACK on (`slot`, `from`), once per pair and round.
+    fn send_peer_ack(&mut self, slot: usize, from: SocketAddr) {
         if self.acked.len() < MAX_ACKED && !self.acked.contains(&(slot, from)) {
             self.acked.push((slot, from));
             self.budget.1 = self.budget.1.saturating_add(1);
@@ -898,13 +999,6 @@ impl Client {
                 destination: from,
                 payload,
             });
-        }
-        if self.first_punch.is_none() {
-            self.first_punch = Some((slot, from));
-            if !self.peer_ours && self.phase != Phase::AwaitPeerInfo {
-                let wait = self.rtt().saturating_mul(2).max(V1_FALLBACK_MIN);
-                self.v1_fallback = Some(crate::later(now, wait));
-            }
         }
     }
 
@@ -1033,6 +1127,8 @@ impl Client {
         }
         self.round += 1;
         self.hello_sent = None;
+        self.spray = None;
+        self.spray_at = None;
         self.acked.clear();
         self.first_punch = None;
         self.v1_fallback = None;
@@ -1074,6 +1170,8 @@ impl Client {
         self.commands.push_back(Command::OpenWindow {
             ports: self.window(),
         });
+        self.extra_slots = 0;
+        self.preserving = None;
         self.commands.push_back(Command::Connect);
         self.connect_sent = Some(now);
         self.probes_sent = 0;
@@ -1085,6 +1183,17 @@ impl Client {
     fn send_probe(&mut self, now: Instant) {
         let total = self.config.probe_slots();
         let burst = if self.probes_sent == 0 { 2 } else { 1 };
+        if self.probes_sent == 0 && self.window_start != 0 {
+            // Window slot 0 (the EXCHANGE's socket, whose local port we know) asks too: a
+            // NAT that keeps its port is endpoint-independent in practice — the easy side of
+            // a hard pair. (Probes go to the probe port only: a v1 server never sees one.)
+            self.own_mappings += 1;
+            self.transmits.push_back(Transmit {
+                slot: 0,
+                destination: self.config.probe_server().into(),
+                payload: Message::Probe.to_bytes().into(),
+            });
+        }
         for _ in 0..burst {
             if self.probes_sent >= total {
                 break;
@@ -1265,6 +1374,16 @@ impl Client {
         let rtt = self.predictor.rtt();
         // Our punches leave when PEERINFO arrives, about one RTT after our EXCHANGE.
         self.plan = self.predictor.plan(self.rtt(), self.config.window_slots());
+        let class = self.nat_class();
+        self.seen_sequential |= class == NatClass::Sequential;
+        if class == NatClass::Independent {
+            // Our EXCHANGE's port is the one the peer's punches must reach.
+            let window = self.plan.map_or(self.config.port_count, |p| p.window);
+            self.plan = Some(Plan {
+                hint: Hint::INDEPENDENT,
+                window,
+            });
+        }
         let (step, rate) = match self.predictor.behaviour() {
             NatBehaviour::Sequential { step, rate, .. } => (step, rate.round() as u32),
             NatBehaviour::Unknown | NatBehaviour::Random => (0, 0),
@@ -1290,8 +1409,10 @@ impl Client {
             self.lose(now, LoseReason::BadPeerAddress);
             return;
         }
-        // A v1 peer (no hint) or a random-port peer gets the v1 aim: our offset, our count.
+        // A v1 peer (no hint) or a random-port peer gets the v1 aim: our offset, our count;
+        // a port-keeping peer its EXCHANGE's port exactly.
         let offset = match self.peer_hint {
+            Some(Hint::INDEPENDENT) => 0,
             Some(h) if h != Hint::RANDOM && h != Hint::NONE => i32::from(h.0),
             _ => self.unhinted_offset(),
         };
@@ -1308,6 +1429,7 @@ impl Client {
         if self.token.is_some() {
             self.session_peer = Some(peer);
         }
+        let hard = self.hard_nat_plan();
         let (slots, passes, timeout) = if self.predicted() {
             let window = self.plan.map_or(self.config.port_count, |p| p.window);
             let rtt = self.rtt();
@@ -1336,6 +1458,13 @@ impl Client {
             target,
             datagrams: usize::from(slots) * usize::from(passes),
         });
+        let mut timeout = timeout;
+        if let Some((plan, why)) = hard {
+            timeout = self.start_hard_nat(now, plan, why, peer, timeout);
+        }
+        if self.phase != (Phase::Punching { peer }) {
+            return; // gave up (an unlikely pair, tried enough)
+        }
         self.deadline = Some(crate::later(now, timeout));
         let early = std::mem::take(&mut self.early_punches);
         for (slot, from) in early {
@@ -1346,6 +1475,133 @@ impl Client {
                 self.on_peer_punch(now, slot, from);
             }
         }
+    }
+
+    /// Our NAT, as the probes show it.
+    fn nat_class(&self) -> NatClass {
+        if self.preserving == Some(true) {
+            return NatClass::Independent;
+        }
+        match self.predictor.behaviour() {
+            NatBehaviour::Unknown => NatClass::Unknown,
+            NatBehaviour::Random if self.seen_sequential => NatClass::Sequential,
+            NatBehaviour::Random => NatClass::Random,
+            NatBehaviour::Sequential { .. } => NatClass::Sequential,
+        }
+    }
+
+    /// How this pair is punched when one NAT is hard, from our probes and the peer's hint.
+    fn hard_nat_plan(&self) -> Option<(HardNatPlan, &'static str)> {
+        let peer = match self.peer_hint? {
+            Hint::RANDOM => NatClass::Random,
+            Hint::INDEPENDENT => NatClass::Independent,
+            Hint::NONE => NatClass::Unknown,
+            _ => NatClass::Sequential,
+        };
+        match (self.nat_class(), peer) {
+            (NatClass::Random, NatClass::Independent) => Some((
+                HardNatPlan::BirthdayHard,
+                "our NAT gives random ports, the peer's keeps them: we open 256 mappings \
+                 towards it and it sprays our IP (birthday strategy)",
+            )),
+            (NatClass::Independent, NatClass::Random) => Some((
+                HardNatPlan::BirthdayEasy,
+                "the peer's NAT gives random ports, ours keeps them: the peer opens 256 \
+                 mappings towards us and we spray its IP (birthday strategy)",
+            )),
+            (NatClass::Random, NatClass::Random | NatClass::Sequential)
+            | (NatClass::Sequential, NatClass::Random) => Some((
+                HardNatPlan::Unlikely,
+                "both NATs map per destination and one gives random ports: a hit needs two \
+                 coincidences at once (about 3 % within 2,000 datagrams per side); this pair \
+                 is unlikely to punch without a relay",
+            )),
+            _ => None,
+        }
+    }
+
+    /// Starts the hard-NAT plan of this round; returns the round's timeout.
+    fn start_hard_nat(
+        &mut self,
+        now: Instant,
+        plan: HardNatPlan,
+        why: &'static str,
+        peer: SocketAddrV4,
+        timeout: Duration,
+    ) -> Duration {
+        let first = match plan {
+            HardNatPlan::Unlikely => !self.unlikely_said,
+            _ => true,
+        };
+        if first {
+            self.events.push_back(Event::HardNat { plan, why });
+        }
+        let spray_time = SPRAY_TICK * u32::from(SPRAY_MAX.div_ceil(SPRAY_BATCH));
+        match plan {
+            HardNatPlan::BirthdayHard => {
+                if self.extra_slots == 0 {
+                    self.extra_slots = BIRTHDAY_SLOTS;
+                    self.commands.push_back(Command::OpenSlots {
+                        count: BIRTHDAY_SLOTS,
+                    });
+                }
+                // One datagram from each towards the peer's one port opens 256 mappings.
+                let base = usize::from(self.config.window_slots() + self.config.probe_slots());
+                if self.spend(now, u32::from(self.extra_slots)) {
+                    let payload = self.punch_bytes();
+                    self.own_mappings += u32::from(self.extra_slots);
+                    for i in 0..usize::from(self.extra_slots) {
+                        self.transmits.push_back(Transmit {
+                            slot: base + i,
+                            destination: peer.into(),
+                            payload,
+                        });
+                    }
+                }
+                timeout.max(spray_time + self.rtt().saturating_mul(4))
+            }
+            HardNatPlan::BirthdayEasy => {
+                self.spray = Some((*peer.ip(), 0));
+                self.spray_tick(now);
+                timeout.max(spray_time + self.rtt().saturating_mul(4))
+            }
+            HardNatPlan::Unlikely => {
+                self.unlikely_said = true;
+                self.unlikely_rounds += 1;
+                if self.unlikely_rounds > UNLIKELY_ROUNDS {
+                    self.finish();
+                    self.events.push_back(Event::GaveUp { rounds: self.round });
+                }
+                timeout
+            }
+        }
+    }
+
+    /// The easy side's spray: a few PUNCHes from the EXCHANGE's socket to random ports of the
+    /// peer's IP, every tick, until [`SPRAY_MAX`] or the round ends.
+    fn spray_tick(&mut self, now: Instant) {
+        self.spray_at = None;
+        let Some((ip, sent)) = self.spray else {
+            return;
+        };
+        if !matches!(self.phase, Phase::Punching { .. }) || sent >= SPRAY_MAX {
+            self.spray = None;
+            return;
+        }
+        let n = SPRAY_BATCH.min(SPRAY_MAX - sent);
+        if self.spend(now, u32::from(n)) {
+            let payload = self.punch_bytes();
+            for _ in 0..n {
+                let port = 1024 + (self.rng.next_u32() % (65536 - 1024)) as u16;
+                self.transmits.push_back(Transmit {
+                    slot: self.exchange_slot,
+                    destination: SocketAddrV4::new(ip, port).into(),
+                    payload,
+                });
+            }
+        }
+        self.spray = Some((ip, sent + n));
+        self.spray_at = Some(crate::later(now, SPRAY_TICK));
     }
 
     /// Where to aim without a hint. v1 aims at `offset` every round. Predicting against a v1

@@ -552,6 +552,9 @@ impl Hint {
     pub const NONE: Hint = Hint(0);
     /// "My NAT allocates ports at random: do not aim, spray."
     pub const RANDOM: Hint = Hint(i16::MIN);
+    /// "My NAT keeps a socket's port whatever the destination (endpoint-independent, port
+    /// preserving): aim at my EXCHANGE's port exactly."
+    pub const INDEPENDENT: Hint = Hint(i16::MIN + 1);
 }
 
 /// Why 8 bytes are not an N4 message.

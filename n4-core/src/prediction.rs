@@ -53,6 +53,13 @@ const MAX_OBSERVATIONS: usize = 32;
 const MAX_SEQUENTIAL_JUMP: u32 = 1000;
 /// Largest port step believed without a back-to-back pair of probes.
 const MAX_STEP: u32 = 8;
+/// Block changes tolerated among the observations of a sequential (carrier, port-block) NAT.
+const MAX_BLOCK_JUMPS: usize = 2;
+/// Observations the classification looks at (the latest).
+const RECENT: usize = 10;
+/// The longest step inside a block's run (own mappings and other hosts' flows between two
+/// observations).
+const MAX_BLOCK_RUN_STEP: u32 = 256;
 
 impl PortPredictor {
     /// Records that our `seq`-th new mapping, made at `sent`, got public `port`. Ignored once
@@ -87,12 +94,19 @@ impl PortPredictor {
     }
 
     /// Classifies the NAT from the observations.
+    ///
+    /// Sequential NATs show ports moving one way by small steps. A carrier NAT that hands
+    /// out ports in blocks does too, except where it moves on to the next block: such a jump
+    /// splits the observations into runs, and if every run is sequential the same way (and
+    /// there are at most [`MAX_BLOCK_JUMPS`] jumps) the NAT is sequential, its rate counted
+    /// inside the runs. Anything else is random.
     pub fn behaviour(&self) -> NatBehaviour {
-        let obs = &self.observations;
+        // The latest observations: a long session of a block NAT crosses many blocks, and
+        // what matters is where the NAT allocates now.
+        let obs = &self.observations[self.observations.len().saturating_sub(RECENT)..];
         if obs.len() < 2 {
             return NatBehaviour::Unknown;
         }
-        // (port difference, our own mappings in between + 1) between neighbours.
         let diffs: Vec<(i32, u32)> = obs
             .windows(2)
             .map(|w| {
@@ -100,23 +114,35 @@ impl PortPredictor {
                 (d, w[1].seq.saturating_sub(w[0].seq).max(1))
             })
             .collect();
-        let up = diffs.iter().all(|&(d, _)| d > 0);
-        let down = diffs.iter().all(|&(d, _)| d < 0);
-        if !(up || down)
-            || diffs
-                .iter()
-                .any(|(d, _)| d.unsigned_abs() > MAX_SEQUENTIAL_JUMP)
-        {
+        let ups = diffs
+            .iter()
+            .filter(|(d, _)| *d > 0 && d.unsigned_abs() <= MAX_SEQUENTIAL_JUMP)
+            .count();
+        let downs = diffs
+            .iter()
+            .filter(|(d, _)| *d < 0 && d.unsigned_abs() <= MAX_SEQUENTIAL_JUMP)
+            .count();
+        let up = ups >= downs;
+        let sequential = |d: i32, max: u32| d != 0 && (d > 0) == up && d.unsigned_abs() <= max;
+        // Every step one way: sequential. Otherwise runs of short steps one way, split by at
+        // most a few jumps, each jump followed by a short step: blocks. Random ports would
+        // need several short steps the same way by chance (≈ (256/65536)^k).
+        let strict = diffs
+            .iter()
+            .all(|(d, _)| sequential(*d, MAX_SEQUENTIAL_JUMP));
+        let max = if strict {
+            MAX_SEQUENTIAL_JUMP
+        } else {
+            MAX_BLOCK_RUN_STEP
+        };
+        let fits = |d: i32| sequential(d, max);
+        let jumps = diffs.iter().filter(|(d, _)| !fits(*d)).count();
+        let runs_ok = strict || diffs.len() - jumps >= 2 + jumps;
+        if jumps > MAX_BLOCK_JUMPS.max(diffs.len() / 3) || !runs_ok {
             return NatBehaviour::Random;
         }
-        // Every gap between neighbouring mappings of ours is a multiple of the step. Others
-        // rarely keep an even pace, and the client sends its first two probes back to back (a
-        // gap of one step, usually), so the common divisor is the step; a large one is read as
-        // an even pace of others instead. Gaps with unobserved mappings of ours in between
-        // would mislead it (two steps look like a step of 2), so only neighbours count.
-        // A step above 1 must also show itself once as a gap with nobody in between: a busy
-        // NAT's gaps are all even now and then by chance, its step is still 1.
-        let neighbours: Vec<u32> = diffs
+        let inside: Vec<(i32, u32)> = diffs.iter().copied().filter(|(d, _)| fits(*d)).collect();
+        let neighbours: Vec<u32> = inside
             .iter()
             .filter(|(_, mine)| *mine == 1)
             .map(|(d, _)| d.unsigned_abs())
@@ -125,11 +151,17 @@ impl PortPredictor {
             g if (2..=MAX_STEP).contains(&g) && neighbours.contains(&g) => g,
             _ => 1,
         };
-        let counted: u32 = diffs
+        let counted: u32 = inside
             .iter()
             .map(|&(d, mine)| (d.unsigned_abs() / step).saturating_sub(mine))
             .sum();
-        let span = obs[obs.len() - 1].sent - obs[0].sent;
+        // The time the runs cover (a jump's interval counts nothing).
+        let span: Duration = obs
+            .windows(2)
+            .zip(&diffs)
+            .filter(|(_, (d, _))| fits(*d))
+            .map(|(w, _)| w[1].sent.saturating_duration_since(w[0].sent))
+            .sum();
         let rate = if span.is_zero() {
             0.0
         } else {
@@ -143,9 +175,6 @@ impl PortPredictor {
         }
     }
 
-    /// Plans our punch window for a round whose punches leave about `horizon` after the
-    /// EXCHANGE: how many slots to punch from (at most `max_window`) and the hint that puts the
-    /// peer's aim in the middle of them. `None` when we know too little to advise (or have no
     /// slot to punch from).
     pub fn plan(&self, horizon: Duration, max_window: u16) -> Option<Plan> {
         if max_window == 0 {

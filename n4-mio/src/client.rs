@@ -388,6 +388,7 @@ impl Driver {
     fn command(&mut self, now: Instant, command: Command) -> Result<(), Error> {
         match command {
             Command::OpenWindow { ports } => self.open_window(&ports)?,
+            Command::OpenSlots { count } => self.open_slots(count),
             Command::Connect => self.connect(now),
             Command::Send(message) => {
                 if let Some(tcp) = &mut self.tcp {
@@ -434,6 +435,28 @@ impl Driver {
             });
         }
         Ok(())
+    }
+
+    /// More slots after the window and probe slots (ephemeral ports); one that cannot be bound
+    /// is simply not used.
+    fn open_slots(&mut self, count: u16) {
+        let mut failed = 0;
+        for _ in 0..count {
+            let slot = self.window.len();
+            let bound = sockets::bind_slot(0).and_then(|mut socket| {
+                self.poll.registry().register(
+                    &mut socket,
+                    Token(WINDOW_BASE + slot),
+                    Interest::READABLE,
+                )?;
+                Ok(socket)
+            });
+            if bound.is_err() {
+                failed += 1;
+            }
+            self.window.push(bound.ok());
+        }
+        debug!("{count} more slots for the birthday strategy ({failed} could not be bound)");
     }
 
     fn close_window(&mut self) {
@@ -575,9 +598,11 @@ impl Driver {
             };
             let data = &buf[..n];
             let config = self.client.config();
-            // Only the punch window carries the peer; probe slots and the server's own
-            // datagrams (same IP as the peer on loopback) are not the user's traffic.
-            let from_peer = slot < usize::from(config.window_slots())
+            // Probe slots and the server's own datagrams (same IP as the peer on loopback)
+            // are not the user's traffic; the window and the extra slots after the probes are.
+            let window = usize::from(config.window_slots());
+            let probes = window..window + usize::from(config.probe_slots());
+            let from_peer = !probes.contains(&slot)
                 && from != SocketAddr::from(config.server)
                 && from != SocketAddr::from(config.probe_server());
             if let Some(won) = self.won.as_mut().filter(|_| from_peer) {
@@ -732,6 +757,10 @@ impl Driver {
                     addr: self.client.config().server.into(),
                 })
             }
+            Event::HardNat { plan, why } => match plan {
+                n4_core::HardNatPlan::Unlikely => warn!("Hard NATs: {why}"),
+                _ => info!("Hard NATs: {why}"),
+            },
             Event::Rehello => {
                 self.waiting_since = None;
                 self.waiting_log_at = None;
@@ -908,6 +937,7 @@ fn hint_text(hint: n4_core::Hint) -> String {
     match hint {
         n4_core::Hint::NONE => "none".into(),
         n4_core::Hint::RANDOM => "random ports (no aim)".into(),
+        n4_core::Hint::INDEPENDENT => "my port exactly (the NAT keeps ports)".into(),
         n4_core::Hint(offset) => format!("{offset:+}"),
     }
 }

@@ -229,7 +229,11 @@ impl NatSpec {
                 "sequential" => Allocation::Sequential { step: 1 },
                 "random" => Allocation::Random,
                 "preserving" => Allocation::Preserving,
-                _ => return Err(bad("allocation", a)),
+                "blocks" => Allocation::Blocks { size: 64 },
+                _ => match a.strip_prefix("blocks:").and_then(|n| n.parse().ok()) {
+                    Some(size) => Allocation::Blocks { size },
+                    None => return Err(bad("allocation", a)),
+                },
             };
         }
         if let Some(step) = self.step {

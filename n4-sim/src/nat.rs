@@ -56,6 +56,12 @@ pub enum Allocation {
     },
     /// Uniform in the port range, skipping ports held by live mappings.
     Random,
+    /// Carrier-grade NATs: sequential +1 inside a block of `size` ports, then on to a block
+    /// picked at random (ports held by live mappings are skipped).
+    Blocks {
+        /// Ports per block (64–512 in the wild). Never 0.
+        size: u16,
+    },
 }
 
 /// How the other hosts behind a NAT open their flows.
@@ -139,6 +145,11 @@ impl NatConfig {
         if let Allocation::Sequential { step } = self.allocation {
             if step == 0 || step.unsigned_abs() > u32::from(hi - lo) + 1 {
                 return Err(format!("bad NAT step {step} for range {lo}-{hi}"));
+            }
+        }
+        if let Allocation::Blocks { size } = self.allocation {
+            if size == 0 || u32::from(size) > u32::from(hi - lo) + 1 {
+                return Err(format!("bad NAT block size {size} for range {lo}-{hi}"));
             }
         }
         if let Some(p) = self.first_port {
@@ -622,12 +633,15 @@ impl Nat {
     }
 
     fn run_background(&mut self, now: Duration, rng: &mut ChaCha8Rng) {
-        let Allocation::Sequential { step } = self.config.allocation else {
-            return;
-        };
         let rate = self.config.background_rate;
         while self.next_background <= now {
-            self.step_counter(step);
+            match self.config.allocation {
+                Allocation::Sequential { step } => self.step_counter(step),
+                Allocation::Blocks { size } => self.step_block(size, rng),
+                // Random and preserving allocation: other hosts' flows move nothing we
+                // could predict.
+                Allocation::Random | Allocation::Preserving => return,
+            }
             self.background_total += 1;
             self.next_background += match self.config.background {
                 BackgroundKind::Poisson => exponential(rng, rate),
@@ -654,6 +668,17 @@ impl Nat {
         } as u32;
     }
 
+    /// The next port of a block NAT: the next in the block, or the first of a random block.
+    fn step_block(&mut self, block: u16, rng: &mut ChaCha8Rng) {
+        let blocks = (self.size() / u32::from(block)).max(1);
+        let next = self.counter + 1;
+        self.counter = if next % u32::from(block) == 0 || next >= self.size() {
+            (rng.next_u64() % u64::from(blocks)) as u32 * u32::from(block)
+        } else {
+            next
+        };
+    }
+
     fn port_at(&self, index: u32) -> u16 {
         self.config.port_range.0 + index as u16
     }
@@ -675,6 +700,16 @@ impl Nat {
                 for _ in 0..size {
                     let port = self.port_at(self.counter);
                     self.step_counter(step);
+                    if !self.held(port) {
+                        return Some(port);
+                    }
+                }
+                None
+            }
+            Allocation::Blocks { size: block } => {
+                for _ in 0..size {
+                    let port = self.port_at(self.counter);
+                    self.step_block(block, rng);
                     if !self.held(port) {
                         return Some(port);
                     }

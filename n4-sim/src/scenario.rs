@@ -194,17 +194,20 @@ pub enum NatKind {
     Cone,
     /// Full cone (EIM/EIF), sequential +1: NAT1.
     FullCone,
+    /// Symmetric, port blocks of 64 in random order (carrier-grade NAT).
+    Blocks,
 }
 
 impl NatKind {
     /// Every kind.
-    pub const ALL: [NatKind; 6] = [
+    pub const ALL: [NatKind; 7] = [
         NatKind::Seq,
         NatKind::SeqDown,
         NatKind::Random,
         NatKind::Preserving,
         NatKind::Cone,
         NatKind::FullCone,
+        NatKind::Blocks,
     ];
 
     /// The name used on the command line and in files.
@@ -216,6 +219,7 @@ impl NatKind {
             NatKind::Preserving => "preserving",
             NatKind::Cone => "cone",
             NatKind::FullCone => "full-cone",
+            NatKind::Blocks => "blocks",
         }
     }
 
@@ -226,6 +230,7 @@ impl NatKind {
             NatKind::SeqDown => NatConfig::symmetric(Allocation::Sequential { step: -1 }),
             NatKind::Random => NatConfig::symmetric(Allocation::Random),
             NatKind::Preserving => NatConfig::symmetric(Allocation::Preserving),
+            NatKind::Blocks => NatConfig::symmetric(Allocation::Blocks { size: 64 }),
             NatKind::Cone => NatConfig::cone(Filtering::AddressAndPortDependent),
             NatKind::FullCone => NatConfig {
                 mapping: Mapping::EndpointIndependent,

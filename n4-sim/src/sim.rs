@@ -1154,6 +1154,19 @@ impl Sim {
                     s.window.push(p);
                 }
             }
+            Command::OpenSlots { count } => {
+                let s = &mut self.sites[i];
+                for _ in 0..count {
+                    let p = loop {
+                        let e = s.next_ephemeral;
+                        s.next_ephemeral = if e >= 60999 { 32768 } else { e + 1 };
+                        if !s.window.contains(&e) {
+                            break e;
+                        }
+                    };
+                    s.window.push(p);
+                }
+            }
             Command::Connect => self.connect(i),
             Command::Send(m) => {
                 if let Some(conn) = self.sites[i].conn {
@@ -1251,6 +1264,7 @@ impl Sim {
             Event::PeerAuthFailed => "partner failed authentication".into(),
             Event::Refused(r) => format!("refused by the server: {r:?}"),
             Event::NeedsOurServer => "keyed, but the server is v1".into(),
+            Event::HardNat { plan, .. } => format!("hard NAT pair: {plan:?}"),
             Event::Finished => "finished".into(),
             Event::GaveUp { rounds } => format!("gave up after {rounds} rounds"),
             Event::ServerUnreachable => "server unreachable".into(),

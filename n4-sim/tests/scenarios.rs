@@ -390,3 +390,70 @@ fn behind_a_v1_server_at_600_flows_per_second_our_offset_sweep_wins_in_a_later_r
     assert_eq!(ours.rounds(), 2, "{ours:?}");
     assert!(!run(&make(Strategy::V1)).unwrap().won());
 }
+
+/// Success within `limit` over `seeds` seeds of the default (predicting) clients behind the
+/// NATs `a` and `b`, each with `rate` background flows/s, 50 ms RTT; and the datagrams the
+/// clients sent, on average per side.
+fn hard_pair(seeds: u64, a: NatKind, b: NatKind, rate: f64, limit: Duration) -> (f64, f64) {
+    let mut wins = 0;
+    let mut datagrams = 0u64;
+    for seed in 0..seeds {
+        let mut s = Scenario::new(seed).map_clients(|c| c.max_rounds = None);
+        s.sites[0].nat = a.config().with_background(rate);
+        s.sites[1].nat = b.config().with_background(rate);
+        s.time_limit = limit;
+        let out = run(&s).unwrap();
+        if out.won() {
+            wins += 1;
+        }
+        datagrams += out.datagrams();
+    }
+    (
+        wins as f64 / seeds as f64,
+        datagrams as f64 / seeds as f64 / 2.0,
+    )
+}
+
+#[test]
+fn a_random_port_nat_facing_a_port_keeping_one_meets_it_by_the_birthday_strategy() {
+    // The random side opens 256 mappings towards the keeping side's one port; the keeping side
+    // sprays random ports of the random side's IP: ≈ 98 % within 1,024 datagrams.
+    for (a, b) in [
+        (NatKind::Random, NatKind::Preserving),
+        (NatKind::Preserving, NatKind::Random),
+    ] {
+        let (won, per_side) = hard_pair(60, a, b, 0.0, Duration::from_secs(5));
+        assert!(won >= 0.9, "{a:?} <-> {b:?}: {won}");
+        assert!(
+            per_side <= 1500.0,
+            "{a:?} <-> {b:?}: {per_side} datagrams per side"
+        );
+    }
+}
+
+#[test]
+fn carrier_port_blocks_on_both_sides_still_win_at_200_flows_per_second() {
+    let (won, _) = hard_pair(
+        60,
+        NatKind::Blocks,
+        NatKind::Blocks,
+        200.0,
+        Duration::from_secs(5),
+    );
+    assert!(won >= 0.95, "{won}");
+}
+
+#[test]
+fn random_against_sequential_is_said_unlikely_and_given_up_after_a_bounded_effort() {
+    let mut s = Scenario::new(3).map_clients(|c| c.max_rounds = None);
+    s.sites[0].nat = NatKind::Random.config();
+    s.sites[1].nat = NatKind::Seq.config();
+    s.time_limit = Duration::from_secs(60);
+    let out = run(&s).unwrap();
+    assert!(!out.won());
+    assert!(
+        out.clients.iter().all(|c| c.gave_up),
+        "looped instead of giving up: {out:?}"
+    );
+    assert!(out.elapsed < Duration::from_secs(30), "{:?}", out.elapsed);
+}

@@ -355,6 +355,13 @@ impl World {
                     })
                     .collect();
             }
+            Command::OpenSlots { count } => {
+                for _ in 0..count {
+                    self.next_conn += 1;
+                    let port = 50000 + (self.next_conn % 10000) as u16;
+                    self.hosts[i].window.push(port);
+                }
+            }
             Command::Connect => {
                 let conn = self.fresh_conn();
                 self.hosts[i].conn = Some(conn);
