@@ -34,7 +34,9 @@ pub use file::{ClientSpec, FileError, LinkSpec, NatSpec, ScenarioFile, SiteSpec}
 pub use link::Link;
 pub use n4_core::Strategy;
 pub use nat::{Allocation, BackgroundKind, Filtering, Mapping, NatConfig};
-pub use scenario::{parse_strategy, NatKind, Scenario, Site, Stop, SERVER_ADDR, STRATEGIES};
+pub use scenario::{
+    parse_strategy, NatKind, NatPair, Scenario, Site, Stop, SERVER_ADDR, STRATEGIES,
+};
 pub use sim::{
     run, run_traced, ClientOutcome, MappingRecord, Outcome, ScenarioError, Sim, SimOptions,
     TraceLevel,

@@ -107,7 +107,7 @@ struct SweepArgs {
     /// Loss values.
     #[arg(long, default_value = "0")]
     loss: String,
-    /// NAT kinds, comma-separated.
+    /// NAT kinds, comma-separated; `a/b` puts kind a at site A and b at site B (e.g. random/preserving).
     #[arg(long, default_value = "seq")]
     nat: String,
     /// Strategies, comma-separated.

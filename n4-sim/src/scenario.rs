@@ -240,6 +240,44 @@ impl NatKind {
     }
 }
 
+/// The NAT kinds of site A and site B: `kind` (both) or `a/b`, e.g. `random/preserving`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NatPair {
+    /// Site A's NAT.
+    pub a: NatKind,
+    /// Site B's NAT.
+    pub b: NatKind,
+}
+
+impl NatPair {
+    /// The same kind on both sides.
+    pub fn both(kind: NatKind) -> Self {
+        Self { a: kind, b: kind }
+    }
+
+    /// `kind`, or `a/b` when they differ.
+    pub fn name(self) -> String {
+        if self.a == self.b {
+            self.a.name().into()
+        } else {
+            format!("{}/{}", self.a.name(), self.b.name())
+        }
+    }
+}
+
+impl FromStr for NatPair {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((a, b)) => Ok(Self {
+                a: a.parse()?,
+                b: b.parse()?,
+            }),
+            None => s.parse().map(Self::both),
+        }
+    }
+}
+
 impl FromStr for NatKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

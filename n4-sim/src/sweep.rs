@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use n4_core::Strategy;
 
-use crate::scenario::{NatKind, Scenario};
+use crate::scenario::{NatKind, NatPair, Scenario};
 use crate::sim::{run, Outcome, ScenarioError};
 
 /// The axes of a sweep. Each list must be non-empty; the grid is their cross product.
@@ -30,7 +30,7 @@ pub struct Grid {
     /// End-to-end loss per path.
     pub loss: Vec<f64>,
     /// NAT kind (both sides).
-    pub nat: Vec<NatKind>,
+    pub nat: Vec<NatPair>,
     /// Client strategy (both sides).
     pub strategy: Vec<Strategy>,
     /// Runs per grid point.
@@ -48,7 +48,7 @@ impl Default for Grid {
             offset: vec![20],
             count: vec![25],
             loss: vec![0.0],
-            nat: vec![NatKind::Seq],
+            nat: vec![NatPair::both(NatKind::Seq)],
             strategy: vec![Strategy::V1],
             seeds: 20,
             seed_base: 0,
@@ -69,8 +69,8 @@ pub struct Point {
     pub count: u16,
     /// End-to-end loss.
     pub loss: f64,
-    /// NAT kind.
-    pub nat: NatKind,
+    /// NAT kinds of site A and site B.
+    pub nat: NatPair,
     /// Strategy.
     pub strategy: Strategy,
 }
@@ -150,14 +150,14 @@ impl Point {
             .with_rtt(Duration::from_secs_f64(self.rtt_ms / 1000.0))
             .with_loss(self.loss);
         s.seed = seed;
-        for site in &mut s.sites {
+        for (site, kind) in s.sites.iter_mut().zip([self.nat.a, self.nat.b]) {
             let keep = site.nat;
             site.nat = crate::nat::NatConfig {
                 lifetime: keep.lifetime,
                 background: keep.background,
                 port_range: keep.port_range,
                 background_rate: self.lambda,
-                ..self.nat.config()
+                ..kind.config()
             };
             site.client.peer_port_offset = self.offset;
             site.client.port_count = self.count;
@@ -284,7 +284,7 @@ struct CsvRow<'a> {
     offset: i32,
     count: u16,
     loss: f64,
-    nat: &'a str,
+    nat: String,
     strategy: &'a str,
     runs: u64,
     wins: u64,
