@@ -14,8 +14,10 @@
 //!   the window. Whenever the server or the peer is v1, it speaks v1 to them; against a v1
 //!   server it still sweeps its aim over the rounds instead of v1's fixed offset.
 //!
-//! WIN is reported as soon as the peer's PUNCH arrives; the acknowledgement burst goes on as
-//! timed transmits.
+//! Against a v1 peer, WIN is reported as soon as its PUNCH arrives and the acknowledgement
+//! burst goes on as timed transmits. Between two clients of ours WIN is confirmed: a PUNCH is
+//! answered by an ACK on the same pair, the leader wins on the first pair an ACK proves and
+//! names it with CONFIRM, the other side wins on the CONFIRM (see docs/PROTOCOL.md).
 //!
 //! Sans-IO contract: after every `handle_*` call, drain [`Client::poll_command`] first (it opens
 //! the window and the TCP connection the transmits need), then [`Client::poll_transmit`] and
@@ -849,6 +851,11 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// Whether the peer showed itself one of ours (a HINT, an ACK or CONFIRM, or our key).
+    pub fn peer_is_ours(&self) -> bool {
+        self.peer_ours
     }
 
     /// Whether bytes that arrived on the window are the session's own handshake (PUNCH, ACK,

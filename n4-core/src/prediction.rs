@@ -65,11 +65,13 @@ impl PortPredictor {
     /// Records that our `seq`-th new mapping, made at `sent`, got public `port`. Ignored once
     /// full, or if `seq` was recorded already.
     pub fn observe(&mut self, seq: u32, sent: Instant, port: u16) {
-        if self.observations.len() < MAX_OBSERVATIONS
-            && self.observations.iter().all(|o| o.seq != seq)
-        {
+        if self.observations.iter().all(|o| o.seq != seq) {
             self.observations.push(Observation { seq, sent, port });
             self.observations.sort_by_key(|o| o.seq);
+            // The oldest go first: what matters is where the NAT allocates now.
+            if self.observations.len() > MAX_OBSERVATIONS {
+                self.observations.remove(0);
+            }
         }
     }
 
@@ -175,6 +177,9 @@ impl PortPredictor {
         }
     }
 
+    /// Plans our punch window for a round whose punches leave about `horizon` after the
+    /// EXCHANGE: how many slots to punch from (at most `max_window`) and the hint that puts the
+    /// peer's aim in the middle of them. `None` when we know too little to advise (or have no
     /// slot to punch from).
     pub fn plan(&self, horizon: Duration, max_window: u16) -> Option<Plan> {
         if max_window == 0 {

@@ -82,7 +82,7 @@ pub struct WinReport {
     pub peer: SocketAddr,
     /// 1-based round that won.
     pub round: u32,
-    /// From start to the peer's PUNCH arriving.
+    /// From start to the `[ WIN ]` line (what the user waited).
     pub elapsed_ms: u64,
     /// The strategy that aimed the winning round: `v1` (the original's fixed offset) or
     /// `predict` (our extension, when the server and the peer are ours).
@@ -309,7 +309,7 @@ impl Driver {
             self.keepalive_at,
             self.deadline.filter(|_| self.won.is_none()),
             self.waiting_log_at,
-            dead_at.filter(|_| self.finished),
+            dead_at.filter(|_| self.finished && self.peer_keeps_alive),
         ]
         .into_iter()
         .flatten()
@@ -335,8 +335,13 @@ impl Driver {
         }
         if let (Some(since), Some(at)) = (self.waiting_since, self.waiting_log_at) {
             if at <= now {
+                let keyed = if self.client.config().key.is_some() {
+                    " (keyed: the partner needs the same key)"
+                } else {
+                    ""
+                };
                 info!(
-                    "Waiting for a partner with identifier [{}] at {}: {} s so far",
+                    "Waiting for a partner with identifier [{}] at {}{keyed}: {} s so far",
                     self.client.config().ident,
                     self.client.config().server,
                     now.saturating_duration_since(since).as_secs()
@@ -614,8 +619,11 @@ impl Driver {
                 }
                 let on_path = won.paths.get(&slot) == Some(&from);
                 if on_path {
+                    // Anything on the path shows the hole alive; a keepalive (or a confirmed
+                    // WIN) shows the peer is one of ours, which keeps the hole too (a v1
+                    // peer's silence is no death).
                     self.last_from_peer = Some(now);
-                    self.peer_keeps_alive |= data == KEEPALIVE;
+                    self.peer_keeps_alive |= data == KEEPALIVE || self.client.peer_is_ours();
                 }
                 if !on_path {
                     debug!("{n} bytes from {from} on slot {slot}: not the peer's path; dropped");
@@ -673,9 +681,16 @@ impl Driver {
     fn event(&mut self, now: Instant, event: Event) -> Result<Option<ClientOutcome>, Error> {
         match event {
             Event::RoundStarted {
-                first_port, count, ..
+                first_port,
+                count,
+                in_session,
+                ..
             } => {
                 self.exchange_logged = false;
+                if !in_session {
+                    // A new connection may seat another partner: its key comes anew.
+                    self.peer_data = None;
+                }
                 // The window this round really uses is the one opened last (commands run
                 // before events); the event's own `first_port` may lag behind after a LOSE.
                 let first = self.window_first.unwrap_or(first_port);

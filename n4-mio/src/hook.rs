@@ -15,6 +15,10 @@ pub(crate) fn run(cmd: &str, report: &WinReport, json: &str) {
     command
         .args(["-c", cmd])
         .stdin(Stdio::piped())
+        // Our stdout carries only the `--json` result; the hook's output goes to stderr.
+        .stdout(Stdio::from(std::io::stderr()))
+        // The key stays with us.
+        .env_remove("N4_KEY")
         .env("N4_LOCAL_PORT", report.local_port.to_string())
         .env("N4_PEER", report.peer.to_string())
         .env("N4_PEER_IP", report.peer.ip().to_string())

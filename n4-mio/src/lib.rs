@@ -31,6 +31,22 @@ pub use probe::{run_probe, ProbeOptions, ProbeReport};
 pub use server::{run_server, ServerOptions};
 pub use wg::parse_key as parse_wg_key;
 
+/// 32 bytes from the operating system's RNG, to seed a client's CSPRNG (its handshake
+/// nonces). Without an OS RNG, std's hasher keys (which come from it too) as a last resort.
+pub fn random_seed() -> [u8; 32] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut seed = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut seed) {
+        tracing::warn!("no OS random numbers ({e}); seeding from the hasher");
+        for (i, chunk) in seed.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(i);
+            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
+        }
+    }
+    seed
+}
+
 use std::io;
 use std::net::SocketAddr;
 
@@ -38,11 +54,14 @@ use std::net::SocketAddr;
 pub mod exit {
     /// WIN (client), or a clean stop (server, or a client after WIN with `--keepalive`/`--forward`).
     pub const WIN: i32 = 0;
-    /// The client gave up (`--rounds`) without a WIN.
+    /// The client gave up without a WIN: `--rounds`, `--timeout`, or a NAT pair that is
+    /// unlikely to punch.
     pub const GAVE_UP: i32 = 1;
     /// Bad flags or flag values.
     pub const USAGE: i32 = 2;
-    /// A network error: server unreachable, port in use, name not resolved.
+    /// A network error: server unreachable, port in use, name not resolved; a server that
+    /// refused our key or cannot serve a keyed session; a WireGuard interface that cannot be
+    /// used.
     pub const NETWORK: i32 = 3;
     /// Stopped by SIGINT/SIGTERM before a WIN.
     pub const INTERRUPTED: i32 = 130;

@@ -61,6 +61,11 @@ pub fn run_link(
     for attempt in 0u32.. {
         if attempt > 0 {
             options.config.port_start = window_start(base, slots, attempt);
+            // Fresh nonces for every handshake: a seed used twice would repeat them, and a
+            // recorded handshake could be replayed.
+            options.config.rng_seed = crate::random_seed();
+            // `--timeout` bounds the wait for the first WIN, not the life of the link.
+            options.timeout = None;
         }
         let outcome = run_client(options.clone())?;
         if stop.load(Ordering::Relaxed) {

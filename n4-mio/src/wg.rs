@@ -108,6 +108,14 @@ pub(crate) fn reinitiate(
     endpoint: SocketAddr,
     every: Duration,
 ) -> Result<(), Error> {
+    // Removing the peer would lose a preshared key we cannot read back into `wg set`
+    // without a file: with one, WireGuard's own retry (5 s) has to do.
+    let psk = wg(iface, &["show", iface, "preshared-keys"])?
+        .lines()
+        .any(|l| l.split_once('\t').is_some_and(|(k, v)| k == peer && v != "(none)"));
+    if psk {
+        return keepalive(iface, peer, every);
+    }
     let allowed = wg(iface, &["show", iface, "allowed-ips"])?
         .lines()
         .find_map(|l| {

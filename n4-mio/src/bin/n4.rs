@@ -1,12 +1,11 @@
 //! `n4`: UDP hole punching between two hosts behind port-incrementing NATs — a drop-in for the
 //! original `n4.py` (same flags, defaults, wire protocol and log lines), and more.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::FalseyValueParser;
 use clap::{ArgAction, Parser};
 use n4_core::{ClientConfig, Ident, Key, ServerConfig, Strategy};
 use n4_mio::{
@@ -21,17 +20,26 @@ Examples:
   n4 probe -h 192.0.2.2              what does my NAT do? (mapping, filtering, port allocation)
   n4 -c -h 192.0.2.2                 client: punch, print [ WIN ] and the nc line, exit
   n4 -c -h 192.0.2.2 --json          ... and print the result as one JSON object on stdout
+  n4 -c -h 192.0.2.2 --key-file k   only a partner holding the key k (N4_KEY works too)
+  n4 -c -h 192.0.2.2 --key-file k --wg wg0
+                                     a lasting WireGuard link, punched again when it dies
   n4 -c -h 192.0.2.2 --forward 127.0.0.1:51820
                                      keep the hole and relay it to a local UDP program
 
 Identifier: v1's server served only its -a identifier (default n4n4n4). This server serves
 any identifier, one room per identifier, unless -a is given: then only that one.
 
+Keys: --key-file FILE (or N4_KEY=the key itself) on both clients pairs only holders of the
+key, authenticated through the server; on the server it serves only them.
+
+Every flag can also come from its environment variable (shown as [env: N4_...]).
+
 Exit codes:
   0    WIN (client); clean stop on Ctrl-C/SIGTERM (server, or client after WIN)
-  1    gave up after --rounds rounds without WIN
+  1    gave up: --rounds or --timeout passed without WIN, or a NAT pair unlikely to punch
   2    bad flags or flag values
-  3    network error: server unreachable, port in use, host not resolved
+  3    network error: server unreachable, port in use, host not resolved; the server refused
+       our key or cannot serve a keyed session; the WireGuard interface cannot be used
   130  stopped by Ctrl-C/SIGTERM before WIN";
 
 /// UDP hole punching between two hosts behind port-incrementing NATs (NAT4 <-> NAT4).
@@ -70,7 +78,8 @@ struct Cli {
         long,
         help_heading = "Server",
         conflicts_with = "client",
-        env = "N4_SERVER"
+        env = "N4_SERVER",
+        value_parser = FalseyValueParser::new()
     )]
     server: bool,
 
@@ -157,7 +166,8 @@ struct Cli {
     probe_rate: u32,
 
     /// Pure v1: no token in READY (server); no probes, fixed offset (client)
-    #[arg(long, env = "N4_NO_EXT")]
+    #[arg(long, env = "N4_NO_EXT",
+        value_parser = FalseyValueParser::new())]
     no_ext: bool,
 
     /// Shared key, read from FILE (the environment variable N4_KEY holds it instead; never
@@ -168,7 +178,8 @@ struct Cli {
     key_file: Option<std::path::PathBuf>,
 
     /// Run in client mode
-    #[arg(short = 'c', long, help_heading = "Client", env = "N4_CLIENT")]
+    #[arg(short = 'c', long, help_heading = "Client", env = "N4_CLIENT",
+        value_parser = FalseyValueParser::new())]
     client: bool,
 
     /// Hostname of the N4 server (required with -c)
@@ -227,7 +238,8 @@ struct Cli {
     offset: i32,
 
     /// Accept the peer's punch from any IP, not only the server-given one
-    #[arg(short = 'x', long, help_heading = "Client", env = "N4_ANY_IP")]
+    #[arg(short = 'x', long, help_heading = "Client", env = "N4_ANY_IP",
+        value_parser = FalseyValueParser::new())]
     any_ip: bool,
 
     /// Give up after N rounds (exit 1) [default: never]
@@ -250,7 +262,8 @@ struct Cli {
     round_timeout: f64,
 
     /// On WIN, print the result as one JSON object on stdout
-    #[arg(long, help_heading = "Client", env = "N4_JSON")]
+    #[arg(long, help_heading = "Client", env = "N4_JSON",
+        value_parser = FalseyValueParser::new())]
     json: bool,
 
     /// After WIN, keep the hole open: a keepalive every SECS [15, at least 1] until Ctrl-C
@@ -564,6 +577,11 @@ fn server_options(cli: &Cli) -> Result<ServerOptions, Usage> {
             "--max-conns, --max-per-ip and --max-waiting-per-ip must be at least 1".into(),
         ));
     }
+    if cli.no_ext && (cli.key_file.is_some() || std::env::var_os(KEY_ENV).is_some()) {
+        return Err(Usage(
+            "a private server (--key-file / N4_KEY) needs the extension; drop --no-ext".into(),
+        ));
+    }
     if cli.probe_rate == 0 {
         return Err(Usage("--probe-rate must be at least 1".into()));
     }
@@ -615,7 +633,15 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
             let to = resolve_any(target)
                 .map_err(|reason| Usage(format!("--forward {target:?}: {reason}")))?;
             // Loopback unless told otherwise: the relay socket must not be reachable from
-            // the network (it sends what it hears through the hole).
+            // the network (it sends what it hears through the hole). A program elsewhere
+            // cannot be reached from loopback: then the address must be chosen.
+            if cli.forward_bind.is_none() && !to.ip().is_loopback() {
+                return Err(Usage(format!(
+                    "--forward {target}: not on this machine; say where the relay socket \
+                     listens with --forward-bind ADDR:PORT (it relays only {to})"
+                ))
+                .into());
+            }
             let bind = cli.forward_bind.unwrap_or_else(|| {
                 let ip = match to.ip() {
                     IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -640,7 +666,7 @@ fn client_options(cli: &Cli) -> Result<ClientOptions, Failure> {
     let key = key(cli)?;
     let mut config = ClientConfig {
         key,
-        rng_seed: random_bytes(),
+        rng_seed: n4_mio::random_seed(),
         ident: ident(cli)?.unwrap_or_default(),
         server: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, cli.port),
         port_start: cli.start,
@@ -737,20 +763,12 @@ fn resolve_any(target: &str) -> Result<SocketAddr, String> {
     addrs.next().ok_or_else(|| "no address".into())
 }
 
-/// Seed bytes from the operating system's RNG (nonces and tokens come from CSPRNGs seeded
-/// with them).
+/// Seed bytes from the operating system's RNG (tokens come from a CSPRNG seeded with them).
 fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut seed = [0u8; N];
-    if let Err(e) = getrandom::fill(&mut seed) {
-        // No OS RNG: std's hasher keys come from it too, but try them as a last resort.
-        tracing::warn!("no OS random numbers ({e}); seeding from the hasher");
-        for (i, chunk) in seed.chunks_mut(8).enumerate() {
-            let mut h = RandomState::new().build_hasher();
-            h.write_usize(i);
-            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
-        }
-    }
-    seed
+    let seed = n4_mio::random_seed();
+    let mut out = [0u8; N];
+    out.copy_from_slice(&seed[..N]);
+    out
 }
 
 /// The environment variable that may hold the key itself.
