@@ -954,7 +954,8 @@ impl Harness {
                 .sides
                 .iter()
                 .any(|s| s.ip == ip || s.exchanged.map(|e| IpAddr::V4(*e.ip())) == Some(ip));
-            if pair.ident != id || !listed {
+            // A keyed pair takes token EXCHANGEs only.
+            if pair.keyed || pair.ident != id || !listed {
                 continue;
             }
             if pair.sides.iter().any(|s| s.exchanged == Some(from)) {

@@ -648,8 +648,12 @@ impl Server {
             second: self.conns[&conn].remote,
         });
         self.pair_deadlines.insert((deadline, pair));
-        for ip in p.v1_ips().into_iter().flatten() {
-            self.v1_index.insert((ident, ip, pair));
+        // A keyed pair takes token EXCHANGEs only: a plain one (from a shared NAT, or spoofed)
+        // must never claim its seats.
+        if !room.keyed {
+            for ip in p.v1_ips().into_iter().flatten() {
+                self.v1_index.insert((ident, ip, pair));
+            }
         }
         self.pairs.insert(pair, p);
     }
@@ -712,7 +716,7 @@ impl Server {
         s.round = round;
         s.exchanged = Some(from);
         s.hint = hint;
-        let now_listed = pair.v1_ips();
+        let now_listed = if pair.keyed { listed } else { pair.v1_ips() };
         for ip in listed
             .iter()
             .flatten()

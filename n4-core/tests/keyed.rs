@@ -331,3 +331,27 @@ fn a_private_server_refuses_a_wrong_key_and_a_missing_one() {
     assert!(w.run_until(Duration::from_secs(5), |w| w.won(a).is_some()
         && w.won(b).is_some()));
 }
+
+#[test]
+fn a_plain_exchange_from_a_seats_ip_cannot_claim_a_keyed_seat() {
+    // A neighbour behind the same NAT (or a spoofer) knows the room tag and sends a v1
+    // EXCHANGE from the victim's public IP before the victim's own token EXCHANGE.
+    let now = Instant::now();
+    let mut s = Server::new(ServerConfig::default());
+    let room = key().room(Ident::default());
+    let (a, b) = (ConnId(1), ConnId(2));
+    let ip_a = std::net::Ipv4Addr::new(198, 51, 100, 3);
+    s.handle_connection_opened(now, a, SocketAddr::from((ip_a, 4000)));
+    s.handle_connection_opened(now, b, SocketAddr::from(([203, 0, 113, 12], 4000)));
+    for (conn, nonce) in [(a, [1u8; 16]), (b, [2u8; 16])] {
+        let hello = LongMessage::KeyedHello {
+            room,
+            nonce,
+            proof: [0; 16],
+        };
+        s.handle_stream_data(now, conn, &hello.to_bytes());
+    }
+    while s.poll_output().is_some() {}
+    s.handle_datagram(now, SocketAddr::from((ip_a, 6666)), &Message::Exchange(room).to_bytes());
+    assert_eq!(s.stats().ignored_datagrams, 1, "the plain EXCHANGE was taken");
+}
