@@ -70,6 +70,11 @@ pub struct ClientOptions {
     pub exec: Option<String>,
 }
 
+/// A server that closes a keyed HELLO's connection within this, [`KEYED_CLOSES`] times in a
+/// row, cannot serve keyed sessions.
+const QUICK_CLOSE: Duration = Duration::from_secs(1);
+const KEYED_CLOSES: u32 = 3;
+
 /// How often a client waiting for a partner says it still waits.
 const WAITING_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -163,6 +168,7 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
         peer_data: None,
         last_from_peer: None,
         peer_keeps_alive: false,
+        keyed_closes: 0,
     };
     driver.deadline = driver.options.timeout.and_then(|t| start.checked_add(t));
     let mut events = Events::with_capacity(256);
@@ -273,6 +279,8 @@ struct Driver {
     peer_data: Option<[u8; 32]>,
     /// After WIN: when the peer's path last carried anything.
     last_from_peer: Option<Instant>,
+    /// Keyed HELLOs the server closed at once, in a row.
+    keyed_closes: u32,
     /// A keepalive came from the peer: it keeps the hole too (a v1 peer never does, and its
     /// silence is no death).
     peer_keeps_alive: bool,
@@ -711,6 +719,7 @@ impl Driver {
                 self.waiting_log_at = now.checked_add(WAITING_LOG_INTERVAL);
             }
             Event::Ready { extended } => {
+                self.keyed_closes = 0;
                 self.waiting_since = None;
                 self.waiting_log_at = None;
                 info!(" => Ready ");
@@ -831,6 +840,20 @@ impl Driver {
                 });
             }
             Event::Lose { reason, .. } => {
+                // A keyed HELLO that the server answers by closing at once, again and again:
+                // a v1 server (or ours with --no-ext), which cannot serve a keyed session.
+                let quick = self
+                    .waiting_since
+                    .is_some_and(|t| now.saturating_duration_since(t) < QUICK_CLOSE);
+                if reason == LoseReason::ServerClosed && quick && self.client.config().key.is_some()
+                {
+                    self.keyed_closes += 1;
+                    if self.keyed_closes >= KEYED_CLOSES {
+                        return Err(Error::NeedsOurServer {
+                            addr: self.client.config().server.into(),
+                        });
+                    }
+                }
                 self.waiting_since = None;
                 self.waiting_log_at = None;
                 info!("[ LOSE ]");

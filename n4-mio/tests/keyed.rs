@@ -309,3 +309,32 @@ fn injected_punches_never_win_a_keyed_session_on_loopback() {
     assert!((27800..27864).contains(&pa.port()), "A won with {pa}");
     assert!((27700..27764).contains(&pb.port()), "B won with {pb}");
 }
+
+#[test]
+fn a_keyed_client_at_a_v1_server_stops_with_one_line() {
+    // The original server closes a connection whose first 8 bytes are no HELLO for its
+    // identifier: a keyed HELLO (command 0x10) is closed at once, every time.
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(10) {
+            let Ok(mut conn) = conn else { break };
+            let mut first = [0u8; 8];
+            let _ = conn.read_exact(&mut first);
+        }
+    });
+    let key = key_file("v1server", "correct horse battery staple");
+    let mut p = client("c", port, 0, &["--key-file", key.to_str().unwrap()]);
+    assert_eq!(p.wait_exit(T).code(), Some(3), "{}", p.log());
+    let errors: Vec<String> = p
+        .log()
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .map(String::from)
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("does not speak n4's extension"),
+        "{errors:?}"
+    );
+}
