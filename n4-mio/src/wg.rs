@@ -112,7 +112,10 @@ pub(crate) fn reinitiate(
     // without a file: with one, WireGuard's own retry (5 s) has to do.
     let psk = wg(iface, &["show", iface, "preshared-keys"])?
         .lines()
-        .any(|l| l.split_once('\t').is_some_and(|(k, v)| k == peer && v != "(none)"));
+        .any(|l| {
+            l.split_once('\t')
+                .is_some_and(|(k, v)| k == peer && v != "(none)")
+        });
     if psk {
         return keepalive(iface, peer, every);
     }
