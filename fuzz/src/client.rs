@@ -1,24 +1,33 @@
 //! The `client` target: arbitrary configurations (both strategies), server bytes, connect
-//! results, datagrams on any slot from any address (punches, ACKs, CONFIRMs, probe replies,
-//! garbage), closes and time, applied to [`Client`] through a well-behaved driver model.
+//! results, datagrams on any open slot from any address (punches, ACKs, CONFIRMs, probe
+//! replies, window slot 0's probe answer, garbage), closes and time, applied to [`Client`]
+//! through a well-behaved driver model.
 //!
 //! The driver only reports what a real one could: a connect result after `Connect`, stream
-//! events while connected, datagrams while a window is open (on any slot, in range or not),
+//! events while connected, datagrams on the slots it opened (window, probe and extra slots),
 //! timers at or after their deadline. After every step it checks:
 //! - `Client::new` refuses exactly the invalid configurations;
 //! - commands make sense for the driver (one `Connect` per fresh round or re-HELLO, writes and
 //!   `Disconnect` only while connected, one HELLO per connection, windows of `window_slots`
 //!   consecutive ports that never pass 65535 followed by `probe_slots` ephemeral ones, a new
-//!   window only once the old connection is gone); undecodable server bytes end the connection;
+//!   window only once the old connection is gone, `OpenSlots { count: 256 }` exactly when a
+//!   birthday round's hard side needs its extra slots, once a window); undecodable server
+//!   bytes end the connection;
 //! - every transmit uses an open slot: EXCHANGEs go to the server from a window slot after
-//!   READY, with the round's token; PROBEs to the probe port from a probe slot; PUNCHes from a
-//!   window slot to the round's target; and the answers to the peer exactly as the model of
-//!   the confirmed WIN says (below);
-//! - the peer's datagrams are judged as the model judges them (keyless: PUNCH, ACK and
-//!   CONFIRM carrying our identifier, from an acceptable source, with the peer known from this
-//!   round's PEERINFO or, while a session round waits for it, the session's last one; PUNCHes
-//!   before that are kept, the first per source IP for [`EARLY_PUNCH_SOURCES`] IPs, and judged
-//!   at PEERINFO):
+//!   READY, with the round's token and its planned hint (a v1 one from slot 0); PROBEs to the
+//!   probe port from the probe slots in order, and from window slot 0 exactly once a window,
+//!   right before the first, when its port is known; PUNCHes from a window slot to the round's
+//!   target, the birthday strategy's exactly as below; and the answers to the peer exactly as
+//!   the model of the confirmed WIN says (below);
+//! - `Planned` is exactly the predictor's plan (`client.predictor()`, as it was at that point
+//!   of the step), except that a NAT that kept window slot 0's port (its PROBE answer named
+//!   it) gives hint INDEPENDENT; `PunchSent` counts the planned window's passes;
+//! - a datagram on window slot 0 from the probe port is that PROBE's answer, never the
+//!   peer's; the peer's datagrams (on window and extra slots) are judged as the model judges
+//!   them (keyless: PUNCH, ACK and CONFIRM carrying our identifier, from an acceptable source,
+//!   with the peer known from this round's PEERINFO or, while a session round waits for it,
+//!   the session's last one; PUNCHes before that are kept, the first per source IP for
+//!   [`EARLY_PUNCH_SOURCES`] IPs, and judged at PEERINFO):
 //!   - a PUNCH wins the v1 way (WIN, then the acknowledgement burst: `ack_count` PUNCHes for a
 //!     v1 round, 3 for a predicted one) unless the client is *confirming* (an extended READY
 //!     and a SEEN that orders the two public addresses); then it is ACKed on its pair (once per
@@ -28,11 +37,28 @@
 //!   - an ACK or CONFIRM shows the peer is ours (disarms the fallback); an ACK to the leader
 //!     (the lower public address) or a CONFIRM to the other side wins at once on its pair: the
 //!     leader sends 3 CONFIRMs there, then both leave (`Disconnect`, `Finished`) in that step;
+//!     an ACK to the other side on a pair it has not ACKed is ACKed back (same cap);
 //!   - every WIN the model expects happens, and no other;
-//! - rounds are numbered 1, 2, …; each ends in at most one of WIN or LOSE; `max_rounds` is
-//!   respected; the server closing the connection ≥ 1 s after HELLO while READY is awaited is a
-//!   re-HELLO (same round, a new connection), earlier a LOSE; a REFUSED from the server ends
-//!   the client;
+//! - PEERINFO aims at the peer's port plus its hint (INDEPENDENT: exactly its port), else
+//!   plus v1's offset; with a hint, the pair's NAT classes (ours: port-keeping, else the
+//!   predictor's behaviour, "random" read as sequential once a plan saw it sequential; the
+//!   peer's from its hint) choose a hard-NAT plan, announced by `HardNat` (an unlikely pair
+//!   once per client):
+//!   - birthday, hard side (ours random, the peer's port-keeping): one PUNCH from each of 256
+//!     extra slots to the PEERINFO address, right after the punch passes;
+//!   - birthday, easy side (ours port-keeping, the peer's random): the spray, 5 PUNCHes every
+//!     10 ms from the EXCHANGE slot to the peer's IP at ports drawn from the client's
+//!     ChaCha20 (as the model draws them from the same seed), 1,024 at most, only while
+//!     punching;
+//!   - both: the round lasts `max(its timeout, 2.05 s + 4·RTT)`;
+//!   - unlikely (per-destination NATs, one random): the 4th such round gives up (`GaveUp`)
+//!     at PEERINFO, its punches out;
+//! - rounds are numbered 1, 2, …; each ends in at most one of WIN or LOSE; a punching round
+//!   ends at its deadline, not before (the client's next timer is never after it, nor after
+//!   the spray's tick); `max_rounds` is respected; the server closing the connection ≥ 1 s
+//!   after HELLO while READY is awaited is a re-HELLO (same round, a new connection), earlier
+//!   a LOSE; a REFUSED from the server ends the client;
+//! - `peer_is_ours()` says what the connection showed (a HINT, a genuine ACK or CONFIRM);
 //! - `poll_timeout()` is never in the past, fires finitely often at one instant, and the
 //!   client is never stuck (no timer and nothing pending on the network) unless finished;
 //! - once finished, nothing more comes out, whatever goes in.
@@ -42,9 +68,12 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use n4_core::{
-    Client, ClientConfig, Command, Event, Frame, FrameDecoder, Hint, LongMessage, LoseReason,
-    Message, RefuseReason, Strategy, Token, Transmit, EARLY_PUNCH_SOURCES,
+    Client, ClientConfig, Command, Event, Frame, FrameDecoder, HardNatPlan, Hint, LongMessage,
+    LoseReason, Message, NatBehaviour, Plan, PortPredictor, RefuseReason, Strategy, Token,
+    Transmit, BIRTHDAY_SLOTS, EARLY_PUNCH_SOURCES, SPRAY_MAX, UNLIKELY_ROUNDS,
 };
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
 
 use crate::ident;
 use crate::seed::{Encode, Writer};
@@ -90,6 +119,11 @@ const V1_FALLBACK_MIN: Duration = Duration::from_millis(100);
 const DEFAULT_RTT: Duration = Duration::from_millis(100);
 /// A server close this long after HELLO, while READY is awaited, is a re-HELLO.
 const REHELLO_AFTER: Duration = Duration::from_secs(1);
+/// A predicted round waits `max(4·RTT, this)` (at most `round_timeout`) for the peer.
+const PREDICTED_ROUND_MIN: Duration = Duration::from_millis(200);
+/// The birthday spray: this many PUNCHes every tick.
+const SPRAY_BATCH: u16 = 5;
+const SPRAY_TICK: Duration = Duration::from_millis(10);
 
 /// One fuzz input.
 #[derive(Arbitrary, Debug, Clone, PartialEq, Eq)]
@@ -133,6 +167,8 @@ pub struct Config {
     pub probe_interval: u8,
     /// `max_window = this % 10`.
     pub max_window: u8,
+    /// `rng_seed = [this; 32]` (the client's ChaCha20 draws the spray's ports from it).
+    pub rng_seed: u8,
 }
 
 /// One event at the client.
@@ -148,8 +184,8 @@ pub enum Operation {
     StreamClosed,
     /// A datagram on a slot (only delivered while a window is open).
     Datagram {
-        /// Slot, modulo the number of slots + 1 (so one out-of-range slot is possible).
-        slot: u8,
+        /// Slot, modulo the number of open slots (window, probe and extra slots).
+        slot: u16,
         /// Source host, index into [`HOSTS`].
         host: u8,
         /// Source port.
@@ -192,6 +228,8 @@ pub enum StreamData {
     },
     /// HINT.
     Hint(i16),
+    /// HINT with one of the sentinels: NONE, RANDOM, INDEPENDENT (`this % 3`).
+    HintSentinel(u8),
     /// Any 8 bytes.
     Bytes8([u8; 8]),
     /// Anything.
@@ -232,6 +270,9 @@ pub enum DatagramData {
     AckWith(u8),
     /// A CONFIRM with an identifier from [`crate::IDENTS`].
     ConfirmWith(u8),
+    /// The server's answer to window slot 0's PROBE saying the NAT kept its port: SEEN from
+    /// the probe port naming the window's first port (the source is forced).
+    PortKept,
 }
 
 /// What a run reached, for the seed tests.
@@ -265,6 +306,28 @@ pub struct Outcome {
     pub refused: bool,
     /// The client finished.
     pub finished: bool,
+    /// PROBEs from window slot 0 (does the NAT keep ports?).
+    pub slot0_probes: u32,
+    /// Plans that told the peer to aim at our EXCHANGE's port exactly (`Hint::INDEPENDENT`).
+    pub independent_plans: u32,
+    /// `HardNat` events, per plan.
+    pub birthday_hard: u32,
+    /// See `birthday_hard`.
+    pub birthday_easy: u32,
+    /// See `birthday_hard`.
+    pub unlikely: u32,
+    /// Extra slots opened (`OpenSlots`).
+    pub extra_slots_opened: u32,
+    /// PUNCHes from the extra slots.
+    pub extra_slot_punches: u32,
+    /// Spray PUNCHes.
+    pub sprayed: u32,
+    /// ACKs a follower sent for an ACK on a pair it had not ACKed.
+    pub follower_acks: u32,
+    /// WINs on an extra slot.
+    pub extra_slot_wins: u32,
+    /// The client gave up on a pair unlikely to punch.
+    pub unlikely_gave_up: bool,
 }
 
 /// The client configuration an input's [`Config`] stands for.
@@ -296,6 +359,7 @@ pub fn client_config(c: Config) -> ClientConfig {
         punch_budget: u32::MAX,
         // Keyless: the model speaks v1's wire (PUNCH, ACK, CONFIRM with the identifier).
         key: None,
+        rng_seed: [c.rng_seed; 32],
         ..ClientConfig::default()
     }
 }
@@ -335,6 +399,58 @@ fn refused(config: &ClientConfig, peer: SocketAddrV4) -> bool {
         || (first == 127 && !config.server.ip().is_loopback())
 }
 
+/// A NAT as the client classifies it for a hard pair (its own from its probes, the peer's from
+/// its hint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NatClass {
+    Unknown,
+    /// Keeps a socket's port (window slot 0's PROBE came back with its own port).
+    Independent,
+    Sequential,
+    Random,
+}
+
+/// Our NAT: port-keeping if window slot 0's PROBE said so, else what the probes show, where
+/// "random" after the NAT was once seen sequential at a plan stays sequential (block jumps).
+fn own_class(preserving: Option<bool>, b: NatBehaviour, seen_sequential: bool) -> NatClass {
+    if preserving == Some(true) {
+        return NatClass::Independent;
+    }
+    match b {
+        NatBehaviour::Unknown => NatClass::Unknown,
+        NatBehaviour::Random if seen_sequential => NatClass::Sequential,
+        NatBehaviour::Random => NatClass::Random,
+        NatBehaviour::Sequential { .. } => NatClass::Sequential,
+    }
+}
+
+/// The peer's NAT, from its hint.
+fn peer_class(hint: Hint) -> NatClass {
+    match hint {
+        Hint::RANDOM => NatClass::Random,
+        Hint::INDEPENDENT => NatClass::Independent,
+        Hint::NONE => NatClass::Unknown,
+        _ => NatClass::Sequential,
+    }
+}
+
+/// How a pair is punched when one NAT is hard: the random side opens many mappings towards
+/// the port-keeping side, which sprays; per-destination NATs with a random one are unlikely.
+fn hard_plan(ours: NatClass, peer: NatClass) -> Option<HardNatPlan> {
+    use NatClass::*;
+    match (ours, peer) {
+        (Random, Independent) => Some(HardNatPlan::BirthdayHard),
+        (Independent, Random) => Some(HardNatPlan::BirthdayEasy),
+        (Random, Random | Sequential) | (Sequential, Random) => Some(HardNatPlan::Unlikely),
+        _ => None,
+    }
+}
+
+/// How long the easy side sprays at most: `ceil(SPRAY_MAX / 5)` ticks of 10 ms.
+fn spray_time() -> Duration {
+    SPRAY_TICK * u32::from(SPRAY_MAX.div_ceil(SPRAY_BATCH))
+}
+
 /// Runs one input; panics on a broken promise.
 pub fn run(input: &Input) -> Outcome {
     let config = client_config(input.config);
@@ -354,6 +470,7 @@ pub fn run(input: &Input) -> Outcome {
         }
     };
     assert!(valid, "invalid configuration accepted: {config:?}");
+    let rng = ChaCha20Rng::from_seed(config.rng_seed);
     let mut h = Harness {
         client,
         window_slots: usize::from(config.window_slots()),
@@ -371,6 +488,19 @@ pub fn run(input: &Input) -> Outcome {
         rounds: Vec::new(),
         session_peer: None,
         session_hinted: false,
+        preserving: None,
+        seen_sequential: false,
+        unlikely_said: false,
+        unlikely_rounds: 0,
+        extra_open: false,
+        step_opened: None,
+        pred_before: None,
+        rng,
+        exchange_slot: 0,
+        window_probes: 0,
+        slot0_probe: false,
+        probe_window_first: 0,
+        new_window: false,
         expect: Expect::default(),
         transmitted: 0,
         finished: false,
@@ -423,6 +553,16 @@ struct Reply {
     bytes: [u8; 8],
 }
 
+/// A PUNCH of the hard-NAT plans the model expects in this step, in order, among the step's
+/// other transmits: from an extra slot (birthday, hard side) or a spray PUNCH from the
+/// EXCHANGE's socket (birthday, easy side; its slot is known once the EXCHANGE is seen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HardPunch {
+    /// `None`: the client's EXCHANGE slot.
+    slot: Option<usize>,
+    to: SocketAddr,
+}
+
 /// What the model expects of the current step beyond the plain rules.
 #[derive(Debug, Default)]
 struct Expect {
@@ -442,6 +582,14 @@ struct Expect {
     /// The wait for READY is over (`round_timeout` after HELLO, in a retry round or with
     /// `max_rounds`): LOSE no-partner is due.
     no_partner: bool,
+    /// A `HardNat` event is due (this plan).
+    hard_nat: Option<HardNatPlan>,
+    /// `OpenSlots { count: BIRTHDAY_SLOTS }` is due.
+    open_slots: bool,
+    /// The hard-NAT PUNCHes due, in order.
+    hard: Vec<HardPunch>,
+    /// An unlikely pair was tried `UNLIKELY_ROUNDS` times: `GaveUp` is due at PEERINFO.
+    gave_up: bool,
 }
 
 #[derive(Debug, Default)]
@@ -467,6 +615,13 @@ struct RoundModel {
     /// CONFIRMs sent after WIN.
     confirms: u16,
     lost: bool,
+    /// The last `Planned` of the round: (window, hint).
+    plan: Option<(u16, Hint)>,
+    /// When the punching round ends without a WIN (set at PEERINFO).
+    deadline: Option<Instant>,
+    /// The easy side's spray: target IP and PUNCHes sent, and the next tick.
+    spray: Option<(Ipv4Addr, u16)>,
+    spray_at: Option<Instant>,
 }
 
 impl RoundModel {
@@ -517,6 +672,32 @@ struct Harness {
     session_peer: Option<SocketAddrV4>,
     /// The peer gave a HINT in some round of this session.
     session_hinted: bool,
+    /// Per window: what window slot 0's PROBE answer said (its port is the window's first).
+    preserving: Option<bool>,
+    /// Our NAT was classified sequential at some plan (then "random" stays sequential).
+    seen_sequential: bool,
+    /// The first unlikely pair was reported, and how many unlikely rounds were played.
+    unlikely_said: bool,
+    unlikely_rounds: u32,
+    /// Per window: the birthday strategy's extra slots are open.
+    extra_open: bool,
+    /// `OpenSlots` came in this step (its count).
+    step_opened: Option<u16>,
+    /// In a stream step, the predictor as it was before the step, until the step's first SEEN
+    /// event (the one observation a stream step can make comes right before it).
+    pred_before: Option<PortPredictor>,
+    /// The client's RNG, drawn as the client draws it (only the spray draws, keyless).
+    rng: ChaCha20Rng,
+    /// The client's EXCHANGE slot: the latest EXCHANGE's (a v1 round's is slot 0, sent or
+    /// not), kept across rounds (a PEERINFO before this round's EXCHANGE sprays from it).
+    exchange_slot: usize,
+    /// Per window: PROBEs from probe slots, whether window slot 0 probed, and the window's
+    /// first port.
+    window_probes: u16,
+    slot0_probe: bool,
+    probe_window_first: u16,
+    /// A window opened in this step: the PROBE counts restart after its transmits.
+    new_window: bool,
     expect: Expect,
     /// Transmits polled so far.
     transmitted: u64,
@@ -585,6 +766,19 @@ impl Harness {
         let arm = !self.peer_ours && matches!(self.phase(), Phase::Punching(_));
         let rtt = self.client.predictor().rtt().unwrap_or(DEFAULT_RTT);
         let fallback = self.now + rtt.saturating_mul(2).max(V1_FALLBACK_MIN);
+        self.ack_pair(slot, from);
+        let r = self.rounds.last_mut().expect("a round has started");
+        if r.first_punch.is_none() {
+            r.first_punch = Some((slot, from));
+            if arm {
+                r.fallback = Some(fallback);
+            }
+        }
+    }
+
+    /// An ACK on (`slot`, `from`): once per pair, [`MAX_ACKED`] pairs per round. Returns
+    /// whether one is due.
+    fn ack_pair(&mut self, slot: usize, from: SocketAddr) -> bool {
         let ident = self.config.ident;
         let r = self.rounds.last_mut().expect("a round has started");
         if r.acked.len() < MAX_ACKED && !r.acked.contains(&(slot, from)) {
@@ -594,13 +788,9 @@ impl Harness {
                 to: from,
                 bytes: Message::Ack(ident).to_bytes(),
             });
+            return true;
         }
-        if r.first_punch.is_none() {
-            r.first_punch = Some((slot, from));
-            if arm {
-                r.fallback = Some(fallback);
-            }
-        }
+        false
     }
 
     /// A genuine ACK or CONFIRM from an acceptable source while the peer is known.
@@ -610,15 +800,31 @@ impl Harness {
         match (self.leads(peer), s) {
             (Some(true), Says::Ack) => self.expect_win(slot, from, WinKind::Lead, false),
             (Some(false), Says::Confirm) => self.expect_win(slot, from, WinKind::Follow, false),
+            // The peer proved a pair we never ACKed (birthday: its PUNCH could not reach us
+            // before ours opened our NAT): the follower ACKs it, so the leader has its proof.
+            (Some(false), Says::Ack) if self.ack_pair(slot, from) => {
+                self.outcome.follower_acks += 1;
+            }
             _ => {}
         }
     }
 
     /// What the client must make of a datagram about to be delivered on `slot`.
     fn judge_datagram(&mut self, slot: usize, from: SocketAddr, bytes: &[u8]) {
-        if slot >= self.window_slots {
-            return; // a probe slot (or none): only probe answers count there
+        let probes = self.window_slots..self.window_slots + usize::from(self.config.probe_slots());
+        if probes.contains(&slot) {
+            return; // a probe slot: only probe answers count there
         }
+        if slot == 0 && from == SocketAddr::from(self.config.probe_server()) {
+            // Window slot 0's own PROBE answer, never a peer's datagram: does the NAT keep
+            // the port?
+            if let Ok(Message::Seen(addr)) = Message::decode(bytes) {
+                let first = self.window.as_ref().expect("a window is open")[0];
+                self.preserving = Some(addr.port() == first);
+            }
+            return;
+        }
+        // Window slots and the birthday strategy's extra slots carry the peer.
         let Some(s) = says(&self.config, bytes) else {
             return;
         };
@@ -663,6 +869,13 @@ impl Harness {
         {
             self.expect.no_partner = true;
         }
+        if self
+            .rounds
+            .last()
+            .is_some_and(|r| r.spray_at.is_some_and(|t| t <= now))
+        {
+            self.spray_tick();
+        }
         let Some(r) = self.rounds.last_mut() else {
             return;
         };
@@ -672,6 +885,41 @@ impl Harness {
                 self.expect_win(slot, from, WinKind::V1, true);
             }
         }
+    }
+
+    /// A tick of the easy side's spray: [`SPRAY_BATCH`] PUNCHes (fewer to reach
+    /// [`SPRAY_MAX`]) from the EXCHANGE's socket to random ports of the peer's IP, drawn from
+    /// the client's RNG, and the next tick in [`SPRAY_TICK`]; none once the round is no
+    /// longer punching.
+    fn spray_tick(&mut self) {
+        let now = self.now;
+        let punching = matches!(self.phase(), Phase::Punching(_));
+        let r = self.rounds.last_mut().expect("a round has started");
+        r.spray_at = None;
+        let Some((ip, sent)) = r.spray else {
+            return;
+        };
+        if !punching || sent >= SPRAY_MAX {
+            r.spray = None;
+            return;
+        }
+        let n = SPRAY_BATCH.min(SPRAY_MAX - sent);
+        for _ in 0..n {
+            let port = 1024 + (self.rng.next_u32() % (65536 - 1024)) as u16;
+            self.expect.hard.push(HardPunch {
+                slot: None,
+                to: SocketAddrV4::new(ip, port).into(),
+            });
+        }
+        r.spray = Some((ip, sent + n));
+        r.spray_at = Some(now + SPRAY_TICK);
+    }
+
+    /// The predictor as the client's events of this step saw it (see `pred_before`).
+    fn predictor(&self) -> PortPredictor {
+        self.pred_before
+            .clone()
+            .unwrap_or_else(|| self.client.predictor().clone())
     }
 
     fn apply(&mut self, op: &Operation) {
@@ -711,6 +959,9 @@ impl Harness {
                         short(Message::Seen(SocketAddrV4::new(ip(i), port)))
                     }
                     StreamData::Hint(h) => short(Message::Hint(Hint(h))),
+                    StreamData::HintSentinel(i) => short(Message::Hint(
+                        [Hint::NONE, Hint::RANDOM, Hint::INDEPENDENT][usize::from(i % 3)],
+                    )),
                     StreamData::Bytes8(b) => b.to_vec(),
                     StreamData::Raw(ref b) => b.clone(),
                     StreamData::Refused(b) => {
@@ -740,6 +991,7 @@ impl Harness {
                         }
                     }
                 }
+                self.pred_before = Some(self.client.predictor().clone());
                 self.client.handle_stream_data(now, &bytes);
             }
             Operation::StreamClosed => {
@@ -764,7 +1016,10 @@ impl Harness {
                 let Some(window) = &self.window else {
                     return;
                 };
-                let slot = usize::from(slot) % (window.len() + 1);
+                // Only slots the driver opened: the client judges a datagram on any slot
+                // outside the probe slots as the peer's (window and extra slots alike).
+                let slot = usize::from(slot) % window.len();
+                let first = window[0];
                 let mut from = SocketAddr::new(HOSTS[usize::from(host) % HOSTS.len()], port);
                 let id = self.config.ident;
                 let bytes = match *data {
@@ -777,6 +1032,12 @@ impl Harness {
                     DatagramData::ProbeReply { port } => {
                         from = self.config.probe_server().into();
                         Message::Seen(SocketAddrV4::new(PEER_IPS[1], port))
+                            .to_bytes()
+                            .to_vec()
+                    }
+                    DatagramData::PortKept => {
+                        from = self.config.probe_server().into();
+                        Message::Seen(SocketAddrV4::new(PEER_IPS[1], first))
                             .to_bytes()
                             .to_vec()
                     }
@@ -868,8 +1129,25 @@ impl Harness {
             self.on_event(e, &step);
         }
         self.check_transmits(&transmits, first_round, won_before);
+        if std::mem::take(&mut self.new_window) {
+            self.window_probes = 0;
+            self.slot0_probe = false;
+            self.probe_window_first = self.window.as_ref().expect("opened")[0];
+        }
+        self.pred_before = None;
+        let opened = self.step_opened.take();
         let expect = std::mem::take(&mut self.expect);
         assert_eq!(expect.win, None, "a due WIN did not happen");
+        assert_eq!(expect.hard_nat, None, "a due HardNat event did not come");
+        assert!(
+            !expect.gave_up,
+            "an unlikely pair was tried {UNLIKELY_ROUNDS} rounds, but no GaveUp"
+        );
+        assert_eq!(
+            opened,
+            expect.open_slots.then_some(BIRTHDAY_SLOTS),
+            "OpenSlots: the birthday strategy's hard side opens its extra slots once a window"
+        );
         assert!(
             !expect.peer_refused,
             "a refused peer address did not end the round"
@@ -897,6 +1175,11 @@ impl Harness {
             assert!(!self.connected, "undecodable server bytes, connection kept");
         }
         assert_eq!(self.client.is_finished(), self.finished);
+        assert_eq!(
+            self.client.peer_is_ours(),
+            self.peer_ours,
+            "peer_is_ours(): a HINT, ACK or CONFIRM on this connection says so"
+        );
         let timeout = self.client.poll_timeout();
         assert!(
             timeout.is_none_or(|t| t >= self.now),
@@ -906,6 +1189,19 @@ impl Harness {
             assert!(
                 self.connect_pending || self.connected,
                 "stuck: no timer and nothing pending on the network"
+            );
+        }
+        if let Phase::Punching(_) = self.phase() {
+            // The round ends at its deadline (and the spray ticks on time): the client wakes
+            // up by then.
+            let r = self.rounds.last().expect("punching");
+            let deadline = r.deadline.expect("a punching round has a deadline");
+            let next = r.spray_at.map_or(deadline, |s| s.min(deadline));
+            assert!(
+                timeout.is_some_and(|t| t <= next),
+                "punching, but poll_timeout {timeout:?} is after the round's deadline or the \
+                 spray's tick ({deadline:?}, {:?})",
+                r.spray_at
             );
         }
     }
@@ -940,6 +1236,21 @@ impl Harness {
                 assert_eq!(ports, expected, "unexpected window");
                 self.window = Some(ports);
                 self.fresh_windows += 1;
+                // PROBEs of this step still belong to the last window (a timer step sends
+                // them before the round it ends opens the next window).
+                self.new_window = true;
+            }
+            Command::OpenSlots { count } => {
+                assert!(self.step_opened.is_none(), "two OpenSlots in one step");
+                let window = self.window.as_mut().expect("OpenSlots with no window");
+                assert_eq!(
+                    window.len(),
+                    self.window_slots + usize::from(self.config.probe_slots()),
+                    "OpenSlots twice in a window"
+                );
+                window.extend(std::iter::repeat_n(0, usize::from(count)));
+                self.step_opened = Some(count);
+                self.outcome.extra_slots_opened += u32::from(count);
             }
             Command::Connect => {
                 assert!(
@@ -947,10 +1258,13 @@ impl Harness {
                     "Connect with one open"
                 );
                 self.connect_pending = true;
-                // A new server connection: what the last one told is forgotten.
-                self.own_public = None;
-                self.peer_ours = false;
-                self.rehello_pending = false;
+                // A new server connection: what the last one told is forgotten. (A fresh
+                // round's forgets at its `RoundStarted`: that step's earlier events, a HINT or
+                // SEEN before the bytes that lost the round, still belong to the old one.)
+                if std::mem::take(&mut self.rehello_pending) {
+                    self.own_public = None;
+                    self.peer_ours = false;
+                }
             }
             Command::Send(f) => {
                 assert!(self.connected, "Send({f:?}) while not connected");
@@ -995,6 +1309,12 @@ impl Harness {
                 } else {
                     self.session_peer = None;
                     self.session_hinted = false;
+                    // A new window: its slot 0 has not asked yet, no extra slots are open.
+                    self.preserving = None;
+                    self.extra_open = false;
+                    // A new server connection, too.
+                    self.own_public = None;
+                    self.peer_ours = false;
                     let fresh = self.rounds.iter().filter(|r| !r.in_session).count() as u32;
                     assert_eq!(
                         fresh + 1,
@@ -1032,12 +1352,57 @@ impl Harness {
                 assert!(r.token.is_none(), "two READYs in a round");
                 r.token = Some(token);
             }
-            Event::Planned { window, .. } => {
+            Event::Planned {
+                step: planned_step,
+                rate,
+                rtt,
+                window,
+                hint,
+            } => {
                 assert!(self.round().extended(), "a v1 round planned");
                 assert!(
                     usize::from(window) <= self.window_slots,
                     "plan wider than the window"
                 );
+                // The plan is the predictor's, except that a port-keeping NAT (window slot
+                // 0's PROBE came back with its own port) tells the peer to aim at our
+                // EXCHANGE's port exactly.
+                let pred = self.predictor();
+                let b = pred.behaviour();
+                let class = own_class(self.preserving, b, self.seen_sequential);
+                self.seen_sequential |= class == NatClass::Sequential;
+                let slots = self.config.window_slots();
+                let port_count = self.config.port_count;
+                let mut plan = pred.plan(pred.rtt().unwrap_or(DEFAULT_RTT), slots);
+                if class == NatClass::Independent {
+                    plan = Some(Plan {
+                        hint: Hint::INDEPENDENT,
+                        window: plan.map_or(port_count, |p| p.window),
+                    });
+                }
+                let (step_, rate_) = match b {
+                    NatBehaviour::Sequential { step, rate, .. } => (step, rate.round() as u32),
+                    NatBehaviour::Unknown | NatBehaviour::Random => (0, 0),
+                };
+                let expected = (
+                    step_,
+                    rate_,
+                    pred.rtt(),
+                    plan.map_or(port_count, |p| p.window),
+                    plan.map_or(Hint::NONE, |p| p.hint),
+                );
+                assert_eq!(
+                    (planned_step, rate, rtt, window, hint),
+                    expected,
+                    "Planned (step, rate, rtt, window, hint) is not the predictor's"
+                );
+                assert_eq!(
+                    hint == Hint::INDEPENDENT,
+                    self.preserving == Some(true),
+                    "hint INDEPENDENT exactly when the NAT keeps ports"
+                );
+                self.outcome.independent_plans += u32::from(hint == Hint::INDEPENDENT);
+                self.round().plan = Some((window, hint));
             }
             Event::PeerHint(h) => {
                 assert!(step.said.contains(&Frame::Short(Message::Hint(h))));
@@ -1048,11 +1413,21 @@ impl Harness {
                 // Only a partner of ours has a hint relayed: even "none" says so.
                 self.peer_ours = true;
             }
-            Event::ExchangeSent => assert!(self.round().token.is_some()),
+            Event::ExchangeSent => {
+                let token = self.round().token;
+                assert!(token.is_some());
+                if token == Some(None) {
+                    // A v1 round's first (and only) EXCHANGE socket, even with no copies.
+                    self.exchange_slot = 0;
+                }
+            }
             Event::Seen(addr) => {
                 assert!(step.said.contains(&Frame::Short(Message::Seen(addr))));
                 assert!(self.round().extended(), "SEEN used by v1");
                 self.own_public = Some(addr);
+                // The step's one observation (the EXCHANGE's mapping) came with it: what
+                // follows sees the predictor as the step leaves it.
+                self.pred_before = None;
             }
             Event::PeerInfo { peer, target } => self.on_peer_info(peer, target, step),
             Event::PunchSent { target, datagrams } => {
@@ -1061,6 +1436,25 @@ impl Harness {
                 assert!(
                     datagrams <= self.window_slots * passes,
                     "more punches than slots"
+                );
+                // A predicted round punches once from its planned window (a second pass
+                // follows); otherwise every pass covers the plan's window, at least `-n`.
+                let port_count = self.config.port_count;
+                let punch_passes = self.config.punch_passes;
+                let hinted = self.session_hinted;
+                let r = self.round();
+                let predicted = r.extended() && (r.hint.is_some() || hinted);
+                let (slots, passes) = match (predicted, r.plan) {
+                    (true, plan) => (plan.map_or(port_count, |p| p.0), 1),
+                    (false, plan) => (
+                        plan.map_or(port_count, |p| p.0.max(port_count)),
+                        punch_passes,
+                    ),
+                };
+                assert_eq!(
+                    datagrams,
+                    usize::from(slots) * usize::from(passes),
+                    "PunchSent counts another window"
                 );
             }
             Event::Win {
@@ -1081,6 +1475,7 @@ impl Harness {
                     std::mem::take(&mut self.expect.no_partner),
                     "LOSE {reason:?}, but the wait for READY was (not) over"
                 );
+                let now = self.now;
                 let r = self.round();
                 assert!(r.won.is_none(), "LOSE after WIN");
                 assert!(!r.lost, "two LOSEs in a round");
@@ -1089,6 +1484,12 @@ impl Harness {
                 }
                 if matches!(reason, LoseReason::AuthFailed | LoseReason::BadPeerAddress) {
                     assert!(r.peer.is_none(), "{reason:?} after PEERINFO");
+                }
+                if reason == LoseReason::Timeout {
+                    // Only a punching round times out, at its deadline (a birthday round
+                    // gives the spray its time).
+                    let deadline = r.deadline.expect("LOSE timeout while not punching");
+                    assert!(now >= deadline, "LOSE timeout before the round's deadline");
                 }
                 assert_ne!(
                     reason,
@@ -1108,11 +1509,31 @@ impl Harness {
                 self.outcome.finished = true;
             }
             Event::GaveUp { rounds } => {
-                assert_eq!(Some(rounds), self.config.max_rounds);
                 assert_eq!(rounds as usize, self.rounds.len());
-                assert!(self.round().lost);
+                if std::mem::take(&mut self.expect.gave_up) {
+                    // A pair unlikely to punch, tried enough: at PEERINFO, after the punches.
+                    let r = self.round();
+                    assert!(r.target.is_some() && r.won.is_none() && !r.lost);
+                    self.outcome.unlikely_gave_up = true;
+                } else {
+                    assert_eq!(Some(rounds), self.config.max_rounds);
+                    assert!(self.round().lost);
+                }
                 self.finished = true;
                 self.outcome.finished = true;
+            }
+            Event::HardNat { plan, why } => {
+                assert!(!why.is_empty());
+                assert_eq!(
+                    self.expect.hard_nat.take(),
+                    Some(plan),
+                    "HardNat {plan:?} the model did not expect"
+                );
+                match plan {
+                    HardNatPlan::BirthdayHard => self.outcome.birthday_hard += 1,
+                    HardNatPlan::BirthdayEasy => self.outcome.birthday_easy += 1,
+                    HardNatPlan::Unlikely => self.outcome.unlikely += 1,
+                }
             }
             Event::PeerRefused { peer, .. } => {
                 assert!(step.said.contains(&Frame::Short(Message::PeerInfo(peer))));
@@ -1167,10 +1588,12 @@ impl Harness {
             !refused(&self.config, peer),
             "punching {peer}, which is no host to punch"
         );
-        // The peer's hint, else v1's offset, fixes the aim; a predicting client without a
-        // hint (against a v1 server) may sweep, but aims at the peer's IP.
+        // The peer's hint, else v1's offset, fixes the aim (a port-keeping peer's: its
+        // EXCHANGE's port exactly); a predicting client without a hint (against a v1 server)
+        // may sweep, but aims at the peer's IP.
         let strategy = self.config.strategy;
         let offset = match self.round().hint {
+            Some(Hint::INDEPENDENT) => Some(0),
             Some(h) if h != Hint::RANDOM && h != Hint::NONE => Some(i32::from(h.0)),
             _ if strategy == Strategy::V1 => Some(self.config.peer_port_offset),
             _ => None,
@@ -1197,6 +1620,64 @@ impl Harness {
         if r.extended() {
             self.session_peer = Some(peer);
         }
+        // How long the round waits for the peer.
+        let now = self.now;
+        let pred = self.predictor();
+        let rtt = pred.rtt().unwrap_or(DEFAULT_RTT);
+        let hinted = self.session_hinted;
+        let round_timeout = self.config.round_timeout;
+        let ours = own_class(self.preserving, pred.behaviour(), self.seen_sequential);
+        let r = self.round();
+        let predicted = r.extended() && (r.hint.is_some() || hinted);
+        let mut timeout = if predicted {
+            rtt.saturating_mul(4)
+                .max(PREDICTED_ROUND_MIN)
+                .min(round_timeout)
+        } else {
+            round_timeout
+        };
+        // A hard NAT on either side: our class from our probes, the peer's from its hint.
+        let plan = r.hint.and_then(|h| hard_plan(ours, peer_class(h)));
+        if let Some(plan) = plan {
+            if plan != HardNatPlan::Unlikely || !self.unlikely_said {
+                self.expect.hard_nat = Some(plan);
+            }
+            let birthday = timeout.max(spray_time() + rtt.saturating_mul(4));
+            match plan {
+                HardNatPlan::BirthdayHard => {
+                    // 256 more mappings towards the peer's one port, from extra slots after
+                    // the window and probe slots (opened once a window).
+                    if !self.extra_open {
+                        self.extra_open = true;
+                        self.expect.open_slots = true;
+                    }
+                    let base = self.window_slots + usize::from(self.config.probe_slots());
+                    for i in 0..usize::from(BIRTHDAY_SLOTS) {
+                        self.expect.hard.push(HardPunch {
+                            slot: Some(base + i),
+                            to: peer.into(),
+                        });
+                    }
+                    timeout = birthday;
+                }
+                HardNatPlan::BirthdayEasy => {
+                    self.round().spray = Some((*peer.ip(), 0));
+                    self.spray_tick();
+                    timeout = birthday;
+                }
+                HardNatPlan::Unlikely => {
+                    self.unlikely_said = true;
+                    self.unlikely_rounds += 1;
+                    if self.unlikely_rounds > UNLIKELY_ROUNDS {
+                        // Tried enough: the client gives up now, its punches out.
+                        self.expect.gave_up = true;
+                        self.round().early.clear();
+                        return;
+                    }
+                }
+            }
+        }
+        self.round().deadline = Some(now + timeout);
         // The punches kept from before PEERINFO are judged now, in order, until one wins.
         let early = std::mem::take(&mut self.round().early);
         for (slot, from) in early {
@@ -1219,7 +1700,12 @@ impl Harness {
             "WIN on another pair than the model's {expected:?}"
         );
         assert_eq!(round as usize, self.rounds.len());
-        assert!(slot < self.window_slots, "WIN on a probe slot");
+        let probes = self.window_slots..self.window_slots + usize::from(self.config.probe_slots());
+        assert!(
+            !probes.contains(&slot) && slot < self.window.as_ref().map_or(0, Vec::len),
+            "WIN on a probe slot or on no open slot"
+        );
+        self.outcome.extra_slot_wins += u32::from(slot >= probes.end);
         let session_peer = self.session_peer;
         let session_hinted = self.session_hinted;
         let accept_any = self.config.accept_any_ip;
@@ -1317,7 +1803,8 @@ impl Harness {
     /// acknowledgement burst follows.
     fn check_transmits(&mut self, transmits: &[Transmit], first_round: usize, won_before: bool) {
         let replies = std::mem::take(&mut self.expect.replies);
-        if transmits.is_empty() && replies.is_empty() {
+        let hard = std::mem::take(&mut self.expect.hard);
+        if transmits.is_empty() && replies.is_empty() && hard.is_empty() {
             return;
         }
         let window_len = self.window.as_ref().expect("transmit with no window").len();
@@ -1329,6 +1816,10 @@ impl Harness {
         let probe_server = SocketAddr::from(self.config.probe_server());
         if won_before {
             assert!(replies.is_empty(), "model: answers expected after WIN");
+            assert!(
+                hard.is_empty(),
+                "model: hard-NAT punches expected after WIN"
+            );
             let ack_count = self.config.ack_count;
             let r = self.round();
             let Some((slot, peer, strategy, kind)) = r.won else {
@@ -1370,25 +1861,79 @@ impl Harness {
                 self.outcome.acks += 1;
             }
         }
-        let rounds = &self.rounds[first_round..];
-        for t in others {
+        let first_port = self.probe_window_first;
+        let probe_slots =
+            self.window_slots..self.window_slots + usize::from(self.config.probe_slots());
+        // The hard-NAT PUNCHes due come in order among the others (a PUNCH that is both one
+        // of them and a punch pass's may count as either: they are the same datagram).
+        let mut hard_due = hard.iter().peekable();
+        for (i, t) in others.iter().enumerate() {
             assert!(
                 t.slot < window_len,
                 "transmit on slot {} of {}",
                 t.slot,
                 window_len
             );
+            if let Some(&&h) = hard_due.peek() {
+                let slot = h.slot.unwrap_or(self.exchange_slot);
+                if t.payload == punch && (t.slot, t.destination) == (slot, h.to) {
+                    hard_due.next();
+                    if h.slot.is_some() {
+                        self.outcome.extra_slot_punches += 1;
+                    } else {
+                        self.outcome.sprayed += 1;
+                    }
+                    continue;
+                }
+            }
+            let rounds = &self.rounds[first_round..];
             match Message::decode(&t.payload) {
+                Ok(Message::Probe) if t.slot == 0 => {
+                    // Window slot 0 asks whether the NAT keeps its port: once a window (with
+                    // known local ports), right before the first probe slot's PROBE.
+                    assert_eq!(t.destination, probe_server, "PROBE elsewhere");
+                    assert!(
+                        first_port != 0,
+                        "window slot 0 probed from an ephemeral port"
+                    );
+                    assert!(
+                        !self.slot0_probe && self.window_probes == 0,
+                        "window slot 0 probed twice, or after the probe slots"
+                    );
+                    assert!(
+                        others
+                            .get(i + 1)
+                            .is_some_and(|n| probe_slots.contains(&n.slot)
+                                && n.payload[..] == Message::Probe.to_bytes()[..]),
+                        "window slot 0's PROBE without the first burst"
+                    );
+                    self.slot0_probe = true;
+                    self.outcome.slot0_probes += 1;
+                }
                 Ok(Message::Probe) => {
                     assert_eq!(t.destination, probe_server, "PROBE elsewhere");
-                    assert!(t.slot >= self.window_slots, "PROBE from a window slot");
+                    assert_eq!(
+                        t.slot,
+                        self.window_slots + usize::from(self.window_probes),
+                        "PROBE from a window slot, or probe slots out of order"
+                    );
+                    if self.window_probes == 0 {
+                        assert_eq!(
+                            self.slot0_probe,
+                            first_port != 0,
+                            "window slot 0 asks in the first burst exactly when its port is known"
+                        );
+                    }
+                    self.window_probes += 1;
                 }
                 Ok(Message::Exchange(id)) => {
                     assert_eq!((t.destination, id), (server, self.config.ident));
                     assert!(t.slot < self.window_slots, "EXCHANGE from a probe slot");
                     assert!(rounds.iter().any(|r| r.token == Some(None)), "v1 EXCHANGE");
+                    assert_eq!(t.slot, 0, "a v1 round's EXCHANGE from another slot than 0");
+                    self.exchange_slot = t.slot;
                 }
-                Ok(Message::ExchangeToken { token, round, .. }) => {
+                Ok(Message::ExchangeToken { token, round, hint }) => {
                     assert_eq!(t.destination, server);
                     assert!(t.slot < self.window_slots, "EXCHANGE from a probe slot");
                     assert!(round >= 1);
@@ -1396,9 +1941,20 @@ impl Harness {
                         rounds.iter().any(|r| r.token == Some(Some(token))),
                         "EXCHANGE with another token"
                     );
+                    assert!(
+                        rounds
+                            .iter()
+                            .any(|r| r.token == Some(Some(token))
+                                && r.plan.map(|p| p.1) == Some(hint)),
+                        "EXCHANGE's hint {hint:?} is not the round's plan"
+                    );
+                    self.exchange_slot = t.slot;
                 }
                 Ok(Message::Punch(_)) if t.payload == punch => {
-                    assert!(t.slot < self.window_slots, "PUNCH from a probe slot");
+                    assert!(
+                        t.slot < self.window_slots,
+                        "PUNCH from a probe or extra slot: {t:?}"
+                    );
                     let to = |r: &RoundModel| r.target.map(SocketAddr::from);
                     assert!(
                         rounds.iter().any(|r| to(r) == Some(t.destination)),
@@ -1408,6 +1964,15 @@ impl Harness {
                 _ => panic!("client sent {t:?} (answers expected: {replies:?})"),
             }
         }
+        let missing: Vec<_> = hard_due.collect();
+        assert!(
+            missing.is_empty(),
+            "hard-NAT PUNCHes due but not sent (exchange slot {:?}): {} of {}, first {:?}",
+            self.exchange_slot,
+            missing.len(),
+            hard.len(),
+            missing.first()
+        );
     }
 }
 
@@ -1435,6 +2000,7 @@ impl Encode for Config {
         w.u8(self.probes);
         w.u8(self.probe_interval);
         w.u8(self.max_window);
+        w.u8(self.rng_seed);
     }
 }
 
@@ -1456,7 +2022,7 @@ impl Encode for Operation {
                 ref data,
             } => {
                 w.variant(4, N);
-                w.u8(slot);
+                w.u16(slot);
                 w.u8(host);
                 w.u16(port);
                 data.encode(w);
@@ -1476,7 +2042,7 @@ impl Encode for Operation {
 
 impl Encode for StreamData {
     fn encode(&self, w: &mut Writer) {
-        const N: u32 = 8;
+        const N: u32 = 9;
         match *self {
             Self::Ready(t) => {
                 w.variant(0, N);
@@ -1496,17 +2062,21 @@ impl Encode for StreamData {
                 w.variant(3, N);
                 w.u16(h as u16);
             }
-            Self::Bytes8(b) => {
+            Self::HintSentinel(i) => {
                 w.variant(4, N);
+                w.u8(i);
+            }
+            Self::Bytes8(b) => {
+                w.variant(5, N);
                 w.bytes(&b);
             }
             Self::Raw(_) => unimplemented!("seeds use Bytes8, not Raw"),
             Self::Refused(b) => {
-                w.variant(6, N);
+                w.variant(7, N);
                 w.u8(b);
             }
             Self::Keyed { kind, fill } => {
-                w.variant(7, N);
+                w.variant(8, N);
                 w.u8(kind);
                 w.u8(fill);
             }
@@ -1516,7 +2086,7 @@ impl Encode for StreamData {
 
 impl Encode for DatagramData {
     fn encode(&self, w: &mut Writer) {
-        const N: u32 = 9;
+        const N: u32 = 10;
         match *self {
             Self::Punch => w.variant(0, N),
             Self::PunchWith(i) => {
@@ -1542,6 +2112,7 @@ impl Encode for DatagramData {
                 w.variant(8, N);
                 w.u8(i);
             }
+            Self::PortKept => w.variant(9, N),
         }
     }
 }

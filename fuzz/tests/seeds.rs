@@ -434,6 +434,7 @@ mod client_seeds {
         probes: 3,
         probe_interval: 20,
         max_window: 8,
+        rng_seed: 0,
     };
 
     /// The predicting client: 8 window slots and 3 probe slots.
@@ -446,7 +447,7 @@ mod client_seeds {
         Stream(StreamData::PeerInfo { ip: 0, port })
     }
 
-    fn punch(slot: u8, port: u16) -> Operation {
+    fn punch(slot: u16, port: u16) -> Operation {
         Datagram {
             slot,
             host: 0,
@@ -455,7 +456,7 @@ mod client_seeds {
         }
     }
 
-    fn from_peer(slot: u8, port: u16, data: DatagramData) -> Operation {
+    fn from_peer(slot: u16, port: u16, data: DatagramData) -> Operation {
         Datagram {
             slot,
             host: 0,
@@ -471,7 +472,7 @@ mod client_seeds {
         seed_file("client", name, &bytes);
     }
 
-    fn probe_reply(slot: u8, port: u16) -> Operation {
+    fn probe_reply(slot: u16, port: u16) -> Operation {
         Datagram {
             slot,
             host: 0,
@@ -523,6 +524,122 @@ mod client_seeds {
                     (1, 1, 1, true)
                 );
                 assert_eq!((o.confirmed_wins, o.led_wins, o.acks), (1, 1, 1));
+                // Window slot 0 asked too; nobody answered it, so the plan is the predictor's.
+                assert_eq!((o.slot0_probes, o.independent_plans), (1, 0));
+            },
+        );
+    }
+
+    /// Probe answers whose ports jump about: a random-port NAT. Window slot 0's answer names
+    /// another port than its own (30000): the NAT does not keep ports either. SEEN names our
+    /// public address 198.51.100.3:40004 (we lead against 203.0.113.12).
+    fn random_nat_start() -> Vec<Operation> {
+        vec![
+            AdvanceToTimeout, // window slot 0's PROBE, then slots 8 and 9
+            probe_reply(8, 40000),
+            probe_reply(9, 12345),
+            probe_reply(0, 51000), // slot 0's answer: not its port
+            Connected,
+            Advance { millis: 30 },
+            probe_reply(10, 61000),
+            Stream(StreamData::Ready(Some(0xdead_beef))), // planned: hint RANDOM
+            Stream(StreamData::Seen { ip: 1, port: 40004 }),
+        ]
+    }
+
+    #[test]
+    fn birthday_hard_side_opens_256_mappings_and_wins_on_one() {
+        let mut ops = random_nat_start();
+        ops.extend([
+            // The peer's NAT keeps ports: aim at its port exactly, and from 256 more slots.
+            Stream(StreamData::HintSentinel(2)),
+            peer_info(40000),
+            // Its spray hits the mapping of extra slot 100 (slot 11 + 100): we ACK it there,
+            // its ACK makes the WIN (we lead: 3 CONFIRMs on that pair).
+            punch(111, 40000),
+            from_peer(111, 40000, DatagramData::Ack),
+            Advance { millis: 1000 },
+        ]);
+        write(
+            "birthday-hard",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!((o.birthday_hard, o.extra_slots_opened), (1, 256));
+                assert_eq!((o.extra_slot_punches, o.extra_slot_wins), (256, 1));
+                assert_eq!((o.wins, o.led_wins, o.acks, o.finished), (1, 1, 1, true));
+            },
+        );
+    }
+
+    #[test]
+    fn birthday_easy_side_sprays_and_follows() {
+        let ops = vec![
+            AdvanceToTimeout,
+            probe_reply(8, 40000),
+            probe_reply(9, 40001),
+            Datagram {
+                slot: 0,
+                host: 0,
+                port: 0,
+                data: DatagramData::PortKept, // slot 0 kept its port: hint INDEPENDENT
+            },
+            Connected,
+            Advance { millis: 30 },
+            probe_reply(10, 40003),
+            Stream(StreamData::Ready(Some(0xdead_beef))),
+            // Our EXCHANGE kept its port 30000; the peer's 203.0.113.12:20000 is lower: we
+            // follow.
+            Stream(StreamData::Seen { ip: 0, port: 30000 }),
+            Stream(StreamData::HintSentinel(1)), // the peer's NAT gives random ports
+            peer_info(20000),                    // the v1 aim at 20020, then the spray: 5 now
+            AdvanceToTimeout,                    // the second pass
+            AdvanceToTimeout,                    // 5 more
+            AdvanceToTimeout,                    // 5 more
+            // One of ours hit a mapping the peer opened towards us: its ACK comes from there
+            // (we never got its PUNCH). We ACK back; the leader's CONFIRM makes the WIN.
+            from_peer(0, 51234, DatagramData::Ack),
+            from_peer(0, 51234, DatagramData::Confirm),
+            Advance { millis: 1000 }, // the spray stopped at the WIN
+        ];
+        write(
+            "birthday-easy",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!((o.slot0_probes, o.independent_plans), (1, 1));
+                assert_eq!((o.birthday_easy, o.sprayed), (1, 15));
+                assert_eq!((o.follower_acks, o.acks), (1, 1));
+                assert_eq!((o.wins, o.confirmed_wins, o.led_wins), (1, 1, 0));
+                assert!(o.finished);
+            },
+        );
+    }
+
+    #[test]
+    fn unlikely_pair_given_up_after_three_rounds() {
+        let mut ops = random_nat_start();
+        for port in 40000..40004 {
+            // Both NATs give random ports: said once, tried 3 rounds, given up at the 4th.
+            ops.extend([Stream(StreamData::HintSentinel(1)), peer_info(port)]);
+            if port < 40003 {
+                ops.extend([AdvanceToTimeout, AdvanceToTimeout]); // the second pass, LOSE
+            }
+        }
+        write(
+            "unlikely-give-up",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!((o.rounds, o.in_session_rounds, o.losses), (4, 3, 3));
+                assert_eq!((o.unlikely, o.wins), (1, 0));
+                assert!(o.unlikely_gave_up && o.finished);
             },
         );
     }
