@@ -800,6 +800,9 @@ impl Client {
             self.on_probe_reply(now, slot - window, from, bytes);
             return;
         }
+        if slot >= window + probes + usize::from(self.extra_slots) {
+            return; // no slot of ours (a driver bug): nothing to answer from
+        }
         if slot == 0 && from == SocketAddr::from(self.config.probe_server()) {
             // Window slot 0's own probe: does our NAT keep the port?
             if let Ok(Message::Seen(addr)) = Message::decode(bytes) {
