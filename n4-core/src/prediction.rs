@@ -211,7 +211,8 @@ impl PortPredictor {
                     .min(f64::from(max_window));
                 let window = window as u16;
                 let centre = 1.0 + mean + f64::from(window - 1) / 2.0;
-                let offset = (f64::from(step) * centre.round()).clamp(-32767.0, 32767.0);
+                // -32768 and -32767 are the RANDOM and INDEPENDENT sentinels, never offsets.
+                let offset = (f64::from(step) * centre.round()).clamp(-32766.0, 32767.0);
                 Some(Plan {
                     hint: Hint(offset as i16),
                     window,
