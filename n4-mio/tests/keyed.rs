@@ -292,7 +292,7 @@ fn injected_punches_never_win_a_keyed_session_on_loopback() {
                         }
                     }
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_millis(10));
             }
             sent
         })
