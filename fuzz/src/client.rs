@@ -296,6 +296,8 @@ pub struct Outcome {
     pub led_wins: u32,
     /// WINs of the v1 fallback (no ACK came for a PUNCH we ACKed).
     pub fallback_wins: u32,
+    /// WINs of the other side on the leader's proven pair (no CONFIRM came).
+    pub confirm_waits: u32,
     /// ACKs sent.
     pub acks: u32,
     /// Re-HELLOs.
@@ -609,6 +611,9 @@ struct RoundModel {
     first_punch: Option<(usize, SocketAddr)>,
     /// The v1 fallback's deadline.
     fallback: Option<Instant>,
+    /// The other side: the first pair the leader's ACK proved, taken as the hole if no
+    /// CONFIRM came by then.
+    confirm_wait: Option<(Instant, usize, SocketAddr)>,
     won: Option<(usize, SocketAddr, Strategy, WinKind)>,
     /// Acknowledgement-burst PUNCHes sent after WIN.
     acks: u16,
@@ -800,10 +805,20 @@ impl Harness {
         match (self.leads(peer), s) {
             (Some(true), Says::Ack) => self.expect_win(slot, from, WinKind::Lead, false),
             (Some(false), Says::Confirm) => self.expect_win(slot, from, WinKind::Follow, false),
-            // The peer proved a pair we never ACKed (birthday: its PUNCH could not reach us
-            // before ours opened our NAT): the follower ACKs it, so the leader has its proof.
-            (Some(false), Says::Ack) if self.ack_pair(slot, from) => {
-                self.outcome.follower_acks += 1;
+            // The leader's ACK proves the pair: taken as the hole if its CONFIRMs are all lost.
+            // A pair we never ACKed (birthday: its PUNCH could not reach us before ours opened
+            // our NAT) the follower ACKs, so the leader has its proof.
+            (Some(false), Says::Ack) => {
+                let punching = matches!(self.phase(), Phase::Punching(_));
+                let rtt = self.client.predictor().rtt().unwrap_or(DEFAULT_RTT);
+                let at = self.now + rtt.saturating_mul(2).max(V1_FALLBACK_MIN);
+                let r = self.round();
+                if r.confirm_wait.is_none() && punching {
+                    r.confirm_wait = Some((at, slot, from));
+                }
+                if self.ack_pair(slot, from) {
+                    self.outcome.follower_acks += 1;
+                }
             }
             _ => {}
         }
@@ -875,6 +890,17 @@ impl Harness {
             .is_some_and(|r| r.spray_at.is_some_and(|t| t <= now))
         {
             self.spray_tick();
+        }
+        let Some(r) = self.rounds.last_mut() else {
+            return;
+        };
+        if let Some((_, slot, from)) = r.confirm_wait.filter(|&(at, ..)| at <= now) {
+            r.confirm_wait = None;
+            if matches!(phase, Phase::Punching(_)) {
+                self.outcome.confirm_waits += 1;
+                self.expect_win(slot, from, WinKind::Follow, false);
+                return;
+            }
         }
         let Some(r) = self.rounds.last_mut() else {
             return;

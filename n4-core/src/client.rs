@@ -534,6 +534,9 @@ pub struct Client {
     first_punch: Option<(usize, SocketAddr)>,
     /// When to give up waiting for an ACK and win the v1 way.
     v1_fallback: Option<Instant>,
+    /// The other side (not the leader): the first pair the leader's ACK proved, and when to
+    /// take it as the hole if the leader's CONFIRMs were all lost (the leader has left).
+    confirm_wait: Option<(Instant, usize, SocketAddr)>,
     /// Window slot 0's probe answer: its public port equals its local one (a port-keeping,
     /// endpoint-independent NAT, or none).
     preserving: Option<bool>,
@@ -630,6 +633,7 @@ impl Client {
             acked: Vec::new(),
             first_punch: None,
             v1_fallback: None,
+            confirm_wait: None,
             preserving: None,
             extra_slots: 0,
             spray: None,
@@ -849,7 +853,15 @@ impl Client {
                     // The peer proved a pair we never ACKed (its PUNCH could not reach us
                     // before our datagram opened our NAT, as in the birthday strategy): our
                     // ACK gives the leader its proof.
-                    (Some(false), PeerSays::Ack) => self.send_peer_ack(slot, from),
+                    (Some(false), PeerSays::Ack) => {
+                        if self.confirm_wait.is_none()
+                            && matches!(self.phase, Phase::Punching { .. })
+                        {
+                            let wait = self.rtt().saturating_mul(2).max(V1_FALLBACK_MIN);
+                            self.confirm_wait = Some((crate::later(now, wait), slot, from));
+                        }
+                        self.send_peer_ack(slot, from)
+                    }
                     _ => {}
                 }
             }
@@ -874,6 +886,14 @@ impl Client {
         }
         if self.spray_at.is_some_and(|t| t <= now) {
             self.spray_tick(now);
+        }
+        if let Some((at, slot, from)) = self.confirm_wait.filter(|&(at, ..)| at <= now) {
+            self.confirm_wait = None;
+            let _ = at;
+            if matches!(self.phase, Phase::Punching { .. }) {
+                // The leader's ACK proved this pair both ways; its CONFIRMs never came.
+                self.win_confirmed(now, slot, from, false);
+            }
         }
         if self.v1_fallback.is_some_and(|t| t <= now) {
             self.v1_fallback = None;
@@ -952,6 +972,7 @@ impl Client {
             self.pass.map(|p| p.at),
             self.v1_fallback,
             self.spray_at,
+            self.confirm_wait.map(|(at, ..)| at),
         ]
         .into_iter()
         .flatten()
@@ -1142,6 +1163,7 @@ impl Client {
         self.acked.clear();
         self.first_punch = None;
         self.v1_fallback = None;
+        self.confirm_wait = None;
         self.peer_hint = None;
         self.plan = None;
         self.pass = None;

@@ -355,3 +355,27 @@ fn a_plain_exchange_from_a_seats_ip_cannot_claim_a_keyed_seat() {
     s.handle_datagram(now, SocketAddr::from((ip_a, 6666)), &Message::Exchange(room).to_bytes());
     assert_eq!(s.stats().ignored_datagrams, 1, "the plain EXCHANGE was taken");
 }
+
+#[test]
+fn the_other_side_takes_the_proven_pair_when_the_leaders_confirms_are_lost() {
+    // Our nonce is the higher one: the peer leads. Its ACK proves a pair both ways; its three
+    // CONFIRMs are lost, and it has left.
+    let mut p = keyed_client_punching([0x00; 16], false);
+    assert!(!p.low, "the test needs the peer to lead");
+    let peer = SocketAddr::from(p.peer);
+    let ack = LongMessage::Ack(p.session.mac(Datagram::Ack, !p.low));
+    p.client.handle_datagram(p.now, 4, peer, &ack.to_bytes());
+    assert_eq!(won(&mut p.client), None, "the follower waits for the CONFIRM first");
+    let mut now = p.now;
+    let mut win = None;
+    while let Some(at) = p.client.poll_timeout().filter(|&t| t <= p.now + Duration::from_secs(1)) {
+        now = at;
+        p.client.handle_timeout(now);
+        win = won(&mut p.client);
+        if win.is_some() {
+            break;
+        }
+    }
+    assert_eq!(win, Some((4, peer)));
+    assert!(now - p.now >= Duration::from_millis(100), "{:?}", now - p.now);
+}
