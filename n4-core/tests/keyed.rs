@@ -352,8 +352,16 @@ fn a_plain_exchange_from_a_seats_ip_cannot_claim_a_keyed_seat() {
         s.handle_stream_data(now, conn, &hello.to_bytes());
     }
     while s.poll_output().is_some() {}
-    s.handle_datagram(now, SocketAddr::from((ip_a, 6666)), &Message::Exchange(room).to_bytes());
-    assert_eq!(s.stats().ignored_datagrams, 1, "the plain EXCHANGE was taken");
+    s.handle_datagram(
+        now,
+        SocketAddr::from((ip_a, 6666)),
+        &Message::Exchange(room).to_bytes(),
+    );
+    assert_eq!(
+        s.stats().ignored_datagrams,
+        1,
+        "the plain EXCHANGE was taken"
+    );
 }
 
 #[test]
@@ -365,10 +373,18 @@ fn the_other_side_takes_the_proven_pair_when_the_leaders_confirms_are_lost() {
     let peer = SocketAddr::from(p.peer);
     let ack = LongMessage::Ack(p.session.mac(Datagram::Ack, !p.low));
     p.client.handle_datagram(p.now, 4, peer, &ack.to_bytes());
-    assert_eq!(won(&mut p.client), None, "the follower waits for the CONFIRM first");
+    assert_eq!(
+        won(&mut p.client),
+        None,
+        "the follower waits for the CONFIRM first"
+    );
     let mut now = p.now;
     let mut win = None;
-    while let Some(at) = p.client.poll_timeout().filter(|&t| t <= p.now + Duration::from_secs(1)) {
+    while let Some(at) = p
+        .client
+        .poll_timeout()
+        .filter(|&t| t <= p.now + Duration::from_secs(1))
+    {
         now = at;
         p.client.handle_timeout(now);
         win = won(&mut p.client);
@@ -377,5 +393,9 @@ fn the_other_side_takes_the_proven_pair_when_the_leaders_confirms_are_lost() {
         }
     }
     assert_eq!(win, Some((4, peer)));
-    assert!(now - p.now >= Duration::from_millis(100), "{:?}", now - p.now);
+    assert!(
+        now - p.now >= Duration::from_millis(100),
+        "{:?}",
+        now - p.now
+    );
 }

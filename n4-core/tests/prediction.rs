@@ -105,9 +105,21 @@ fn no_plan_hint_is_a_sentinel() {
     // A decreasing NAT that others drain at ~a million ports a second: the offset for a
     // one-second horizon would pass -32767.
     for (i, port) in [60000u16, 59000, 58000, 57000].into_iter().enumerate() {
-        p.observe(i as u32, t0 + std::time::Duration::from_millis(i as u64), port);
+        p.observe(
+            i as u32,
+            t0 + std::time::Duration::from_millis(i as u64),
+            port,
+        );
     }
-    assert!(matches!(p.behaviour(), NatBehaviour::Sequential { step: -1, .. }));
-    let plan = p.plan(std::time::Duration::from_secs(1), 64).expect("a plan");
-    assert!(plan.hint != Hint::INDEPENDENT && plan.hint != Hint::RANDOM, "{plan:?}");
+    assert!(matches!(
+        p.behaviour(),
+        NatBehaviour::Sequential { step: -1, .. }
+    ));
+    let plan = p
+        .plan(std::time::Duration::from_secs(1), 64)
+        .expect("a plan");
+    assert!(
+        plan.hint != Hint::INDEPENDENT && plan.hint != Hint::RANDOM,
+        "{plan:?}"
+    );
 }
