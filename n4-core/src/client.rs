@@ -848,8 +848,8 @@ impl Client {
                 // The leader picks the pair (the first its ACK proves both ways); the other
                 // side takes the leader's CONFIRM. So both settle on the same pair.
                 match (self.leads(peer), says) {
-                    (Some(true), PeerSays::Ack) => self.win_confirmed(now, slot, from, true),
-                    (Some(false), PeerSays::Confirm) => self.win_confirmed(now, slot, from, false),
+                    (Some(true), PeerSays::Ack) => self.win_confirmed(slot, from, true),
+                    (Some(false), PeerSays::Confirm) => self.win_confirmed(slot, from, false),
                     // The peer proved a pair we never ACKed (its PUNCH could not reach us
                     // before our datagram opened our NAT, as in the birthday strategy): our
                     // ACK gives the leader its proof.
@@ -887,12 +887,11 @@ impl Client {
         if self.spray_at.is_some_and(|t| t <= now) {
             self.spray_tick(now);
         }
-        if let Some((at, slot, from)) = self.confirm_wait.filter(|&(at, ..)| at <= now) {
+        if let Some((_, slot, from)) = self.confirm_wait.filter(|&(at, ..)| at <= now) {
             self.confirm_wait = None;
-            let _ = at;
             if matches!(self.phase, Phase::Punching { .. }) {
                 // The leader's ACK proved this pair both ways; its CONFIRMs never came.
-                self.win_confirmed(now, slot, from, false);
+                self.win_confirmed(slot, from, false);
             }
         }
         if self.v1_fallback.is_some_and(|t| t <= now) {
@@ -1035,7 +1034,7 @@ impl Client {
 
     /// Both directions of (`slot`, `peer`) are proven: WIN, at once, on that pair. The leader
     /// tells the other side which pair it chose (CONFIRM, before its port closes).
-    fn win_confirmed(&mut self, now: Instant, slot: usize, peer: SocketAddr, lead: bool) {
+    fn win_confirmed(&mut self, slot: usize, peer: SocketAddr, lead: bool) {
         let strategy = if self.predicted() {
             Strategy::Predict
         } else {
@@ -1061,7 +1060,6 @@ impl Client {
                 });
             }
         }
-        let _ = now;
         if self.connected {
             self.connected = false;
             self.commands.push_back(Command::Disconnect);
