@@ -16,7 +16,7 @@ rounds) and both are printed side by side as a Markdown table.
   lab/measure.py [--trials 3] [--lambda 0,200,400,1000] [--delay 25] [--strategy v1,predict]
                  [--limit-v1 25] [--limit-predict 10] [--sim-seeds 200] [--jsonl FILE]
                  [--logs DIR] [--rev COMMIT | --n4 PATH --sim PATH] [--no-sim]
-                 [--client-args "..."]
+                 [--client-args "..."] [--nat-a KIND] [--nat-b KIND]
   lab/measure.py --from FILE.jsonl ...     re-print the table of recorded trials (no lab)
 
 Needs root (the lab).  Trials run one after another, cells interleaved (trial 1 of every

@@ -52,7 +52,7 @@ struct RunArgs {
     /// Background flows per second per NAT.
     #[arg(long)]
     lambda: Option<f64>,
-    /// NAT kind on both sides: seq, seq-down, random, preserving, cone, full-cone.
+    /// NAT kind on both sides: seq, seq-down, random, preserving, cone, full-cone, blocks.
     #[arg(long)]
     nat: Option<NatKind>,
     /// Peer port offset (`-o`).
