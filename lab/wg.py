@@ -102,7 +102,7 @@ wg set wg0 private-key "$DIR/wg-$SIDE.key"
 ip addr add "$ME/24" dev wg0
 ip link set wg0 up
 date +%s.%N >"$DIR/n4-$SIDE.start"
-exec "$N4" -c -h "$SERVER" -b 30000 --key-file "$KEY" --wg wg0 --wg-allowed-ips "$PEER/32" --json -v
+exec "$N4" -c -h "$SERVER" -b 30000 --key-file "$KEY" --wg wg0 --json -v
 """
 
 
@@ -167,8 +167,8 @@ def trial(a):
         reader(pinger_p.stdout, pings)
         hosts = {}
         for side, ns in (("a", env["LAB_NS_A"]), ("b", env["LAB_NS_B"])):
-            me, peer = TUNNEL[side]
-            script_env = dict(env, DIR=d, SIDE=side, ME=me, PEER=peer, N4=a.n4, KEY=key,
+            me, _peer = TUNNEL[side]
+            script_env = dict(env, DIR=d, SIDE=side, ME=me, N4=a.n4, KEY=key,
                               SERVER=env["LAB_IP_SERVER"])
             err = open(os.path.join(d, "n4-%s.log" % side), "w")
             out = open(os.path.join(d, "n4-%s.json" % side), "w")

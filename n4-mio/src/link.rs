@@ -21,7 +21,8 @@ pub struct WireGuardOptions {
     pub peer: Option<String>,
     /// Persistent keepalive, which also tells us the hole is alive.
     pub keepalive: Duration,
-    /// Allowed IPs to set on the peer (`None`: leave the interface's configuration alone).
+    /// Allowed IPs to set on the peer (`None`: as the interface has them; a new peer alone on
+    /// the interface gets everything).
     pub allowed_ips: Option<String>,
 }
 
@@ -96,12 +97,16 @@ pub fn run_link(
                 reason: "the partner handed over no WireGuard key (is it running --wg?)".into(),
             });
         };
+        let allowed = match &wg.allowed_ips {
+            Some(ips) => Some(ips.clone()),
+            None => default_allowed_ips(&wg.iface, &peer)?,
+        };
         wg::configure(
             &wg.iface,
             report.local_port,
             &peer,
             report.peer,
-            wg.allowed_ips.as_deref(),
+            allowed.as_deref(),
         )?;
         info!(
             "WireGuard: {} listens on {}, peer {peer} at {} (keepalive {} s)",
@@ -195,6 +200,26 @@ fn watch(
     }
     info!("Stopped");
     Ok(false)
+}
+
+/// Allowed IPs for a peer not given `--wg-allowed-ips`: those it has already; everything when
+/// it is new and alone on the interface (a point-to-point link: the interface's own address and
+/// routes decide what goes through it); none, with a warning, beside other peers (everything
+/// would take their traffic).
+fn default_allowed_ips(iface: &str, peer: &str) -> Result<Option<String>, Error> {
+    let peers = wg::peers(iface)?;
+    if peers.iter().any(|p| p == peer) {
+        return Ok(None);
+    }
+    if peers.is_empty() {
+        info!("WireGuard: the peer is the interface's only one: allowed IPs 0.0.0.0/0, ::/0");
+        return Ok(Some("0.0.0.0/0,::/0".into()));
+    }
+    warn!(
+        "WireGuard: {iface} has other peers: the new peer gets no allowed IPs \
+         (set --wg-allowed-ips)"
+    );
+    Ok(None)
 }
 
 fn unix_now() -> u64 {

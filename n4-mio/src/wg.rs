@@ -145,6 +145,16 @@ pub(crate) fn reinitiate(
     wg(iface, &args).map(drop)
 }
 
+/// The public keys of the interface's peers.
+pub(crate) fn peers(iface: &str) -> Result<Vec<String>, Error> {
+    Ok(wg(iface, &["show", iface, "peers"])?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
 /// The peer's handshake time and received bytes, if the interface has the peer.
 pub(crate) fn peer_state(iface: &str, peer: &str) -> Result<Option<PeerState>, Error> {
     let dump = wg(iface, &["show", iface, "dump"])?;

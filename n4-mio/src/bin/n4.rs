@@ -322,8 +322,8 @@ struct Cli {
     )]
     wg_keepalive: f64,
 
-    /// Allowed IPs to set on the WireGuard peer, e.g. 10.44.0.2/32 [default: leave them as
-    /// configured]
+    /// Allowed IPs to set on the WireGuard peer, e.g. 10.44.0.2/32 [default: as configured;
+    /// a new peer alone on the interface: 0.0.0.0/0,::/0]
     #[arg(
         long,
         value_name = "CIDRS",
