@@ -1032,9 +1032,8 @@ impl Client {
         }
     }
 
-    /// Both directions of (`slot`, `peer`) are proven: WIN, at once, on that pair. The leader
-    /// tells the other side which pair it chose (CONFIRM, before its port closes).
-    fn win_confirmed(&mut self, slot: usize, peer: SocketAddr, lead: bool) {
+    /// Says WIN on (`slot`, `peer`), naming the strategy that aimed the round; returns it.
+    fn report_win(&mut self, slot: usize, peer: SocketAddr) -> Strategy {
         let strategy = if self.predicted() {
             Strategy::Predict
         } else {
@@ -1046,6 +1045,13 @@ impl Client {
             peer,
             strategy,
         });
+        strategy
+    }
+
+    /// Both directions of (`slot`, `peer`) are proven: WIN, at once, on that pair. The leader
+    /// tells the other side which pair it chose (CONFIRM, before its port closes).
+    fn win_confirmed(&mut self, slot: usize, peer: SocketAddr, lead: bool) {
+        self.report_win(slot, peer);
         if lead {
             let payload = self
                 .wire
@@ -1665,17 +1671,7 @@ impl Client {
     }
 
     fn win(&mut self, now: Instant, slot: usize, peer: SocketAddr) {
-        let strategy = if self.predicted() {
-            Strategy::Predict
-        } else {
-            Strategy::V1
-        };
-        self.events.push_back(Event::Win {
-            round: self.round,
-            slot,
-            peer,
-            strategy,
-        });
+        let strategy = self.report_win(slot, peer);
         self.pass = None;
         self.probe_at = None;
         let acks = match strategy {
