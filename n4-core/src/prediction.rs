@@ -60,6 +60,9 @@ const RECENT: usize = 10;
 /// The longest step inside a block's run (own mappings and other hosts' flows between two
 /// observations).
 const MAX_BLOCK_RUN_STEP: u32 = 256;
+/// Own mappings between two observations from which on a jump is no evidence of randomness
+/// (a re-aim's EXCHANGE follows a whole punch window).
+const WIDE: u32 = 8;
 
 impl PortPredictor {
     /// Records that our `seq`-th new mapping, made at `sent`, got public `port`. Ignored once
@@ -138,9 +141,33 @@ impl PortPredictor {
             MAX_BLOCK_RUN_STEP
         };
         let fits = |d: i32| sequential(d, max);
+        // Across many of our own mappings (a punch window between two EXCHANGEs) a block NAT
+        // may well have changed blocks: such a jump says nothing about the allocation order.
+        let wide_jump = |(d, mine): (i32, u32)| !fits(d) && mine >= WIDE;
+        let diffs: Vec<(i32, u32)> = diffs.into_iter().filter(|&x| !wide_jump(x)).collect();
+        let obs_fit: Vec<bool> = obs
+            .windows(2)
+            .map(|w| {
+                let d = i32::from(w[1].port) - i32::from(w[0].port);
+                !wide_jump((d, w[1].seq.saturating_sub(w[0].seq).max(1)))
+            })
+            .collect();
+        if diffs.is_empty() {
+            return NatBehaviour::Unknown;
+        }
         let jumps = diffs.iter().filter(|(d, _)| !fits(*d)).count();
-        let runs_ok = strict || diffs.len() - jumps >= 2 + jumps;
+        // Short steps one way, at least two more than the jumps between them — or a single
+        // jump among at least two such steps (few probes, one block change), or two steps
+        // after the last jump (they place the NAT's latest block). Random ports make a short
+        // step one way about once in 256.
+        let steps = diffs.len() - jumps;
+        let last_run = diffs.iter().rev().take_while(|(d, _)| fits(*d)).count();
+        let runs_ok = strict || steps >= 2 + jumps || (jumps == 1 && steps >= 2) || last_run >= 2;
         if jumps > MAX_BLOCK_JUMPS.max(diffs.len() / 3) || !runs_ok {
+            // One jump and one step among three observations: a block change or chance.
+            if diffs.len() == 2 && jumps == 1 {
+                return NatBehaviour::Unknown;
+            }
             return NatBehaviour::Random;
         }
         let inside: Vec<(i32, u32)> = diffs.iter().copied().filter(|(d, _)| fits(*d)).collect();
@@ -160,6 +187,9 @@ impl PortPredictor {
         // The time the runs cover (a jump's interval counts nothing).
         let span: Duration = obs
             .windows(2)
+            .zip(&obs_fit)
+            .filter(|(_, kept)| **kept)
+            .map(|(w, _)| w)
             .zip(&diffs)
             .filter(|(_, (d, _))| fits(*d))
             .map(|(w, _)| w[1].sent.saturating_duration_since(w[0].sent))

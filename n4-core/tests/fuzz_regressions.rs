@@ -70,11 +70,12 @@ fn giving_up_inside_a_session_lets_the_server_connection_go() {
         &Message::PeerInfo("203.0.113.12:40000".parse().unwrap()).to_bytes(),
     );
     let _ = drain(&mut c);
-    // No PUNCH comes: the round is lost, and with it the last round.
+    // No PUNCH comes (and no PEERINFO for a re-aim): the round is lost, and with it the
+    // last round.
     let mut commands = Vec::new();
     let mut events = Vec::new();
     let mut at = now;
-    for _ in 0..10 {
+    for _ in 0..100 {
         let Some(t) = c.poll_timeout() else { break };
         at = t;
         c.handle_timeout(at);

@@ -380,29 +380,30 @@ fn invalid_client_configs_are_refused() {
 }
 
 #[test]
-fn ours_re_round_inside_the_session_when_a_round_is_lost() {
+fn ours_re_aim_inside_the_round_and_session_when_an_attempt_is_lost() {
     let mut w = World::new(ServerConfig::default());
-    // Every punch of the first round is lost.
+    // Every punch of the first attempt is lost.
     w.drop_peer_traffic_until = Some(w.now + Duration::from_millis(400));
     let a = w.add_client([198, 51, 100, 3], client(30000));
     let b = w.add_client([203, 0, 113, 12], client(31000));
     assert!(w.run_until(Duration::from_secs(5), |w| both_won(w, a, b)));
-    let in_session = |h: usize| {
-        w.hosts[h]
-            .events
+    for h in [a, b] {
+        let events = &w.hosts[h].events;
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::ReAimed { round: 1, attempt: 2 })),
+            "{events:?}"
+        );
+        // Still round 1: no LOSE, no second round, the WIN names round 1.
+        assert!(!events.iter().any(|e| matches!(
+            e,
+            Event::Lose { .. } | Event::RoundStarted { round: 2.., .. }
+        )));
+        assert!(events
             .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    Event::RoundStarted {
-                        in_session: true,
-                        ..
-                    }
-                )
-            })
-            .count()
-    };
-    assert!(in_session(a) >= 1 && in_session(b) >= 1);
+            .any(|e| matches!(e, Event::Win { round: 1, .. })));
+    }
     // One TCP session: one pairing, several completed rounds, and well under v1's 10 s.
     let paired = w
         .server_events

@@ -781,6 +781,11 @@ impl Driver {
                     addr: self.client.config().server.into(),
                 })
             }
+            Event::ReAimed { round, attempt } => info!(
+                "No punch in time; aiming again in round {round} (attempt {attempt} of {}): a \
+                 new EXCHANGE on the same connection, from where both NATs are now",
+                n4_core::MAX_REAIMS + 1
+            ),
             Event::HardNat { plan, why } => match plan {
                 n4_core::HardNatPlan::Unlikely => warn!("Hard NATs: {why}"),
                 _ => info!("Hard NATs: {why}"),

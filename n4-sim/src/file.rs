@@ -79,6 +79,9 @@ pub struct ScenarioFile {
     pub a: Option<SiteSpec>,
     /// Site B overrides.
     pub b: Option<SiteSpec>,
+    /// Host B sits behind site A's NAT, next to host A (B's own NAT and uplink are unused).
+    /// Default false.
+    pub one_nat: Option<bool>,
 }
 
 /// Overrides for one site.
@@ -121,6 +124,8 @@ pub struct NatSpec {
     pub lambda: Option<f64>,
     /// `poisson` or `constant`.
     pub background: Option<String>,
+    /// Datagrams to the NAT's own public IP turn back inwards. Default false.
+    pub hairpin: Option<bool>,
 }
 
 /// A client. Fields left out keep n4-core's `ClientConfig::default()` (the original's values).
@@ -250,6 +255,9 @@ impl NatSpec {
         }
         if let Some(l) = self.lambda {
             n.background_rate = l;
+        }
+        if let Some(h) = self.hairpin {
+            n.hairpin = h;
         }
         if let Some(b) = &self.background {
             n.background = match b.as_str() {
@@ -382,6 +390,9 @@ impl ScenarioFile {
         };
         for (site, spec) in s.sites.iter_mut().zip([&self.a, &self.b]) {
             apply_site(site, self, spec.as_ref(), strategy)?;
+        }
+        if self.one_nat == Some(true) {
+            s = s.with_one_nat();
         }
         Ok(s)
     }

@@ -76,6 +76,12 @@ struct RunArgs {
     /// Run until both clients finished their acknowledgement burst.
     #[arg(long)]
     finished: bool,
+    /// Put host B behind site A's NAT, next to host A (two clients behind one NAT).
+    #[arg(long)]
+    one_nat: bool,
+    /// The NATs turn datagrams to their own public IP back inwards (hairpinning).
+    #[arg(long)]
+    hairpin: bool,
     /// Also trace every dropped or lost datagram.
     #[arg(long)]
     packets: bool,
@@ -125,6 +131,12 @@ struct SweepArgs {
     /// Virtual time limit per run, in seconds.
     #[arg(long)]
     time_limit_s: Option<f64>,
+    /// Put host B behind site A's NAT, next to host A (two clients behind one NAT).
+    #[arg(long)]
+    one_nat: bool,
+    /// The NATs turn datagrams to their own public IP back inwards (hairpinning).
+    #[arg(long)]
+    hairpin: bool,
     /// Write the table as CSV here.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -181,7 +193,13 @@ fn run(a: RunArgs) -> Res {
     if a.finished {
         f.stop = Some("finished".into());
     }
+    if a.one_nat {
+        f.one_nat = Some(true);
+    }
     let nat = f.nat.get_or_insert_with(NatSpec::default);
+    if a.hairpin {
+        nat.hairpin = Some(true);
+    }
     if let Some(k) = a.nat {
         nat.kind = Some(k.name().into());
     }
@@ -271,7 +289,14 @@ fn sweep(a: SweepArgs) -> Res {
     if grid.nat.is_empty() || grid.strategy.is_empty() {
         return Err("--nat and --strategy need at least one value".into());
     }
-    let mut base = load(&a.file)?.to_scenario()?;
+    let mut f = load(&a.file)?;
+    if a.one_nat {
+        f.one_nat = Some(true);
+    }
+    if a.hairpin {
+        f.nat.get_or_insert_with(NatSpec::default).hairpin = Some(true);
+    }
+    let mut base = f.to_scenario()?;
     if a.max_rounds > 0 {
         base = base.map_clients(|c| c.max_rounds = Some(a.max_rounds));
     }

@@ -94,6 +94,11 @@ pub struct NatConfig {
     pub background_rate: f64,
     /// Arrival process of the background flows. Default Poisson.
     pub background: BackgroundKind,
+    /// A datagram from a host behind this NAT to the NAT's own public IP is translated and
+    /// turned back inwards (RFC 4787 "hairpinning"), as if it had come from outside; without
+    /// it the NAT drops it (Linux masquerade). Matters only with two hosts behind one NAT.
+    /// Default off.
+    pub hairpin: bool,
 }
 
 impl Default for NatConfig {
@@ -107,6 +112,7 @@ impl Default for NatConfig {
             lifetime: Duration::from_secs(30),
             background_rate: 0.0,
             background: BackgroundKind::Poisson,
+            hairpin: false,
         }
     }
 }
@@ -172,8 +178,8 @@ pub(crate) fn ns(t: Duration) -> u64 {
         .saturating_add(u64::from(t.subsec_nanos()))
 }
 
-/// A lookup key: internal port, remote IP, remote port (one host per NAT, so the internal IP
-/// is checked only on a match).
+/// A lookup key: internal port, remote IP, remote port. The internal IP is left out to keep
+/// the key one word; lookups check it on a match, so hosts behind one NAT may share a key.
 fn key(internal: SocketAddrV4, remote: SocketAddrV4) -> u64 {
     (u64::from(internal.port()) << 48)
         | (u64::from(remote.ip().to_bits()) << 16)
@@ -374,6 +380,11 @@ impl Nat {
         self.public_ip
     }
 
+    /// Turns datagrams to its own public IP back inwards.
+    pub(crate) fn hairpin(&self) -> bool {
+        self.config.hairpin
+    }
+
     /// Background flows so far (only counted where they move a counter: sequential NATs).
     pub(crate) fn background_total(&self) -> u64 {
         self.background_total
@@ -430,11 +441,12 @@ impl Nat {
         if !self.may_hold(want) {
             return None;
         }
-        // `expire` runs before every allocation, so a key is held by at most one entry.
+        // `expire` runs before every allocation, so a key is held by at most one entry per
+        // host; the first live one of this host is the hit.
         self.keys
             .iter()
-            .position(|&k| k & mask == want)
-            .filter(|&i| hit(i))
+            .enumerate()
+            .position(|(i, &k)| k & mask == want && hit(i))
     }
 
     /// The bit of `key_filter` for a masked key.

@@ -32,6 +32,9 @@ pub struct Site {
     pub client: ClientConfig,
     /// When the client starts, from the beginning of the run. Default 0.
     pub start: Duration,
+    /// `Some(j)`: this host sits behind site `j`'s NAT, beside that site's host (two hosts
+    /// behind one NAT); its own `nat`, `public_ip` and `uplink` are unused. Default `None`.
+    pub behind: Option<usize>,
 }
 
 /// When a run stops.
@@ -79,6 +82,7 @@ impl Scenario {
             uplink: Link::default(),
             client: ClientConfig::default(),
             start: Duration::ZERO,
+            behind: None,
         };
         Self {
             seed,
@@ -130,6 +134,15 @@ impl Scenario {
         for s in &mut self.sites {
             s.nat = nat;
         }
+        self
+    }
+
+    /// Host B moves behind site A's NAT, next to host A (as 192.168.1.102): two clients
+    /// behind one NAT, as a household or a carrier NAT has them. Whether they reach each
+    /// other depends on the NAT's [`NatConfig::hairpin`].
+    pub fn with_one_nat(mut self) -> Self {
+        self.sites[1].behind = Some(0);
+        self.sites[1].host_ip = Ipv4Addr::new(192, 168, 1, 102);
         self
     }
 

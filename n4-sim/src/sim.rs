@@ -221,6 +221,10 @@ struct Drops {
 struct SiteRt {
     name: &'static str,
     nat: Nat,
+    /// The site whose NAT this host sits behind: itself, or the other ([`Site::behind`]).
+    ///
+    /// [`Site::behind`]: crate::Site::behind
+    nat_at: usize,
     host_ip: Ipv4Addr,
     lan: Link,
     /// `lan.is_instant()`: the host and its NAT hand datagrams over directly.
@@ -249,6 +253,22 @@ impl SiteRt {
     ) -> Result<(), ScenarioError> {
         let s = &scenario.sites[i];
         let name = ["A", "B"][i];
+        let nat_at = match s.behind {
+            None => i,
+            Some(j) if j != i && scenario.sites.get(j).is_some_and(|o| o.behind.is_none()) => {
+                if scenario.sites[j].host_ip == s.host_ip {
+                    return Err(ScenarioError(format!(
+                        "site {name}: hosts behind one NAT need different IPs"
+                    )));
+                }
+                j
+            }
+            Some(j) => {
+                return Err(ScenarioError(format!(
+                    "site {name}: behind site {j}, which is no site with a NAT of its own"
+                )))
+            }
+        };
         self.nat
             .reset(s.nat, s.public_ip, rng)
             .map_err(|e| ScenarioError(format!("site {name}: {e}")))?;
@@ -264,6 +284,7 @@ impl SiteRt {
         let Self {
             name: n,
             nat: _,
+            nat_at: at,
             host_ip,
             lan,
             lan_instant,
@@ -279,6 +300,7 @@ impl SiteRt {
             drops,
         } = self;
         *n = name;
+        *at = nat_at;
         *host_ip = s.host_ip;
         *lan = s.lan;
         *lan_instant = s.lan.is_instant();
@@ -376,6 +398,7 @@ impl Sim {
         let site = |name| SiteRt {
             name,
             nat: Nat::empty(),
+            nat_at: 0,
             host_ip: Ipv4Addr::UNSPECIFIED,
             lan: Link::default(),
             lan_instant: true,
@@ -436,7 +459,9 @@ impl Sim {
             scenario.sites[0].public_ip,
             scenario.sites[1].public_ip,
         ];
-        if ips[0] == ips[1] || ips[0] == ips[2] || ips[1] == ips[2] {
+        // A host behind the other site's NAT has no public IP of its own.
+        let own = |i: usize| scenario.sites[i].behind.is_none();
+        if ips[0] == ips[1] || (own(1) && (ips[0] == ips[2] || ips[1] == ips[2])) {
             return Err(ScenarioError("public IPs must differ".into()));
         }
         let up = [
@@ -499,9 +524,10 @@ impl Sim {
         *paths = std::array::from_fn(|s| std::array::from_fn(|d| up[s].then(&up[d])));
         *fixed = paths.map(|row| row.map(|p| p.is_fixed().then(|| ns(p.latency))));
         *tcp_paths = std::array::from_fn(|i| {
+            let nat_at = scenario.sites[i].behind.unwrap_or(i);
             scenario.sites[i]
                 .lan
-                .then(&scenario.sites[i].uplink)
+                .then(&scenario.sites[nat_at].uplink)
                 .then(&scenario.server_uplink)
         });
         *tcp_rto = scenario.tcp_rto;
@@ -763,7 +789,7 @@ impl Sim {
             Some(0)
         } else {
             (0..2)
-                .find(|&i| self.sites[i].nat.public_ip() == *ip)
+                .find(|&i| self.sites[i].nat_at == i && self.sites[i].nat.public_ip() == *ip)
                 .map(|i| i + 1)
         }
     }
@@ -778,7 +804,8 @@ impl Sim {
     #[inline(always)]
     fn egress_inline(&mut self, i: usize, port: u16, to: SocketAddrV4, payload: [u8; 8]) {
         let internal = SocketAddrV4::new(self.sites[i].host_ip, port);
-        let ext = match self.sites[i]
+        let n = self.sites[i].nat_at;
+        let ext = match self.sites[n]
             .nat
             .outbound_existing(self.now_ns, internal, to)
         {
@@ -788,7 +815,7 @@ impl Sim {
                 None => return,
             },
         };
-        let from = SocketAddrV4::new(self.sites[i].nat.public_ip(), ext);
+        let from = SocketAddrV4::new(self.sites[n].nat.public_ip(), ext);
         let Some(dst) = self.node_of(to.ip()) else {
             trace!(
                 self,
@@ -797,7 +824,11 @@ impl Sim {
             );
             return;
         };
-        match self.fixed[i + 1][dst] {
+        if dst == n + 1 {
+            self.hairpin(n, from, to, payload);
+            return;
+        }
+        match self.fixed[n + 1][dst] {
             // What `over_wan` does for a fixed path, without copying the link.
             Some(latency) => self.schedule_wan(
                 self.now_ns.saturating_add(latency),
@@ -807,11 +838,28 @@ impl Sim {
         }
     }
 
+    /// A datagram from behind NAT `n` to that NAT's own public IP: turned back inwards at
+    /// once if the NAT hairpins, else dropped.
+    #[inline(never)]
+    fn hairpin(&mut self, n: usize, from: SocketAddrV4, to: SocketAddrV4, payload: [u8; 8]) {
+        if self.sites[n].nat.hairpin() {
+            self.schedule_wan(self.now_ns, WanDatagram::new(from, to, payload));
+        } else {
+            trace!(
+                self,
+                TraceLevel::Packets,
+                "nat{} drop {from} -> {to}: no hairpinning",
+                self.sites[n].name
+            );
+        }
+    }
+
     /// The NAT makes a new mapping for an outbound datagram: its external port, or `None`
     /// (and the datagram is dropped) if no port is free.
     #[inline(never)]
     fn new_mapping(&mut self, i: usize, internal: SocketAddrV4, to: SocketAddrV4) -> Option<u16> {
-        let Some((ext, n)) = self.sites[i]
+        let at = self.sites[i].nat_at;
+        let Some((ext, n)) = self.sites[at]
             .nat
             .outbound_new(self.now, internal, to, &mut self.rng)
         else {
@@ -819,11 +867,11 @@ impl Sim {
                 self,
                 TraceLevel::Events,
                 "nat{} out of ports: {internal} -> {to} dropped",
-                self.sites[i].name
+                self.sites[at].name
             );
             return None;
         };
-        let from = SocketAddrV4::new(self.sites[i].nat.public_ip(), ext);
+        let from = SocketAddrV4::new(self.sites[at].nat.public_ip(), ext);
         self.sites[i].mappings += 1;
         if let Some(r) = self.records.as_mut() {
             r.push(MappingRecord {
@@ -839,7 +887,7 @@ impl Sim {
             self,
             TraceLevel::Events,
             "nat{} {internal} -> ({from}) -> {to}  bg +{}",
-            self.sites[i].name,
+            self.sites[at].name,
             n.background
         );
         Some(ext)
@@ -855,7 +903,7 @@ impl Sim {
         to: SocketAddrV4,
         payload: [u8; 8],
     ) {
-        let path = self.paths[i + 1][dst];
+        let path = self.paths[self.sites[i].nat_at + 1][dst];
         if !self.over_wan(&path, WanDatagram::new(from, to, payload)) {
             self.sites[i].drops.lost += 1;
             trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
@@ -894,12 +942,23 @@ impl Sim {
             self.wan_to_server(from, to, payload);
             return;
         }
-        let Some(i) = (0..2).find(|&i| self.sites[i].nat.public_ip() == *to.ip()) else {
+        let Some(n) = self.node_of(to.ip()).map(|node| node - 1) else {
             return;
         };
-        match self.sites[i].nat.inbound(self.now_ns, from, to.port()) {
+        match self.sites[n].nat.inbound(self.now_ns, from, to.port()) {
             Ok(internal) => {
                 let port = internal.port();
+                // The host behind NAT `n` with that IP (two hosts may share the NAT).
+                let i = if self.sites[n].host_ip == *internal.ip() {
+                    n
+                } else {
+                    match (0..2).find(|&k| {
+                        self.sites[k].nat_at == n && self.sites[k].host_ip == *internal.ip()
+                    }) {
+                        Some(k) => k,
+                        None => return,
+                    }
+                };
                 if self.sites[i].lan_instant {
                     self.ingress(i, port, from, payload);
                 } else {
@@ -913,7 +972,7 @@ impl Sim {
                 }
             }
             Err(why) => {
-                let d = &mut self.sites[i].drops;
+                let d = &mut self.sites[n].drops;
                 match why {
                     Drop::NoMapping => d.no_mapping += 1,
                     Drop::Filtered => d.filtered += 1,
@@ -922,7 +981,7 @@ impl Sim {
                     self,
                     TraceLevel::Packets,
                     "nat{} drop {from} -> {to}: {why:?}",
-                    self.sites[i].name
+                    self.sites[n].name
                 );
             }
         }
@@ -967,7 +1026,8 @@ impl Sim {
 
     fn connect(&mut self, i: usize) {
         let conn = self.conns.len() as u32;
-        let remote = SocketAddrV4::new(self.sites[i].nat.public_ip(), self.sites[i].nat.tcp_port());
+        let n = self.sites[i].nat_at;
+        let remote = SocketAddrV4::new(self.sites[n].nat.public_ip(), self.sites[n].nat.tcp_port());
         let path = self.tcp_paths[i];
         let syn = path.sample_reliable(&mut self.rng, self.tcp_syn_rto);
         let syn_ack = path.sample_reliable(&mut self.rng, self.tcp_syn_rto);
@@ -1265,6 +1325,7 @@ impl Sim {
             Event::Refused(r) => format!("refused by the server: {r:?}"),
             Event::NeedsOurServer => "keyed, but the server is v1".into(),
             Event::HardNat { plan, .. } => format!("hard NAT pair: {plan:?}"),
+            Event::ReAimed { round, attempt } => format!("round {round}: re-aim, attempt {attempt}"),
             Event::Finished => "finished".into(),
             Event::GaveUp { rounds } => format!("gave up after {rounds} rounds"),
             Event::ServerUnreachable => "server unreachable".into(),

@@ -156,6 +156,7 @@ impl Point {
                 lifetime: keep.lifetime,
                 background: keep.background,
                 port_range: keep.port_range,
+                hairpin: keep.hairpin,
                 background_rate: self.lambda,
                 ..kind.config()
             };
