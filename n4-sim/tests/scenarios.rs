@@ -457,3 +457,113 @@ fn random_against_sequential_is_said_unlikely_and_given_up_after_a_bounded_effor
     );
     assert!(out.elapsed < Duration::from_secs(30), "{:?}", out.elapsed);
 }
+
+#[test]
+fn carrier_port_blocks_at_200_flows_per_second_win_in_round_one_by_re_aiming() {
+    // A block change between a side's EXCHANGE and its punches sends them into a new block;
+    // the round re-aims from a fresh EXCHANGE instead of being lost.
+    let scenario = |seed| {
+        Scenario::new(seed)
+            .with_nat(NatKind::Blocks.config())
+            .with_background(200.0)
+            .map_clients(|c| c.max_rounds = Some(1))
+    };
+    let round_one = success_rate(300, scenario);
+    assert!(round_one >= 0.95, "{round_one}");
+    // And the re-aims are what does it: some seed wins after one, and names round 1.
+    let (out, trace) = (0..50)
+        .map(|seed| run_traced(&scenario(seed), TraceLevel::Events).unwrap())
+        .find(|(out, trace)| out.won() && trace.contains("re-aim"))
+        .expect("some seed needs a re-aim");
+    assert!(
+        out.clients.iter().all(|c| c.win_round == Some(1)),
+        "{trace}"
+    );
+    assert!(!trace.contains("[ LOSE ]"), "{trace}");
+}
+
+/// Host B behind host A's NAT, both clients in one room.
+fn one_nat(seed: u64, kind: NatKind, hairpin: bool) -> Scenario {
+    let mut s = Scenario::new(seed)
+        .with_nat(kind.config())
+        .map_clients(|c| c.max_rounds = Some(2))
+        .with_one_nat();
+    s.sites[0].nat.hairpin = hairpin;
+    s.time_limit = Duration::from_secs(30);
+    s
+}
+
+/// The `=> PEERINFO a.b.c.d:port` addresses a client was told, in order.
+fn peer_infos(trace: &str, client: &str) -> Vec<String> {
+    trace
+        .lines()
+        .filter_map(|l| l.split_once(&format!(" {client}    => PEERINFO ")))
+        .map(|(_, rest)| rest.split_whitespace().next().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn two_clients_behind_one_nat_in_one_room_are_paired_with_each_others_public_address() {
+    for strategy in [Strategy::V1, Strategy::Predict] {
+        let s = one_nat(7, NatKind::Seq, false).with_strategy(strategy);
+        let (out, trace) = run_traced(&s, TraceLevel::Events).unwrap();
+        // The server tells them apart although they share the NAT's one public IP: each is
+        // named the other's EXCHANGE mapping, never its own.
+        let public = "198.51.100.3";
+        let (a, b) = (peer_infos(&trace, "A"), peer_infos(&trace, "B"));
+        assert!(!a.is_empty() && !b.is_empty(), "{trace}");
+        let exchanged: Vec<(String, String)> = trace
+            .lines()
+            .filter_map(|l| l.split_once("srv  exchanged ").map(|(_, r)| r))
+            .filter_map(|r| r.split_once(" <-> "))
+            .map(|(x, y)| (x.to_string(), y.to_string()))
+            .collect();
+        assert_eq!(exchanged.len(), a.len().min(b.len()), "{trace}");
+        for (i, (x, y)) in exchanged.iter().enumerate() {
+            assert!(
+                x.starts_with(public) && y.starts_with(public) && x != y,
+                "{trace}"
+            );
+            // Whichever seat each took, each client heard the other one's address.
+            assert!(
+                (a[i] == *y && b[i] == *x) || (a[i] == *x && b[i] == *y),
+                "round {i}: A told {}, B told {}, server exchanged {x} <-> {y}",
+                a[i],
+                b[i]
+            );
+            assert_ne!(a[i], b[i], "{trace}");
+        }
+        // Linux-like NAT: no hairpinning, so no datagram reaches the other host through the
+        // public address, nobody claims a WIN, and both stop after their rounds.
+        assert!(!out.clients.iter().any(|c| c.won), "{strategy:?}: {trace}");
+        assert!(
+            out.clients.iter().all(|c| c.gave_up),
+            "{strategy:?}: {out:?}"
+        );
+    }
+}
+
+#[test]
+fn behind_one_nat_punches_turn_back_inwards_only_where_the_nat_hairpins() {
+    // From host to host through the NAT's own public IP: a hairpinning NAT translates the
+    // punch and judges it like any inbound datagram (its filter then decides); Linux's
+    // masquerade, the default, drops it. (The clients do not win behind one NAT either way:
+    // they share one port counter, so each side's aim collides with its own mappings;
+    // docs/NATS.md, "Two hosts behind one NAT".)
+    let public = "198.51.100.3";
+    let inwards = |trace: &str| {
+        trace
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("natA drop {public}:")) && l.contains(&format!("-> {public}:"))
+            })
+            .filter(|l| !l.ends_with("no hairpinning"))
+            .count()
+    };
+    let (_, with) = run_traced(&one_nat(3, NatKind::Seq, true), TraceLevel::Packets).unwrap();
+    assert!(inwards(&with) > 0, "{with}");
+    assert!(!with.contains("no hairpinning"), "{with}");
+    let (_, without) = run_traced(&one_nat(3, NatKind::Seq, false), TraceLevel::Packets).unwrap();
+    assert_eq!(inwards(&without), 0, "{without}");
+    assert!(without.contains("no hairpinning"), "{without}");
+}
