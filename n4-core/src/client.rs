@@ -1225,8 +1225,7 @@ impl Client {
     /// A predicted attempt timed out: aim again in this round if the session is live and the
     /// round has re-aims left. False: the round is lost.
     fn re_aim(&mut self, now: Instant) -> bool {
-        if !(self.connected && self.predicted() && !self.hard_attempt && self.reaims < MAX_REAIMS)
-        {
+        if !(self.connected && self.predicted() && !self.hard_attempt && self.reaims < MAX_REAIMS) {
             return false;
         }
         self.reaims += 1;

@@ -22,7 +22,8 @@ mod session;
 
 pub use client::{
     Client, ClientConfig, Command, ConfigError, Event, HardNatPlan, LoseReason, Strategy, Transmit,
-    BIRTHDAY_SLOTS, BUDGET_PERIOD, EARLY_PUNCH_SOURCES, MAX_REAIMS, SPRAY_MAX, SPRAY_RATE, UNLIKELY_ROUNDS,
+    BIRTHDAY_SLOTS, BUDGET_PERIOD, EARLY_PUNCH_SOURCES, MAX_REAIMS, SPRAY_MAX, SPRAY_RATE,
+    UNLIKELY_ROUNDS,
 };
 pub use codec::{
     check_round_trip, DecodeError, Frame, FrameDecoder, Hint, Ident, IdentError, LongMessage, Mac,

@@ -390,9 +390,13 @@ fn ours_re_aim_inside_the_round_and_session_when_an_attempt_is_lost() {
     for h in [a, b] {
         let events = &w.hosts[h].events;
         assert!(
-            events
-                .iter()
-                .any(|e| matches!(e, Event::ReAimed { round: 1, attempt: 2 })),
+            events.iter().any(|e| matches!(
+                e,
+                Event::ReAimed {
+                    round: 1,
+                    attempt: 2
+                }
+            )),
             "{events:?}"
         );
         // Still round 1: no LOSE, no second round, the WIN names round 1.

@@ -1325,7 +1325,9 @@ impl Sim {
             Event::Refused(r) => format!("refused by the server: {r:?}"),
             Event::NeedsOurServer => "keyed, but the server is v1".into(),
             Event::HardNat { plan, .. } => format!("hard NAT pair: {plan:?}"),
-            Event::ReAimed { round, attempt } => format!("round {round}: re-aim, attempt {attempt}"),
+            Event::ReAimed { round, attempt } => {
+                format!("round {round}: re-aim, attempt {attempt}")
+            }
             Event::Finished => "finished".into(),
             Event::GaveUp { rounds } => format!("gave up after {rounds} rounds"),
             Event::ServerUnreachable => "server unreachable".into(),
