@@ -37,6 +37,7 @@ use crate::codec::{
 use crate::key::Key;
 use crate::prediction::{NatBehaviour, Plan, PortPredictor};
 use crate::session::{Handshake, PeerSays, Wire};
+use crate::timer::{Timer, TimerTable};
 
 /// How the client aims its punches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -511,7 +512,6 @@ const V1_FALLBACK_MIN: Duration = Duration::from_millis(100);
 /// The second punch pass of a predicted round, after half an RTT.
 #[derive(Debug, Clone, Copy)]
 struct PendingPass {
-    at: Instant,
     target: SocketAddrV4,
     slots: usize,
 }
@@ -545,19 +545,16 @@ pub struct Client {
     acked: Vec<(usize, SocketAddr)>,
     /// The first genuine PUNCH of this round, for the v1 fallback.
     first_punch: Option<(usize, SocketAddr)>,
-    /// When to give up waiting for an ACK and win the v1 way.
-    v1_fallback: Option<Instant>,
-    /// The other side (not the leader): the first pair the leader's ACK proved, and when to
-    /// take it as the hole if the leader's CONFIRMs were all lost (the leader has left).
-    confirm_wait: Option<(Instant, usize, SocketAddr)>,
+    /// The other side (not the leader): the first pair the leader's ACK proved, to take as
+    /// the hole at [`Timer::ConfirmWait`] if the leader's CONFIRMs were all lost.
+    confirm_pair: Option<(usize, SocketAddr)>,
     /// Window slot 0's probe answer: its public port equals its local one (a port-keeping,
     /// endpoint-independent NAT, or none).
     preserving: Option<bool>,
     /// Extra slots opened for the birthday strategy (after window and probe slots).
     extra_slots: u16,
-    /// The easy side's spray this round: target IP, datagrams sent, next tick.
+    /// The easy side's spray this round: target IP, datagrams sent (ticks: [`Timer::Spray`]).
     spray: Option<(std::net::Ipv4Addr, u16)>,
-    spray_at: Option<Instant>,
     /// The pair was found unlikely to punch in this round (said once per client).
     unlikely_said: bool,
     /// Rounds played since the pair was found unlikely.
@@ -603,12 +600,12 @@ pub struct Client {
     /// New NAT mappings we have made so far (probes, EXCHANGEs, first punches), so the
     /// predictor can tell our own port use from other hosts'.
     own_mappings: u32,
-    /// Phase timer: what it does depends on the phase.
-    deadline: Option<Instant>,
-    /// After READY: PEERINFO must arrive by then.
+    /// Every deadline, by name.
+    timers: TimerTable,
+    /// After READY: PEERINFO must arrive by then (checked when [`Timer::Phase`] fires).
     peer_info_deadline: Option<Instant>,
-    probe_at: Option<Instant>,
-    pass: Option<PendingPass>,
+    /// The second punch pass of a predicted attempt, due at [`Timer::Pass`].
+    pending_pass: Option<PendingPass>,
     commands: VecDeque<Command>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -651,12 +648,10 @@ impl Client {
             peer_ours: false,
             acked: Vec::new(),
             first_punch: None,
-            v1_fallback: None,
-            confirm_wait: None,
+            confirm_pair: None,
             preserving: None,
             extra_slots: 0,
             spray: None,
-            spray_at: None,
             unlikely_said: false,
             unlikely_rounds: 0,
             seen_sequential: false,
@@ -679,10 +674,9 @@ impl Client {
             refreshes: 0,
             exchange_acked: false,
             exchange_deferred: false,
-            deadline: None,
+            timers: TimerTable::default(),
             peer_info_deadline: None,
-            probe_at: None,
-            pass: None,
+            pending_pass: None,
             commands: VecDeque::new(),
             // A v1 round queues its 5 × 25 punches at once: no regrowing on the way there.
             transmits: VecDeque::with_capacity(128),
@@ -751,7 +745,8 @@ impl Client {
         if self.round > 1 || self.config.max_rounds.is_some() {
             // A partner that played the last round with us comes back at once, or not at all;
             // and a bounded effort (`max_rounds`) bounds the first wait too.
-            self.deadline = Some(crate::later(now, self.config.round_timeout));
+            self.timers
+                .set(Timer::Phase, crate::later(now, self.config.round_timeout));
         }
     }
 
@@ -806,10 +801,10 @@ impl Client {
             // The server's wait timeout: it frees seats nobody came for. Not a lost round.
             self.events.push_back(Event::Rehello);
             self.phase = Phase::Between { rehello: true };
-            self.deadline = Some(crate::later(
-                now,
-                self.config.retry_delay.min(REHELLO_AFTER),
-            ));
+            self.timers.set(
+                Timer::Phase,
+                crate::later(now, self.config.retry_delay.min(REHELLO_AFTER)),
+            );
         } else if matches!(self.phase, Phase::AwaitReady | Phase::AwaitPeerInfo) {
             self.lose(now, LoseReason::ServerClosed);
         }
@@ -863,7 +858,7 @@ impl Client {
             PeerSays::Punch => self.on_peer_punch(now, slot, from),
             PeerSays::Ack | PeerSays::Confirm => {
                 self.peer_ours = true;
-                self.v1_fallback = None;
+                self.timers.stop(Timer::V1Fallback);
                 // The leader picks the pair (the first its ACK proves both ways); the other
                 // side takes the leader's CONFIRM. So both settle on the same pair.
                 match (self.leads(peer), says) {
@@ -873,11 +868,12 @@ impl Client {
                     // before our datagram opened our NAT, as in the birthday strategy): our
                     // ACK gives the leader its proof.
                     (Some(false), PeerSays::Ack) => {
-                        if self.confirm_wait.is_none()
+                        if self.confirm_pair.is_none()
                             && matches!(self.phase, Phase::Punching { .. })
                         {
                             let wait = self.rtt().saturating_mul(2).max(V1_FALLBACK_MIN);
-                            self.confirm_wait = Some((crate::later(now, wait), slot, from));
+                            self.confirm_pair = Some((slot, from));
+                            self.timers.set(Timer::ConfirmWait, crate::later(now, wait));
                         }
                         self.send_peer_ack(slot, from)
                     }
@@ -900,35 +896,32 @@ impl Client {
 
     /// Time passed; acts on every timer that is due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.probe_at.is_some_and(|t| t <= now) {
+        if self.timers.is_due(Timer::Probe, now) {
             self.send_probe(now);
         }
-        if self.spray_at.is_some_and(|t| t <= now) {
+        if self.timers.is_due(Timer::Spray, now) {
             self.spray_tick(now);
         }
-        if let Some((_, slot, from)) = self.confirm_wait.filter(|&(at, ..)| at <= now) {
-            self.confirm_wait = None;
-            if matches!(self.phase, Phase::Punching { .. }) {
+        if self.timers.expire(Timer::ConfirmWait, now) {
+            let pair = self.confirm_pair.take();
+            if let (Phase::Punching { .. }, Some((slot, from))) = (self.phase, pair) {
                 // The leader's ACK proved this pair both ways; its CONFIRMs never came.
                 self.win_confirmed(slot, from, false);
             }
         }
-        if self.v1_fallback.is_some_and(|t| t <= now) {
-            self.v1_fallback = None;
+        if self.timers.expire(Timer::V1Fallback, now) {
             if let (Phase::Punching { .. }, Some((slot, from))) = (self.phase, self.first_punch) {
                 // No ACK came: the peer is v1. It wins on our punches; we on its, v1's way.
                 self.win(now, slot, from);
             }
         }
-        if let Some(pass) = self.pass.filter(|p| p.at <= now) {
-            self.pass = None;
-            if matches!(self.phase, Phase::Punching { .. }) {
+        if self.timers.expire(Timer::Pass, now) {
+            if let (Phase::Punching { .. }, Some(pass)) = (self.phase, self.pending_pass.take()) {
                 self.punch_pass(now, pass.target, pass.slots);
             }
         }
-        match self.deadline {
-            Some(d) if d <= now => self.deadline = None,
-            _ => return,
+        if !self.timers.expire(Timer::Phase, now) {
+            return;
         }
         match self.phase {
             Phase::AwaitPeerInfo if self.exchange_deferred => {
@@ -988,17 +981,7 @@ impl Client {
     /// When [`Client::handle_timeout`] must next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [
-            self.deadline,
-            self.probe_at,
-            self.pass.map(|p| p.at),
-            self.v1_fallback,
-            self.spray_at,
-            self.confirm_wait.map(|(at, ..)| at),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        self.timers.next()
     }
 
     /// Our PUNCH as this session makes it.
@@ -1036,7 +1019,7 @@ impl Client {
             self.first_punch = Some((slot, from));
             if !self.peer_ours && self.phase != Phase::AwaitPeerInfo {
                 let wait = self.rtt().saturating_mul(2).max(V1_FALLBACK_MIN);
-                self.v1_fallback = Some(crate::later(now, wait));
+                self.timers.set(Timer::V1Fallback, crate::later(now, wait));
             }
         }
     }
@@ -1219,7 +1202,8 @@ impl Client {
         self.connect_sent = Some(now);
         self.probes_sent = 0;
         self.probe_sent_at.iter_mut().for_each(|t| *t = None);
-        self.probe_at = (self.config.probe_slots() > 0).then_some(now);
+        self.timers
+            .set_or_stop(Timer::Probe, (self.config.probe_slots() > 0).then_some(now));
     }
 
     /// A predicted attempt timed out: aim again in this round if the session is live and the
@@ -1240,7 +1224,7 @@ impl Client {
         self.phase = Phase::AwaitPeerInfo;
         self.exchange_deferred = true;
         let pause = self.rtt() * 2 * (self.rng.next_u32() % 1024) / 1024;
-        self.deadline = Some(crate::later(now, pause));
+        self.timers.set(Timer::Phase, crate::later(now, pause));
         true
     }
 
@@ -1256,16 +1240,18 @@ impl Client {
         self.hard_attempt = false;
         self.hello_sent = None;
         self.spray = None;
-        self.spray_at = None;
+        self.timers.stop(Timer::Spray);
         self.acked.clear();
         self.first_punch = None;
-        self.v1_fallback = None;
-        self.confirm_wait = None;
+        self.timers.stop(Timer::V1Fallback);
+        self.confirm_pair = None;
+        self.timers.stop(Timer::ConfirmWait);
         self.peer_hint = None;
         self.plan = None;
-        self.pass = None;
+        self.pending_pass = None;
+        self.timers.stop(Timer::Pass);
         self.early_punches.clear();
-        self.deadline = None;
+        self.timers.stop(Timer::Phase);
         self.peer_info_deadline = None;
         self.exchange_sent = None;
         self.refreshes = 0;
@@ -1301,8 +1287,9 @@ impl Client {
             });
             self.probes_sent += 1;
         }
-        self.probe_at =
+        let next =
             (self.probes_sent < total).then(|| crate::later(now, self.config.probe_interval));
+        self.timers.set_or_stop(Timer::Probe, next);
     }
 
     fn on_probe_reply(&mut self, now: Instant, probe: usize, from: SocketAddr, bytes: &[u8]) {
@@ -1338,7 +1325,7 @@ impl Client {
                 self.token = token.filter(|_| self.config.strategy == Strategy::Predict);
                 self.phase = Phase::AwaitPeerInfo;
                 self.session_round = 1;
-                self.deadline = None;
+                self.timers.stop(Timer::Phase);
                 self.events.push_back(Event::Ready {
                     extended: self.token.is_some(),
                 });
@@ -1346,15 +1333,16 @@ impl Client {
                     // Keyed: the EXCHANGE waits for the handshake, so that PEERINFO follows it
                     // one RTT later, as the aim assumes (the server holds PEERINFO until both
                     // verified). The round timeout bounds the wait.
-                    self.deadline = Some(crate::later(now, self.config.round_timeout));
+                    self.timers
+                        .set(Timer::Phase, crate::later(now, self.config.round_timeout));
                 } else if self.token.is_some() && self.predictor.len() < 2 && self.probes_sent > 0 {
                     // READY came before our probes' answers (a partner already waiting, a
                     // short RTT): without them we could give no hint. Wait for them a little.
                     self.exchange_deferred = true;
-                    self.deadline = Some(crate::later(
-                        now,
-                        self.rtt().clamp(PROBE_WAIT_MIN, PROBE_WAIT_MAX),
-                    ));
+                    self.timers.set(
+                        Timer::Phase,
+                        crate::later(now, self.rtt().clamp(PROBE_WAIT_MIN, PROBE_WAIT_MAX)),
+                    );
                 } else {
                     self.send_exchange(now);
                 }
@@ -1457,10 +1445,13 @@ impl Client {
         } else {
             EXCHANGE_RESEND
         };
-        self.deadline = Some(match self.token {
-            Some(_) => give_up.min(crate::later(now, wait)),
-            None => give_up,
-        });
+        self.timers.set(
+            Timer::Phase,
+            match self.token {
+                Some(_) => give_up.min(crate::later(now, wait)),
+                None => give_up,
+            },
+        );
     }
 
     fn plan_round(&mut self) {
@@ -1530,11 +1521,11 @@ impl Client {
         let (slots, passes, timeout) = if self.predicted() {
             let window = self.plan.map_or(self.config.port_count, |p| p.window);
             let rtt = self.rtt();
-            self.pass = Some(PendingPass {
-                at: crate::later(now, rtt / 2),
+            self.pending_pass = Some(PendingPass {
                 target,
                 slots: usize::from(window),
             });
+            self.timers.set(Timer::Pass, crate::later(now, rtt / 2));
             // The peer punches about when we do; its punches cross in one one-way trip.
             let timeout = (rtt.saturating_mul(4)).max(Duration::from_millis(200));
             (window, 1, timeout.min(self.config.round_timeout))
@@ -1562,7 +1553,7 @@ impl Client {
         if self.phase != (Phase::Punching { peer }) {
             return; // gave up (an unlikely pair, tried enough)
         }
-        self.deadline = Some(crate::later(now, timeout));
+        self.timers.set(Timer::Phase, crate::later(now, timeout));
         let early = std::mem::take(&mut self.early_punches);
         for (slot, from) in early {
             if !matches!(self.phase, Phase::Punching { .. }) {
@@ -1677,7 +1668,7 @@ impl Client {
     /// The easy side's spray: a few PUNCHes from the EXCHANGE's socket to random ports of the
     /// peer's IP, every tick, until [`SPRAY_MAX`] or the round ends.
     fn spray_tick(&mut self, now: Instant) {
-        self.spray_at = None;
+        self.timers.stop(Timer::Spray);
         let Some((ip, sent)) = self.spray else {
             return;
         };
@@ -1698,7 +1689,7 @@ impl Client {
             }
         }
         self.spray = Some((ip, sent + n));
-        self.spray_at = Some(crate::later(now, SPRAY_TICK));
+        self.timers.set(Timer::Spray, crate::later(now, SPRAY_TICK));
     }
 
     /// Where to aim without a hint. v1 aims at `offset` every round. Predicting against a v1
@@ -1733,8 +1724,9 @@ impl Client {
 
     fn win(&mut self, now: Instant, slot: usize, peer: SocketAddr) {
         let strategy = self.report_win(slot, peer);
-        self.pass = None;
-        self.probe_at = None;
+        self.pending_pass = None;
+        self.timers.stop(Timer::Pass);
+        self.timers.stop(Timer::Probe);
         let acks = match strategy {
             Strategy::Predict => EXT_ACKS,
             Strategy::V1 => self.config.ack_count,
@@ -1794,7 +1786,7 @@ impl Client {
             self.config.ack_interval
         };
         // The burst ends one interval after the last PUNCH, like v1's sleep after each send.
-        self.deadline = Some(crate::later(now, interval));
+        self.timers.set(Timer::Phase, crate::later(now, interval));
     }
 
     fn lose(&mut self, now: Instant, reason: LoseReason) {
@@ -1817,13 +1809,14 @@ impl Client {
             }
             _ => Duration::ZERO,
         };
-        self.pass = None;
-        self.probe_at = None;
+        self.pending_pass = None;
+        self.timers.stop(Timer::Pass);
+        self.timers.stop(Timer::Probe);
         if wait.is_zero() {
             self.start_round(now, false);
         } else {
             self.phase = Phase::Between { rehello: false };
-            self.deadline = Some(crate::later(now, wait));
+            self.timers.set(Timer::Phase, crate::later(now, wait));
         }
     }
 
@@ -1862,9 +1855,10 @@ impl Client {
             self.commands.push_back(Command::Disconnect);
         }
         self.phase = Phase::Done;
-        self.deadline = None;
-        self.probe_at = None;
-        self.pass = None;
+        self.timers.stop(Timer::Phase);
+        self.timers.stop(Timer::Probe);
+        self.pending_pass = None;
+        self.timers.stop(Timer::Pass);
     }
 }
 

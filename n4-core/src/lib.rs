@@ -19,6 +19,7 @@ mod key;
 mod prediction;
 mod server;
 mod session;
+mod timer;
 
 pub use client::{
     Client, ClientConfig, Command, ConfigError, Event, HardNatPlan, LoseReason, Strategy, Transmit,
