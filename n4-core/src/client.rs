@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+use crate::aim::{AimInput, PunchPlan, Strategy};
 use crate::codec::{
     Frame, FrameDecoder, Hint, Ident, LongMessage, Message, Nonce, Payload, RefuseReason, Token,
 };
@@ -38,25 +39,6 @@ use crate::key::Key;
 use crate::prediction::{NatBehaviour, Plan, PortPredictor};
 use crate::session::{Handshake, PeerSays, Wire};
 use crate::timer::{Timer, TimerTable};
-
-/// How the client aims its punches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Strategy {
-    /// The original's fixed offset and window, 10 s rounds, a new connection per round.
-    V1,
-    /// NAT-aware prediction and fast in-session rounds when the server and peer are ours.
-    Predict,
-}
-
-impl Strategy {
-    /// Lowercase name, as in logs and JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::V1 => "v1",
-            Self::Predict => "predict",
-        }
-    }
-}
 
 /// Client settings. `Default` gives the original's values, written in each field's doc.
 #[derive(Clone, Debug)]
@@ -145,17 +127,19 @@ impl Default for ClientConfig {
 impl ClientConfig {
     /// Window slots opened per fresh round.
     pub fn window_slots(&self) -> u16 {
-        match self.strategy {
-            Strategy::V1 => self.port_count,
-            Strategy::Predict => self.port_count.max(self.max_window),
+        if self.strategy.extended() {
+            self.port_count.max(self.max_window)
+        } else {
+            self.port_count
         }
     }
 
     /// Probe slots opened after the window.
     pub fn probe_slots(&self) -> u16 {
-        match self.strategy {
-            Strategy::V1 => 0,
-            Strategy::Predict => self.probes,
+        if self.strategy.extended() {
+            self.probes
+        } else {
+            0
         }
     }
 
@@ -494,7 +478,6 @@ const MIN_REFRESH: Duration = Duration::from_millis(50);
 /// RTT assumed before any was measured.
 const DEFAULT_RTT: Duration = Duration::from_millis(100);
 /// Rounds in the offset sweep used against a v1 server.
-const V1_SERVER_SWEEP: u32 = 4;
 /// Acknowledgements to a peer of ours: it wins on the first, the rest cover loss.
 const EXT_ACKS: u16 = 3;
 const EXT_ACK_INTERVAL: Duration = Duration::from_millis(100);
@@ -509,10 +492,10 @@ const CONFIRMS: usize = 3;
 /// least; two RTTs if longer) for its ACK before winning the v1 way.
 const V1_FALLBACK_MIN: Duration = Duration::from_millis(100);
 
-/// The second punch pass of a predicted round, after half an RTT.
-#[derive(Debug, Clone, Copy)]
+/// The second punch pass of a predicted attempt, after half an RTT.
+#[derive(Debug, Clone)]
 struct PendingPass {
-    target: SocketAddrV4,
+    targets: Vec<SocketAddrV4>,
     slots: usize,
 }
 
@@ -917,7 +900,9 @@ impl Client {
         }
         if self.timers.expire(Timer::Pass, now) {
             if let (Phase::Punching { .. }, Some(pass)) = (self.phase, self.pending_pass.take()) {
-                self.punch_pass(now, pass.target, pass.slots);
+                for t in pass.targets {
+                    self.punch_pass(now, t, pass.slots);
+                }
             }
         }
         if !self.timers.expire(Timer::Phase, now) {
@@ -1040,10 +1025,11 @@ impl Client {
 
     /// Says WIN on (`slot`, `peer`), naming the strategy that aimed the round; returns it.
     fn report_win(&mut self, slot: usize, peer: SocketAddr) -> Strategy {
-        let strategy = if self.predicted() {
-            Strategy::Predict
-        } else {
-            Strategy::V1
+        let strategy = match self.config.strategy {
+            Strategy::Predict if self.predicted() => Strategy::Predict,
+            // Without a hint ours aims like v1.
+            Strategy::Predict => Strategy::V1,
+            other => other,
         };
         self.events.push_back(Event::Win {
             round: self.round,
@@ -1322,7 +1308,7 @@ impl Client {
                 self.finish();
             }
             (Phase::AwaitReady, Message::Ready(token)) => {
-                self.token = token.filter(|_| self.config.strategy == Strategy::Predict);
+                self.token = token.filter(|_| self.config.strategy.extended());
                 self.phase = Phase::AwaitPeerInfo;
                 self.session_round = 1;
                 self.timers.stop(Timer::Phase);
@@ -1493,17 +1479,24 @@ impl Client {
             self.lose(now, LoseReason::BadPeerAddress);
             return;
         }
-        // A v1 peer (no hint) or a random-port peer gets the v1 aim: our offset, our count;
-        // a port-keeping peer its EXCHANGE's port exactly.
-        let offset = match self.peer_hint {
-            Some(Hint::INDEPENDENT) => 0,
-            Some(h) if h != Hint::RANDOM && h != Hint::NONE => i32::from(h.0),
-            _ => self.unhinted_offset(),
+        let input = AimInput {
+            config: &self.config,
+            peer,
+            peer_hint: self.peer_hint,
+            predicted: self.predicted(),
+            plan: self.plan,
+            extended_session: self.token.is_some(),
+            round: self.round,
+            rtt: self.rtt(),
         };
-        let target = u16::try_from(i32::from(peer.port()) + offset)
-            .ok()
-            .filter(|&port| port != 0)
-            .map(|port| SocketAddrV4::new(*peer.ip(), port));
+        let PunchPlan {
+            targets,
+            slots,
+            passes,
+            second_pass_after,
+            timeout,
+        } = self.config.strategy.aim().plan(&input);
+        let target = targets.first().copied();
         self.events.push_back(Event::PeerInfo { peer, target });
         let Some(target) = target else {
             // A session of ours aims again from a fresh EXCHANGE (the NAT moves on).
@@ -1518,33 +1511,23 @@ impl Client {
         }
         let hard = self.hard_nat_plan();
         self.hard_attempt = hard.is_some();
-        let (slots, passes, timeout) = if self.predicted() {
-            let window = self.plan.map_or(self.config.port_count, |p| p.window);
-            let rtt = self.rtt();
+        if let Some(after) = second_pass_after {
             self.pending_pass = Some(PendingPass {
-                target,
-                slots: usize::from(window),
+                targets: targets.clone(),
+                slots: usize::from(slots),
             });
-            self.timers.set(Timer::Pass, crate::later(now, rtt / 2));
-            // The peer punches about when we do; its punches cross in one one-way trip.
-            let timeout = (rtt.saturating_mul(4)).max(Duration::from_millis(200));
-            (window, 1, timeout.min(self.config.round_timeout))
-        } else {
-            let count = match self.plan {
-                // Our window must also hold a v1 peer's fixed aim.
-                Some(p) => p.window.max(self.config.port_count),
-                None => self.config.port_count,
-            };
-            (count, self.config.punch_passes, self.config.round_timeout)
-        };
-        // The first pass makes one new mapping per slot; later passes reuse them.
-        self.own_mappings += u32::from(slots);
+            self.timers.set(Timer::Pass, crate::later(now, after));
+        }
+        // The first pass makes one new mapping per slot and target; later passes reuse them.
+        self.own_mappings += u32::from(slots) * targets.len() as u32;
         for _ in 0..passes {
-            self.punch_pass(now, target, usize::from(slots));
+            for &t in &targets {
+                self.punch_pass(now, t, usize::from(slots));
+            }
         }
         self.events.push_back(Event::PunchSent {
             target,
-            datagrams: usize::from(slots) * usize::from(passes),
+            datagrams: usize::from(slots) * usize::from(passes) * targets.len(),
         });
         let mut timeout = timeout;
         if let Some((plan, why)) = hard {
@@ -1692,21 +1675,6 @@ impl Client {
         self.timers.set(Timer::Spray, crate::later(now, SPRAY_TICK));
     }
 
-    /// Where to aim without a hint. v1 aims at `offset` every round. Predicting against a v1
-    /// server (no token, so no hint can come) we sweep: each round aims one window further
-    /// (offset, offset + count, + 2·count, + 3·count, then again), so a peer whose NAT gave
-    /// away more than `offset` ports in one RTT is still hit in a later round — whatever the
-    /// peer runs, since where its window lies does not depend on its own aim.
-    fn unhinted_offset(&self) -> i32 {
-        let offset = self.config.peer_port_offset;
-        if self.config.strategy == Strategy::V1 || self.token.is_some() {
-            return offset;
-        }
-        let band = i32::try_from((self.round - 1) % V1_SERVER_SWEEP).unwrap_or(0);
-        let step = i32::from(self.config.port_count) * if offset < 0 { -1 } else { 1 };
-        offset + band * step
-    }
-
     /// One PUNCH from each of the first `slots` slots to `target`, if the budget allows.
     fn punch_pass(&mut self, now: Instant, target: SocketAddrV4, slots: usize) {
         if !self.spend(now, u32::try_from(slots).unwrap_or(u32::MAX)) {
@@ -1727,9 +1695,10 @@ impl Client {
         self.pending_pass = None;
         self.timers.stop(Timer::Pass);
         self.timers.stop(Timer::Probe);
-        let acks = match strategy {
-            Strategy::Predict => EXT_ACKS,
-            Strategy::V1 => self.config.ack_count,
+        let acks = if strategy.extended() {
+            EXT_ACKS
+        } else {
+            self.config.ack_count
         };
         self.send_ack(now, slot, peer, acks);
     }

@@ -13,6 +13,7 @@
 //!   ignored if it is a datagram.
 #![warn(missing_docs, unreachable_pub)]
 
+mod aim;
 mod client;
 mod codec;
 mod key;
@@ -21,8 +22,9 @@ mod server;
 mod session;
 mod timer;
 
+pub use aim::Strategy;
 pub use client::{
-    Client, ClientConfig, Command, ConfigError, Event, HardNatPlan, LoseReason, Strategy, Transmit,
+    Client, ClientConfig, Command, ConfigError, Event, HardNatPlan, LoseReason, Transmit,
     BIRTHDAY_SLOTS, BUDGET_PERIOD, EARLY_PUNCH_SOURCES, MAX_REAIMS, SPRAY_MAX, SPRAY_RATE,
     UNLIKELY_ROUNDS,
 };

@@ -181,16 +181,16 @@ impl Scenario {
     }
 }
 
-/// Parses a strategy name as n4-core spells it (`v1`, `predict`).
+/// Parses a strategy name as n4-core spells it (`v1`, `predict`, …).
 pub fn parse_strategy(s: &str) -> Result<Strategy, String> {
-    STRATEGIES
-        .into_iter()
-        .find(|k| k.name() == s)
-        .ok_or_else(|| format!("unknown strategy '{s}' (known: v1, predict)"))
+    Strategy::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Strategy::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown strategy '{s}' (known: {})", names.join(", "))
+    })
 }
 
 /// Every strategy n4-core has, for sweeps.
-pub const STRATEGIES: [Strategy; 2] = [Strategy::V1, Strategy::Predict];
+pub const STRATEGIES: [Strategy; Strategy::ALL.len()] = Strategy::ALL;
 
 /// Named NAT kinds, for the command line and sweeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
