@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use n4_core::{
-    Client, ClientConfig, Command, ConnId, Event, Message, Server, ServerConfig, ServerEvent,
-    ServerOutput,
+    Client, ClientConfig, Command, ConfigError, ConnId, Event, Message, Server, ServerConfig,
+    ServerEvent, ServerOutput,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -119,16 +119,42 @@ impl Outcome {
 }
 
 /// Why a scenario cannot run.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ScenarioError(pub String);
-
-impl fmt::Display for ScenarioError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScenarioError {
+    /// A site's NAT settings are out of range.
+    #[error("site {site}: {reason}")]
+    Nat {
+        /// `A` or `B`.
+        site: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A client's settings are refused by n4-core.
+    #[error("client {site}: {source}")]
+    Client {
+        /// `A` or `B`.
+        site: &'static str,
+        /// n4-core's reason.
+        source: ConfigError,
+    },
+    /// [`crate::Site::behind`] names no site with a NAT of its own.
+    #[error("site {site}: behind site {behind}, which is no site with a NAT of its own")]
+    Behind {
+        /// `A` or `B`.
+        site: &'static str,
+        /// The index it names.
+        behind: usize,
+    },
+    /// Two hosts behind one NAT share an IP.
+    #[error("site {site}: hosts behind one NAT need different IPs")]
+    SameHostIp {
+        /// `A` or `B`.
+        site: &'static str,
+    },
+    /// Two of server, site A and site B (with NATs of their own) share a public IP.
+    #[error("public IPs must differ")]
+    SamePublicIp,
 }
-
-impl std::error::Error for ScenarioError {}
 
 /// The one real clock read of the crate: an arbitrary origin for virtual time.
 fn epoch() -> Instant {
@@ -257,21 +283,20 @@ impl SiteRt {
             None => i,
             Some(j) if j != i && scenario.sites.get(j).is_some_and(|o| o.behind.is_none()) => {
                 if scenario.sites[j].host_ip == s.host_ip {
-                    return Err(ScenarioError(format!(
-                        "site {name}: hosts behind one NAT need different IPs"
-                    )));
+                    return Err(ScenarioError::SameHostIp { site: name });
                 }
                 j
             }
             Some(j) => {
-                return Err(ScenarioError(format!(
-                    "site {name}: behind site {j}, which is no site with a NAT of its own"
-                )))
+                return Err(ScenarioError::Behind {
+                    site: name,
+                    behind: j,
+                })
             }
         };
         self.nat
             .reset(s.nat, s.public_ip, rng)
-            .map_err(|e| ScenarioError(format!("site {name}: {e}")))?;
+            .map_err(|reason| ScenarioError::Nat { site: name, reason })?;
         let config = ClientConfig {
             server: scenario.server_addr,
             ..s.client.clone()
@@ -279,7 +304,7 @@ impl SiteRt {
         // A client starting at 0 is made now; a later one is made (and validated) now too,
         // so that a bad configuration is an error here, and remade when it starts.
         let client = Client::new(config.clone(), epoch)
-            .map_err(|e| ScenarioError(format!("client {name}: {e}")))?;
+            .map_err(|source| ScenarioError::Client { site: name, source })?;
         // Every field by name: a new field that is not reset here does not compile.
         let Self {
             name: n,
@@ -462,7 +487,7 @@ impl Sim {
         // A host behind the other site's NAT has no public IP of its own.
         let own = |i: usize| scenario.sites[i].behind.is_none();
         if ips[0] == ips[1] || (own(1) && (ips[0] == ips[2] || ips[1] == ips[2])) {
-            return Err(ScenarioError("public IPs must differ".into()));
+            return Err(ScenarioError::SamePublicIp);
         }
         let up = [
             scenario.server_uplink,
