@@ -28,7 +28,6 @@ mod nat;
 mod queue;
 mod scenario;
 mod sim;
-pub mod sweep;
 
 pub use file::{ClientSpec, FileError, LinkSpec, NatSpec, ScenarioFile, SiteSpec};
 pub use link::Link;

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use n4_sim::sweep::{self, parse_list, Grid, XAxis};
+mod sweep;
+
+use sweep::{parse_list, Grid, XAxis};
 use n4_sim::{
     parse_strategy, ClientSpec, NatKind, NatSpec, ScenarioFile, Sim, SimOptions, Strategy,
     TraceLevel,

@@ -11,10 +11,7 @@ use std::time::Duration;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use n4_core::Strategy;
-
-use crate::scenario::{NatKind, NatPair, Scenario};
-use crate::sim::{run, Outcome, ScenarioError};
+use n4_sim::{run, NatConfig, NatKind, NatPair, Outcome, Scenario, ScenarioError, Strategy};
 
 /// The axes of a sweep. Each list must be non-empty; the grid is their cross product.
 #[derive(Clone, Debug)]
@@ -152,7 +149,7 @@ impl Point {
         s.seed = seed;
         for (site, kind) in s.sites.iter_mut().zip([self.nat.a, self.nat.b]) {
             let keep = site.nat;
-            site.nat = crate::nat::NatConfig {
+            site.nat = NatConfig {
                 lifetime: keep.lifetime,
                 background: keep.background,
                 port_range: keep.port_range,
