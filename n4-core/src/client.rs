@@ -499,20 +499,14 @@ struct PendingPass {
     slots: usize,
 }
 
-/// The punching client state machine. See the module docs for the calling contract.
-#[derive(Debug)]
-pub struct Client {
-    config: ClientConfig,
-    /// Rounds started, 1-based.
-    round: u32,
+/// The client's state tied to one server connection (reset with it; a re-HELLO in the same
+/// round keeps `peer`, `hinted` and `exchanges_made`).
+#[derive(Debug, Default)]
+struct Session {
     /// Round within the current TCP session (the EXCHANGE's round byte).
-    session_round: u8,
-    window_start: u16,
-    phase: Phase,
-    connected: bool,
+    round: u8,
+    /// Frames from the server's stream.
     decoder: FrameDecoder,
-    /// Draws handshake nonces.
-    rng: ChaCha20Rng,
     /// Keyed: this connection's handshake.
     handshake: Option<Handshake>,
     /// How datagrams with the peer look (`None` in a keyed session before both nonces are
@@ -524,20 +518,79 @@ pub struct Client {
     /// The peer is a client of ours (it sent a HINT, an ACK or a CONFIRM, or holds our key):
     /// WIN is confirmed both ways, not by a blind acknowledgement burst.
     peer_ours: bool,
-    /// Pairs (our slot, peer address) whose PUNCH we ACKed this round.
+    /// The server's token: set when both it and we speak the extension.
+    token: Option<Token>,
+    /// The peer as the last PEERINFO of this session named it.
+    peer: Option<SocketAddrV4>,
+    /// The peer gave a hint in some round of this session.
+    hinted: bool,
+    /// EXCHANGE sockets used so far this round (each a fresh mapping).
+    exchanges_made: usize,
+}
+
+/// What the client learns about its own NAT from its probes (and its EXCHANGEs' SEENs).
+#[derive(Debug, Default)]
+struct Probing {
+    /// The NAT's ports as our mappings got them, and where the next ones will be.
+    predictor: PortPredictor,
+    /// Probes sent this round.
+    sent: u16,
+    /// Per probe slot: when its probe left and which of our mappings it was, until answered.
+    sent_at: Vec<Option<(Instant, u32)>>,
+    /// Window slot 0's probe answer: its public port equals its local one (a port-keeping,
+    /// endpoint-independent NAT, or none).
+    preserving: Option<bool>,
+}
+
+/// The client's state for one attempt of a round: from the EXCHANGE to WIN or timeout.
+#[derive(Debug, Default)]
+struct Attempt {
+    /// Pairs (our slot, peer address) whose PUNCH we ACKed.
     acked: Vec<(usize, SocketAddr)>,
-    /// The first genuine PUNCH of this round, for the v1 fallback.
+    /// The first genuine PUNCH, for the v1 fallback.
     first_punch: Option<(usize, SocketAddr)>,
     /// The other side (not the leader): the first pair the leader's ACK proved, to take as
     /// the hole at [`Timer::ConfirmWait`] if the leader's CONFIRMs were all lost.
     confirm_pair: Option<(usize, SocketAddr)>,
-    /// Window slot 0's probe answer: its public port equals its local one (a port-keeping,
-    /// endpoint-independent NAT, or none).
-    preserving: Option<bool>,
+    /// The easy side's spray: target IP, datagrams sent (ticks: [`Timer::Spray`]).
+    spray: Option<(std::net::Ipv4Addr, u16)>,
+    /// The peer's hint, if it gave one.
+    peer_hint: Option<Hint>,
+    /// Our own plan (window, hint) from our probes.
+    plan: Option<Plan>,
+    /// PUNCHes that came before PEERINFO named the peer (a few per source IP).
+    early_punches: Vec<(usize, SocketAddr)>,
+    /// This attempt's EXCHANGE mapping (when, which of ours), until SEEN reports its port.
+    exchange_sent: Option<(Instant, u32)>,
+    /// Refreshed EXCHANGEs.
+    refreshes: u32,
+    /// This attempt plays a hard-NAT plan (those have rounds of their own; no re-aim).
+    hard: bool,
+    /// READY came before two probe answers: the EXCHANGE waits for them (briefly).
+    exchange_deferred: bool,
+    /// After READY: PEERINFO must arrive by then (checked when [`Timer::Phase`] fires).
+    peer_info_deadline: Option<Instant>,
+    /// The second punch pass of a predicted attempt, due at [`Timer::Pass`].
+    pending_pass: Option<PendingPass>,
+}
+
+/// The punching client state machine. See the module docs for the calling contract.
+#[derive(Debug)]
+pub struct Client {
+    config: ClientConfig,
+    /// Rounds started, 1-based.
+    round: u32,
+    window_start: u16,
+    phase: Phase,
+    connected: bool,
+    /// What belongs to the current server connection.
+    session: Session,
+    /// What one attempt (PEERINFO, aim, punches, acknowledgements) leaves behind.
+    attempt: Attempt,
+    /// Draws handshake nonces.
+    rng: ChaCha20Rng,
     /// Extra slots opened for the birthday strategy (after window and probe slots).
     extra_slots: u16,
-    /// The easy side's spray this round: target IP, datagrams sent (ticks: [`Timer::Spray`]).
-    spray: Option<(std::net::Ipv4Addr, u16)>,
     /// The pair was found unlikely to punch in this round (said once per client).
     unlikely_said: bool,
     /// Rounds played since the pair was found unlikely.
@@ -545,50 +598,25 @@ pub struct Client {
     /// Our NAT was seen allocating sequentially (in runs): block jumps later must not make
     /// it look random (which would call a good pair hopeless).
     seen_sequential: bool,
-    /// The server's token: set when both it and we speak the extension.
-    token: Option<Token>,
-    /// The peer's hint for this round, if it gave one.
-    peer_hint: Option<Hint>,
-    /// The peer as the last PEERINFO of this session named it.
-    session_peer: Option<SocketAddrV4>,
-    /// The peer gave a hint in some round of this session.
-    session_hinted: bool,
-    plan: Option<Plan>,
-    early_punches: Vec<(usize, SocketAddr)>,
     /// Datagrams to peers this budget period, and when the period began.
     budget: (Instant, u32),
     /// The budget was found spent this period (said once).
     budget_said: bool,
     /// When HELLO went out on the current connection (the wait for a partner began).
     hello_sent: Option<Instant>,
-    predictor: PortPredictor,
+    /// What the probes tell about our NAT.
+    probing: Probing,
     connect_sent: Option<Instant>,
-    /// This round's EXCHANGE mapping (when, which of ours), until SEEN reports its port.
-    exchange_sent: Option<(Instant, u32)>,
-    probes_sent: u16,
-    probe_sent_at: Vec<Option<(Instant, u32)>>,
-    /// EXCHANGE sockets used so far (each a fresh mapping), and the current one.
-    exchanges_made: usize,
     exchange_slot: usize,
-    /// Refreshed EXCHANGEs in this attempt.
-    refreshes: u32,
     /// Re-aims in this round ([`Event::ReAimed`]).
     reaims: u32,
-    /// This attempt plays a hard-NAT plan (those have rounds of their own; no re-aim).
-    hard_attempt: bool,
     /// The server has acknowledged (SEEN) our latest EXCHANGE.
     exchange_acked: bool,
-    /// READY came before two probe answers: the EXCHANGE waits for them (briefly).
-    exchange_deferred: bool,
     /// New NAT mappings we have made so far (probes, EXCHANGEs, first punches), so the
     /// predictor can tell our own port use from other hosts'.
     own_mappings: u32,
     /// Every deadline, by name.
     timers: TimerTable,
-    /// After READY: PEERINFO must arrive by then (checked when [`Timer::Phase`] fires).
-    peer_info_deadline: Option<Instant>,
-    /// The second punch pass of a predicted attempt, due at [`Timer::Pass`].
-    pending_pass: Option<PendingPass>,
     commands: VecDeque<Command>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -615,51 +643,30 @@ impl Client {
         let rng = ChaCha20Rng::from_seed(config.rng_seed);
         let mut client = Self {
             window_start: config.port_start,
-            probe_sent_at: vec![None; usize::from(config.probe_slots())],
+            probing: Probing {
+                sent_at: vec![None; usize::from(config.probe_slots())],
+                ..Probing::default()
+            },
             config,
             round: 0,
-            session_round: 0,
             reaims: 0,
-            hard_attempt: false,
             phase: Phase::Done,
             connected: false,
-            decoder: FrameDecoder::default(),
+            session: Session::default(),
+            attempt: Attempt::default(),
             rng,
-            handshake: None,
-            wire: None,
-            own_public: None,
-            peer_ours: false,
-            acked: Vec::new(),
-            first_punch: None,
-            confirm_pair: None,
-            preserving: None,
             extra_slots: 0,
-            spray: None,
             unlikely_said: false,
             unlikely_rounds: 0,
             seen_sequential: false,
-            token: None,
-            peer_hint: None,
-            session_peer: None,
-            session_hinted: false,
-            plan: None,
-            early_punches: Vec::new(),
             budget: (now, 0),
             budget_said: false,
             hello_sent: None,
-            predictor: PortPredictor::default(),
             connect_sent: None,
-            exchange_sent: None,
-            probes_sent: 0,
             own_mappings: 0,
-            exchanges_made: 0,
             exchange_slot: 0,
-            refreshes: 0,
             exchange_acked: false,
-            exchange_deferred: false,
             timers: TimerTable::default(),
-            peer_info_deadline: None,
-            pending_pass: None,
             commands: VecDeque::new(),
             // A v1 round queues its 5 × 25 punches at once: no regrowing on the way there.
             transmits: VecDeque::with_capacity(128),
@@ -687,7 +694,7 @@ impl Client {
 
     /// What the probes have shown of our own NAT so far.
     pub fn predictor(&self) -> &PortPredictor {
-        &self.predictor
+        &self.probing.predictor
     }
 
     /// The local ports of the current window and probe slots, slot by slot (0 = ephemeral).
@@ -707,7 +714,8 @@ impl Client {
         }
         if let Some(sent) = self.connect_sent {
             // The TCP handshake is one RTT: a first estimate before any probe returns.
-            self.predictor
+            self.probing
+                .predictor
                 .observe_rtt(now.saturating_duration_since(sent));
         }
         self.connected = true;
@@ -717,7 +725,7 @@ impl Client {
                 let mut nonce: Nonce = [0; crate::codec::NONCE_LEN];
                 self.rng.fill_bytes(&mut nonce);
                 let handshake = Handshake::new(key, self.config.ident, nonce);
-                self.handshake = Some(handshake);
+                self.session.handshake = Some(handshake);
                 Frame::Long(handshake.hello())
             }
             None => Frame::Short(Message::Hello(self.config.ident)),
@@ -749,7 +757,7 @@ impl Client {
         let mut input = bytes;
         let mut ok = true;
         while self.connected {
-            match self.decoder.next(&mut input) {
+            match self.session.decoder.next(&mut input) {
                 None => break,
                 Some(Ok(Frame::Short(m))) => self.on_server_message(now, m),
                 Some(Ok(Frame::Long(m))) => self.on_server_long(now, m),
@@ -807,18 +815,18 @@ impl Client {
         if slot == 0 && from == SocketAddr::from(self.config.probe_server()) {
             // Window slot 0's own probe: does our NAT keep the port?
             if let Ok(Message::Seen(addr)) = Message::decode(bytes) {
-                self.preserving = Some(addr.port() == self.window_start);
+                self.probing.preserving = Some(addr.port() == self.window_start);
             }
             return;
         }
-        let Some(says) = self.wire.and_then(|w| w.judge(bytes)) else {
+        let Some(says) = self.session.wire.and_then(|w| w.judge(bytes)) else {
             return;
         };
         // Who the peer is: this round's PEERINFO, or in a session re-round the last one (a
         // late datagram of the last round still counts).
         let peer = match self.phase {
             Phase::Punching { peer } => Some(peer),
-            Phase::AwaitPeerInfo => self.session_peer,
+            Phase::AwaitPeerInfo => self.session.peer,
             _ => None,
         };
         let Some(peer) = peer else {
@@ -827,10 +835,14 @@ impl Client {
                     self.phase,
                     Phase::Connecting | Phase::AwaitReady | Phase::AwaitPeerInfo
                 )
-                && self.early_punches.len() < EARLY_PUNCH_SOURCES
-                && !self.early_punches.iter().any(|(_, f)| f.ip() == from.ip())
+                && self.attempt.early_punches.len() < EARLY_PUNCH_SOURCES
+                && !self
+                    .attempt
+                    .early_punches
+                    .iter()
+                    .any(|(_, f)| f.ip() == from.ip())
             {
-                self.early_punches.push((slot, from));
+                self.attempt.early_punches.push((slot, from));
             }
             return;
         };
@@ -840,7 +852,7 @@ impl Client {
         match says {
             PeerSays::Punch => self.on_peer_punch(now, slot, from),
             PeerSays::Ack | PeerSays::Confirm => {
-                self.peer_ours = true;
+                self.session.peer_ours = true;
                 self.timers.stop(Timer::V1Fallback);
                 // The leader picks the pair (the first its ACK proves both ways); the other
                 // side takes the leader's CONFIRM. So both settle on the same pair.
@@ -851,11 +863,11 @@ impl Client {
                     // before our datagram opened our NAT, as in the birthday strategy): our
                     // ACK gives the leader its proof.
                     (Some(false), PeerSays::Ack) => {
-                        if self.confirm_pair.is_none()
+                        if self.attempt.confirm_pair.is_none()
                             && matches!(self.phase, Phase::Punching { .. })
                         {
                             let wait = self.rtt().saturating_mul(2).max(V1_FALLBACK_MIN);
-                            self.confirm_pair = Some((slot, from));
+                            self.attempt.confirm_pair = Some((slot, from));
                             self.timers.set(Timer::ConfirmWait, crate::later(now, wait));
                         }
                         self.send_peer_ack(slot, from)
@@ -868,13 +880,13 @@ impl Client {
 
     /// Whether the peer showed itself one of ours (a HINT, an ACK or CONFIRM, or our key).
     pub fn peer_is_ours(&self) -> bool {
-        self.peer_ours
+        self.session.peer_ours
     }
 
     /// Whether bytes that arrived on the window are the session's own handshake (PUNCH, ACK,
     /// CONFIRM from the peer's side) rather than the user's traffic.
     pub fn is_handshake(&self, bytes: &[u8]) -> bool {
-        self.wire.is_some_and(|w| w.judge(bytes).is_some())
+        self.session.wire.is_some_and(|w| w.judge(bytes).is_some())
     }
 
     /// Time passed; acts on every timer that is due.
@@ -886,20 +898,24 @@ impl Client {
             self.spray_tick(now);
         }
         if self.timers.expire(Timer::ConfirmWait, now) {
-            let pair = self.confirm_pair.take();
+            let pair = self.attempt.confirm_pair.take();
             if let (Phase::Punching { .. }, Some((slot, from))) = (self.phase, pair) {
                 // The leader's ACK proved this pair both ways; its CONFIRMs never came.
                 self.win_confirmed(slot, from, false);
             }
         }
         if self.timers.expire(Timer::V1Fallback, now) {
-            if let (Phase::Punching { .. }, Some((slot, from))) = (self.phase, self.first_punch) {
+            if let (Phase::Punching { .. }, Some((slot, from))) =
+                (self.phase, self.attempt.first_punch)
+            {
                 // No ACK came: the peer is v1. It wins on our punches; we on its, v1's way.
                 self.win(now, slot, from);
             }
         }
         if self.timers.expire(Timer::Pass, now) {
-            if let (Phase::Punching { .. }, Some(pass)) = (self.phase, self.pending_pass.take()) {
+            if let (Phase::Punching { .. }, Some(pass)) =
+                (self.phase, self.attempt.pending_pass.take())
+            {
                 for t in pass.targets {
                     self.punch_pass(now, t, pass.slots);
                 }
@@ -909,12 +925,12 @@ impl Client {
             return;
         }
         match self.phase {
-            Phase::AwaitPeerInfo if self.exchange_deferred => {
-                self.exchange_deferred = false;
+            Phase::AwaitPeerInfo if self.attempt.exchange_deferred => {
+                self.attempt.exchange_deferred = false;
                 self.send_exchange(now);
             }
             Phase::AwaitPeerInfo => {
-                if self.peer_info_deadline.is_some_and(|d| d > now) {
+                if self.attempt.peer_info_deadline.is_some_and(|d| d > now) {
                     self.send_exchange(now);
                 } else {
                     self.lose(now, LoseReason::NoPeerInfo);
@@ -971,17 +987,17 @@ impl Client {
 
     /// Our PUNCH as this session makes it.
     fn punch_bytes(&self) -> Payload {
-        let wire = self.wire.unwrap_or(Wire::Plain(self.config.ident));
+        let wire = self.session.wire.unwrap_or(Wire::Plain(self.config.ident));
         wire.make(PeerSays::Punch)
     }
 
     /// Whether we lead the confirmation with `peer`: the side whose public address (keyed:
     /// nonce) is the lower one. `None` when we cannot tell (no SEEN): then we act as v1.
     fn leads(&self, peer: SocketAddrV4) -> Option<bool> {
-        if let Some(h) = self.handshake {
+        if let Some(h) = self.session.handshake {
             return Some(h.mine < h.theirs?);
         }
-        let me = self.own_public?;
+        let me = self.session.own_public?;
         let key = |a: SocketAddrV4| (a.ip().octets(), a.port());
         (me != peer).then(|| key(me) < key(peer))
     }
@@ -992,17 +1008,17 @@ impl Client {
     fn on_peer_punch(&mut self, now: Instant, slot: usize, from: SocketAddr) {
         let peer = match self.phase {
             Phase::Punching { peer } => peer,
-            _ => self.session_peer.expect("checked by the caller"),
+            _ => self.session.peer.expect("checked by the caller"),
         };
-        let confirming = self.token.is_some() && self.leads(peer).is_some();
+        let confirming = self.session.token.is_some() && self.leads(peer).is_some();
         if !confirming {
             self.win(now, slot, from);
             return;
         }
         self.send_peer_ack(slot, from);
-        if self.first_punch.is_none() {
-            self.first_punch = Some((slot, from));
-            if !self.peer_ours && self.phase != Phase::AwaitPeerInfo {
+        if self.attempt.first_punch.is_none() {
+            self.attempt.first_punch = Some((slot, from));
+            if !self.session.peer_ours && self.phase != Phase::AwaitPeerInfo {
                 let wait = self.rtt().saturating_mul(2).max(V1_FALLBACK_MIN);
                 self.timers.set(Timer::V1Fallback, crate::later(now, wait));
             }
@@ -1011,10 +1027,14 @@ impl Client {
 
     /// An ACK on (`slot`, `from`), once per pair and round.
     fn send_peer_ack(&mut self, slot: usize, from: SocketAddr) {
-        if self.acked.len() < MAX_ACKED && !self.acked.contains(&(slot, from)) {
-            self.acked.push((slot, from));
+        if self.attempt.acked.len() < MAX_ACKED && !self.attempt.acked.contains(&(slot, from)) {
+            self.attempt.acked.push((slot, from));
             self.budget.1 = self.budget.1.saturating_add(1);
-            let payload = self.wire.expect("genuine, so judged").make(PeerSays::Ack);
+            let payload = self
+                .session
+                .wire
+                .expect("genuine, so judged")
+                .make(PeerSays::Ack);
             self.transmits.push_back(Transmit {
                 slot,
                 destination: from,
@@ -1046,6 +1066,7 @@ impl Client {
         self.report_win(slot, peer);
         if lead {
             let payload = self
+                .session
                 .wire
                 .expect("a genuine ACK came")
                 .make(PeerSays::Confirm);
@@ -1071,18 +1092,18 @@ impl Client {
     }
 
     fn rtt(&self) -> Duration {
-        self.predictor.rtt().unwrap_or(DEFAULT_RTT)
+        self.probing.predictor.rtt().unwrap_or(DEFAULT_RTT)
     }
 
     /// Whether this round is aimed by the extension (the server and the peer are ours).
     /// (A late punch of an earlier round of this session counts: that round was aimed too.)
     fn predicted(&self) -> bool {
-        self.token.is_some() && (self.peer_hint.is_some() || self.session_hinted)
+        self.session.token.is_some() && (self.attempt.peer_hint.is_some() || self.session.hinted)
     }
 
     /// Keyed handshake messages from the server.
     fn on_server_long(&mut self, now: Instant, msg: LongMessage) {
-        match (self.phase, msg, self.handshake) {
+        match (self.phase, msg, self.session.handshake) {
             (_, LongMessage::Refused(reason), _) => {
                 self.events.push_back(Event::Refused(reason));
                 self.finish();
@@ -1091,8 +1112,8 @@ impl Client {
                 if h.theirs.is_none() =>
             {
                 h.theirs = Some(theirs);
-                self.handshake = Some(h);
-                self.wire = h.wire();
+                self.session.handshake = Some(h);
+                self.session.wire = h.wire();
                 let mac = h.key.auth(h.room, &h.mine, &theirs);
                 self.commands
                     .push_back(Command::Send(LongMessage::Auth(mac).into()));
@@ -1108,12 +1129,12 @@ impl Client {
                 let theirs = h.theirs.expect("checked");
                 if h.key.verify_auth(h.room, &theirs, &h.mine, &mac) {
                     h.verified = true;
-                    self.handshake = Some(h);
-                    self.peer_ours = true;
+                    self.session.handshake = Some(h);
+                    self.session.peer_ours = true;
                     self.commands
                         .push_back(Command::Send(LongMessage::Verified.into()));
                     self.events.push_back(Event::PeerAuthenticated);
-                    if self.peer_info_deadline.is_none() {
+                    if self.attempt.peer_info_deadline.is_none() {
                         self.send_exchange(now);
                     }
                 } else {
@@ -1176,18 +1197,18 @@ impl Client {
         self.phase = Phase::Connecting;
         self.connected = false;
         self.reset_connection();
-        self.exchanges_made = 0;
-        self.session_peer = None;
-        self.session_hinted = false;
+        self.session.exchanges_made = 0;
+        self.session.peer = None;
+        self.session.hinted = false;
         self.commands.push_back(Command::OpenWindow {
             ports: self.window(),
         });
         self.extra_slots = 0;
-        self.preserving = None;
+        self.probing.preserving = None;
         self.commands.push_back(Command::Connect);
         self.connect_sent = Some(now);
-        self.probes_sent = 0;
-        self.probe_sent_at.iter_mut().for_each(|t| *t = None);
+        self.probing.sent = 0;
+        self.probing.sent_at.iter_mut().for_each(|t| *t = None);
         self.timers
             .set_or_stop(Timer::Probe, (self.config.probe_slots() > 0).then_some(now));
     }
@@ -1195,7 +1216,7 @@ impl Client {
     /// A predicted attempt timed out: aim again in this round if the session is live and the
     /// round has re-aims left. False: the round is lost.
     fn re_aim(&mut self, now: Instant) -> bool {
-        if !(self.connected && self.predicted() && !self.hard_attempt && self.reaims < MAX_REAIMS) {
+        if !(self.connected && self.predicted() && !self.attempt.hard && self.reaims < MAX_REAIMS) {
             return false;
         }
         self.reaims += 1;
@@ -1206,9 +1227,9 @@ impl Client {
         });
         // The new EXCHANGE waits a random part of an RTT: an attempt may use up about one
         // port block, and without the pause every attempt would meet the same block end.
-        self.session_round = self.session_round.saturating_add(1);
+        self.session.round = self.session.round.saturating_add(1);
         self.phase = Phase::AwaitPeerInfo;
-        self.exchange_deferred = true;
+        self.attempt.exchange_deferred = true;
         let pause = self.rtt() * 2 * (self.rng.next_u32() % 1024) / 1024;
         self.timers.set(Timer::Phase, crate::later(now, pause));
         true
@@ -1216,39 +1237,40 @@ impl Client {
 
     /// The next EXCHANGE of a live session (a new round or a re-aim).
     fn exchange_in_session(&mut self, now: Instant) {
-        self.session_round = self.session_round.saturating_add(1);
+        self.session.round = self.session.round.saturating_add(1);
         self.phase = Phase::AwaitPeerInfo;
         self.send_exchange(now);
     }
 
     /// Forgets what one attempt (PEERINFO, aim, punches, acknowledgements) left behind.
     fn reset_attempt(&mut self) {
-        self.hard_attempt = false;
+        // The lists keep their allocations.
+        let mut acked = std::mem::take(&mut self.attempt.acked);
+        let mut early_punches = std::mem::take(&mut self.attempt.early_punches);
+        acked.clear();
+        early_punches.clear();
+        self.attempt = Attempt {
+            acked,
+            early_punches,
+            ..Attempt::default()
+        };
+        for timer in [
+            Timer::Spray,
+            Timer::V1Fallback,
+            Timer::ConfirmWait,
+            Timer::Pass,
+            Timer::Phase,
+        ] {
+            self.timers.stop(timer);
+        }
         self.hello_sent = None;
-        self.spray = None;
-        self.timers.stop(Timer::Spray);
-        self.acked.clear();
-        self.first_punch = None;
-        self.timers.stop(Timer::V1Fallback);
-        self.confirm_pair = None;
-        self.timers.stop(Timer::ConfirmWait);
-        self.peer_hint = None;
-        self.plan = None;
-        self.pending_pass = None;
-        self.timers.stop(Timer::Pass);
-        self.early_punches.clear();
-        self.timers.stop(Timer::Phase);
-        self.peer_info_deadline = None;
-        self.exchange_sent = None;
-        self.refreshes = 0;
-        self.exchange_deferred = false;
     }
 
     /// Sends the next probe; the first two go back to back, which shows the NAT's step.
     fn send_probe(&mut self, now: Instant) {
         let total = self.config.probe_slots();
-        let burst = if self.probes_sent == 0 { 2 } else { 1 };
-        if self.probes_sent == 0 && self.window_start != 0 {
+        let burst = if self.probing.sent == 0 { 2 } else { 1 };
+        if self.probing.sent == 0 && self.window_start != 0 {
             // Window slot 0 (the EXCHANGE's socket, whose local port we know) asks too: a
             // NAT that keeps its port is endpoint-independent in practice — the easy side of
             // a hard pair. (Probes go to the probe port only: a v1 server never sees one.)
@@ -1260,21 +1282,21 @@ impl Client {
             });
         }
         for _ in 0..burst {
-            if self.probes_sent >= total {
+            if self.probing.sent >= total {
                 break;
             }
-            let i = self.probes_sent;
-            self.probe_sent_at[usize::from(i)] = Some((now, self.own_mappings));
+            let i = self.probing.sent;
+            self.probing.sent_at[usize::from(i)] = Some((now, self.own_mappings));
             self.own_mappings += 1;
             self.transmits.push_back(Transmit {
                 slot: usize::from(self.config.window_slots() + i),
                 destination: self.config.probe_server().into(),
                 payload: Message::Probe.to_bytes().into(),
             });
-            self.probes_sent += 1;
+            self.probing.sent += 1;
         }
         let next =
-            (self.probes_sent < total).then(|| crate::later(now, self.config.probe_interval));
+            (self.probing.sent < total).then(|| crate::later(now, self.config.probe_interval));
         self.timers.set_or_stop(Timer::Probe, next);
     }
 
@@ -1283,48 +1305,54 @@ impl Client {
             return;
         }
         let (Some(slot), Ok(Message::Seen(addr))) =
-            (self.probe_sent_at.get_mut(probe), Message::decode(bytes))
+            (self.probing.sent_at.get_mut(probe), Message::decode(bytes))
         else {
             return;
         };
         // One observation per probe socket: a repeat would count its mapping twice.
         if let Some((sent, seq)) = slot.take() {
-            self.predictor.observe(seq, sent, addr.port());
-            self.predictor
+            self.probing.predictor.observe(seq, sent, addr.port());
+            self.probing
+                .predictor
                 .observe_rtt(now.saturating_duration_since(sent));
         }
         // Only while the round still waits for it: a PEERINFO (or the end) may come first.
-        if self.exchange_deferred && self.phase == Phase::AwaitPeerInfo && self.predictor.len() >= 2
+        if self.attempt.exchange_deferred
+            && self.phase == Phase::AwaitPeerInfo
+            && self.probing.predictor.len() >= 2
         {
-            self.exchange_deferred = false;
+            self.attempt.exchange_deferred = false;
             self.send_exchange(now);
         }
     }
 
     fn on_server_message(&mut self, now: Instant, msg: Message) {
         match (self.phase, msg) {
-            (Phase::AwaitReady, Message::Ready(None)) if self.handshake.is_some() => {
+            (Phase::AwaitReady, Message::Ready(None)) if self.session.handshake.is_some() => {
                 self.events.push_back(Event::NeedsOurServer);
                 self.finish();
             }
             (Phase::AwaitReady, Message::Ready(token)) => {
-                self.token = token.filter(|_| self.config.strategy.extended());
+                self.session.token = token.filter(|_| self.config.strategy.extended());
                 self.phase = Phase::AwaitPeerInfo;
-                self.session_round = 1;
+                self.session.round = 1;
                 self.timers.stop(Timer::Phase);
                 self.events.push_back(Event::Ready {
-                    extended: self.token.is_some(),
+                    extended: self.session.token.is_some(),
                 });
-                if self.handshake.is_some() {
+                if self.session.handshake.is_some() {
                     // Keyed: the EXCHANGE waits for the handshake, so that PEERINFO follows it
                     // one RTT later, as the aim assumes (the server holds PEERINFO until both
                     // verified). The round timeout bounds the wait.
                     self.timers
                         .set(Timer::Phase, crate::later(now, self.config.round_timeout));
-                } else if self.token.is_some() && self.predictor.len() < 2 && self.probes_sent > 0 {
+                } else if self.session.token.is_some()
+                    && self.probing.predictor.len() < 2
+                    && self.probing.sent > 0
+                {
                     // READY came before our probes' answers (a partner already waiting, a
                     // short RTT): without them we could give no hint. Wait for them a little.
-                    self.exchange_deferred = true;
+                    self.attempt.exchange_deferred = true;
                     self.timers.set(
                         Timer::Phase,
                         crate::later(now, self.rtt().clamp(PROBE_WAIT_MIN, PROBE_WAIT_MAX)),
@@ -1334,24 +1362,24 @@ impl Client {
                 }
             }
             (Phase::AwaitPeerInfo, Message::PeerInfo(peer)) => self.on_peer_info(now, peer),
-            (_, Message::Hint(hint)) if self.token.is_some() => {
+            (_, Message::Hint(hint)) if self.session.token.is_some() => {
                 // Only a partner of ours sends a hint: the server relays it, even "none".
-                self.peer_ours = true;
-                self.peer_hint = Some(hint);
-                self.session_hinted = true;
+                self.session.peer_ours = true;
+                self.attempt.peer_hint = Some(hint);
+                self.session.hinted = true;
                 self.events.push_back(Event::PeerHint(hint));
             }
-            (_, Message::Seen(addr)) if self.token.is_some() => {
-                self.own_public = Some(addr);
+            (_, Message::Seen(addr)) if self.session.token.is_some() => {
+                self.session.own_public = Some(addr);
                 self.exchange_acked = true;
                 // The mapping of this round's EXCHANGE socket, made when it first sent.
-                if let Some((sent, seq)) = self.exchange_sent.take() {
-                    self.predictor.observe(seq, sent, addr.port());
+                if let Some((sent, seq)) = self.attempt.exchange_sent.take() {
+                    self.probing.predictor.observe(seq, sent, addr.port());
                 }
                 self.events.push_back(Event::Seen(addr))
             }
             // A PEERINFO for a round we already gave up on, say: harmless in a session.
-            (_, Message::PeerInfo(_)) if self.token.is_some() => {}
+            (_, Message::PeerInfo(_)) if self.session.token.is_some() => {}
             // Anything else from the server is out of protocol: v1 clients would misbehave;
             // we end the round cleanly instead.
             _ => {
@@ -1367,8 +1395,9 @@ impl Client {
     /// server keeps the newest, so the partner aims at a port of now, not of when we started
     /// waiting); after a few refreshes, or without the extension, it just repeats it.
     fn send_exchange(&mut self, now: Instant) {
-        let first = self.peer_info_deadline.is_none();
+        let first = self.attempt.peer_info_deadline.is_none();
         let give_up = *self
+            .attempt
             .peer_info_deadline
             .get_or_insert(crate::later(now, self.config.round_timeout));
         // Refresh only while the server holds our EXCHANGE (SEEN came) and has not paired the
@@ -1376,26 +1405,27 @@ impl Client {
         // delayed by TCP, and a refresh would only move our ports past the partner's aim; the
         // few refreshes allowed move them by at most that many, well inside the window.
         let refresh = !first
-            && self.token.is_some()
+            && self.session.token.is_some()
             && self.exchange_acked
-            && self.peer_hint.is_none()
-            && self.refreshes < MAX_REFRESHES;
+            && self.attempt.peer_hint.is_none()
+            && self.attempt.refreshes < MAX_REFRESHES;
         let repeat = !first && !refresh && !self.exchange_acked;
         if first || refresh {
             self.exchange_acked = false;
             if !first {
-                self.refreshes += 1;
+                self.attempt.refreshes += 1;
                 // Its SEEN could be confused with the first one's: observe neither.
-                self.exchange_sent = None;
+                self.attempt.exchange_sent = None;
             } else {
-                self.exchange_sent = Some((now, self.own_mappings));
+                self.attempt.exchange_sent = Some((now, self.own_mappings));
             }
             // A socket that has not talked to the server yet makes a fresh mapping.
-            self.exchange_slot = self.exchanges_made % usize::from(self.config.window_slots());
-            self.exchanges_made += 1;
+            self.exchange_slot =
+                self.session.exchanges_made % usize::from(self.config.window_slots());
+            self.session.exchanges_made += 1;
             self.own_mappings += 1;
         }
-        let (msg, copies) = match self.token {
+        let (msg, copies) = match self.session.token {
             None => (
                 Message::Exchange(self.config.ident),
                 if first { self.config.exchange_count } else { 0 },
@@ -1404,8 +1434,8 @@ impl Client {
                 if first || refresh {
                     self.plan_round();
                 }
-                let hint = self.plan.map_or(Hint::NONE, |p| p.hint);
-                let round = self.session_round;
+                let hint = self.attempt.plan.map_or(Hint::NONE, |p| p.hint);
+                let round = self.session.round;
                 // Two copies of the first: a lost EXCHANGE costs a resend interval.
                 let copies = match (first, refresh, repeat) {
                     (true, ..) => 2,
@@ -1426,14 +1456,14 @@ impl Client {
             self.events.push_back(Event::ExchangeSent);
         }
         // PEERINFO normally comes one RTT after our EXCHANGE; later means the partner is late.
-        let wait = if refresh || first && self.token.is_some() {
+        let wait = if refresh || first && self.session.token.is_some() {
             (self.rtt().saturating_mul(5) / 4 + Duration::from_millis(10)).max(MIN_REFRESH)
         } else {
             EXCHANGE_RESEND
         };
         self.timers.set(
             Timer::Phase,
-            match self.token {
+            match self.session.token {
                 Some(_) => give_up.min(crate::later(now, wait)),
                 None => give_up,
             },
@@ -1441,20 +1471,26 @@ impl Client {
     }
 
     fn plan_round(&mut self) {
-        let rtt = self.predictor.rtt();
+        let rtt = self.probing.predictor.rtt();
         // Our punches leave when PEERINFO arrives, about one RTT after our EXCHANGE.
-        self.plan = self.predictor.plan(self.rtt(), self.config.window_slots());
+        self.attempt.plan = self
+            .probing
+            .predictor
+            .plan(self.rtt(), self.config.window_slots());
         let class = self.nat_class();
         self.seen_sequential |= class == NatClass::Sequential;
         if class == NatClass::Independent {
             // Our EXCHANGE's port is the one the peer's punches must reach.
-            let window = self.plan.map_or(self.config.port_count, |p| p.window);
-            self.plan = Some(Plan {
+            let window = self
+                .attempt
+                .plan
+                .map_or(self.config.port_count, |p| p.window);
+            self.attempt.plan = Some(Plan {
                 hint: Hint::INDEPENDENT,
                 window,
             });
         }
-        let (step, rate) = match self.predictor.behaviour() {
+        let (step, rate) = match self.probing.predictor.behaviour() {
             NatBehaviour::Sequential { step, rate, .. } => (step, rate.round() as u32),
             NatBehaviour::Unknown | NatBehaviour::Random => (0, 0),
         };
@@ -1462,13 +1498,16 @@ impl Client {
             step,
             rate,
             rtt,
-            window: self.plan.map_or(self.config.port_count, |p| p.window),
-            hint: self.plan.map_or(Hint::NONE, |p| p.hint),
+            window: self
+                .attempt
+                .plan
+                .map_or(self.config.port_count, |p| p.window),
+            hint: self.attempt.plan.map_or(Hint::NONE, |p| p.hint),
         });
     }
 
     fn on_peer_info(&mut self, now: Instant, peer: SocketAddrV4) {
-        if self.handshake.is_some_and(|h| !h.verified) || self.wire.is_none() {
+        if self.session.handshake.is_some_and(|h| !h.verified) || self.session.wire.is_none() {
             // A server that names the peer before both sides proved the key breaks the
             // protocol (ours never does): punch nobody.
             self.lose(now, LoseReason::ServerGarbage);
@@ -1482,10 +1521,10 @@ impl Client {
         let input = AimInput {
             config: &self.config,
             peer,
-            peer_hint: self.peer_hint,
+            peer_hint: self.attempt.peer_hint,
             predicted: self.predicted(),
-            plan: self.plan,
-            extended_session: self.token.is_some(),
+            plan: self.attempt.plan,
+            extended_session: self.session.token.is_some(),
             round: self.round,
             rtt: self.rtt(),
         };
@@ -1506,13 +1545,13 @@ impl Client {
             return;
         };
         self.phase = Phase::Punching { peer };
-        if self.token.is_some() {
-            self.session_peer = Some(peer);
+        if self.session.token.is_some() {
+            self.session.peer = Some(peer);
         }
         let hard = self.hard_nat_plan();
-        self.hard_attempt = hard.is_some();
+        self.attempt.hard = hard.is_some();
         if let Some(after) = second_pass_after {
-            self.pending_pass = Some(PendingPass {
+            self.attempt.pending_pass = Some(PendingPass {
                 targets: targets.clone(),
                 slots: usize::from(slots),
             });
@@ -1537,7 +1576,7 @@ impl Client {
             return; // gave up (an unlikely pair, tried enough)
         }
         self.timers.set(Timer::Phase, crate::later(now, timeout));
-        let early = std::mem::take(&mut self.early_punches);
+        let early = std::mem::take(&mut self.attempt.early_punches);
         for (slot, from) in early {
             if !matches!(self.phase, Phase::Punching { .. }) {
                 break; // won on an earlier one
@@ -1550,10 +1589,10 @@ impl Client {
 
     /// Our NAT, as the probes show it.
     fn nat_class(&self) -> NatClass {
-        if self.preserving == Some(true) {
+        if self.probing.preserving == Some(true) {
             return NatClass::Independent;
         }
-        match self.predictor.behaviour() {
+        match self.probing.predictor.behaviour() {
             NatBehaviour::Unknown => NatClass::Unknown,
             NatBehaviour::Random if self.seen_sequential => NatClass::Sequential,
             NatBehaviour::Random => NatClass::Random,
@@ -1563,7 +1602,7 @@ impl Client {
 
     /// How this pair is punched when one NAT is hard, from our probes and the peer's hint.
     fn hard_nat_plan(&self) -> Option<(HardNatPlan, &'static str)> {
-        let peer = match self.peer_hint? {
+        let peer = match self.attempt.peer_hint? {
             Hint::RANDOM => NatClass::Random,
             Hint::INDEPENDENT => NatClass::Independent,
             Hint::NONE => NatClass::Unknown,
@@ -1632,7 +1671,7 @@ impl Client {
                 timeout.max(spray_time + self.rtt().saturating_mul(4))
             }
             HardNatPlan::BirthdayEasy => {
-                self.spray = Some((*peer.ip(), 0));
+                self.attempt.spray = Some((*peer.ip(), 0));
                 self.spray_tick(now);
                 timeout.max(spray_time + self.rtt().saturating_mul(4))
             }
@@ -1652,11 +1691,11 @@ impl Client {
     /// peer's IP, every tick, until [`SPRAY_MAX`] or the round ends.
     fn spray_tick(&mut self, now: Instant) {
         self.timers.stop(Timer::Spray);
-        let Some((ip, sent)) = self.spray else {
+        let Some((ip, sent)) = self.attempt.spray else {
             return;
         };
         if !matches!(self.phase, Phase::Punching { .. }) || sent >= SPRAY_MAX {
-            self.spray = None;
+            self.attempt.spray = None;
             return;
         }
         let n = SPRAY_BATCH.min(SPRAY_MAX - sent);
@@ -1671,7 +1710,7 @@ impl Client {
                 });
             }
         }
-        self.spray = Some((ip, sent + n));
+        self.attempt.spray = Some((ip, sent + n));
         self.timers.set(Timer::Spray, crate::later(now, SPRAY_TICK));
     }
 
@@ -1692,7 +1731,7 @@ impl Client {
 
     fn win(&mut self, now: Instant, slot: usize, peer: SocketAddr) {
         let strategy = self.report_win(slot, peer);
-        self.pending_pass = None;
+        self.attempt.pending_pass = None;
         self.timers.stop(Timer::Pass);
         self.timers.stop(Timer::Probe);
         let acks = if strategy.extended() {
@@ -1778,7 +1817,7 @@ impl Client {
             }
             _ => Duration::ZERO,
         };
-        self.pending_pass = None;
+        self.attempt.pending_pass = None;
         self.timers.stop(Timer::Pass);
         self.timers.stop(Timer::Probe);
         if wait.is_zero() {
@@ -1803,17 +1842,24 @@ impl Client {
     /// Forgets what belonged to the server connection (its token, handshake, the peer it
     /// named), before a new one.
     fn reset_connection(&mut self) {
-        self.decoder = FrameDecoder::default();
-        self.token = None;
-        self.session_round = 0;
-        self.handshake = None;
-        // Keyless datagrams carry the identifier; keyed ones wait for the new handshake.
-        self.wire = match self.config.key {
-            None => Some(Wire::Plain(self.config.ident)),
-            Some(_) => None,
+        // A re-HELLO stays in the round: its EXCHANGE sockets and the peer it knows stay too.
+        let Session {
+            exchanges_made,
+            peer,
+            hinted,
+            ..
+        } = self.session;
+        self.session = Session {
+            // Keyless datagrams carry the identifier; keyed ones wait for the new handshake.
+            wire: match self.config.key {
+                None => Some(Wire::Plain(self.config.ident)),
+                Some(_) => None,
+            },
+            exchanges_made,
+            peer,
+            hinted,
+            ..Session::default()
         };
-        self.own_public = None;
-        self.peer_ours = false;
     }
 
     fn finish(&mut self) {
@@ -1826,7 +1872,7 @@ impl Client {
         self.phase = Phase::Done;
         self.timers.stop(Timer::Phase);
         self.timers.stop(Timer::Probe);
-        self.pending_pass = None;
+        self.attempt.pending_pass = None;
         self.timers.stop(Timer::Pass);
     }
 }
