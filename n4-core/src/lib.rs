@@ -16,6 +16,7 @@
 mod aim;
 mod client;
 mod codec;
+mod hole;
 mod key;
 mod prediction;
 mod server;
@@ -33,6 +34,7 @@ pub use codec::{
     Message, Nonce, Payload, RefuseReason, StreamDecoder, Token, MAC_LEN, MAX_FRAME, MESSAGE_LEN,
     NONCE_LEN, PEER_DATA_LEN,
 };
+pub use hole::{FromPeer, Hole, DEAD_AFTER_KEEPALIVES, KEEPALIVE};
 pub use key::{Datagram, Key, KeyError, SessionKey};
 pub use prediction::{NatBehaviour, Observation, Plan, PortPredictor};
 /// `now + d`, for deadlines: a duration too long for the clock (a misconfigured "forever")

@@ -2,14 +2,13 @@
 //! driving [`n4_core::Client`]; after WIN, optionally keeping the hole (keepalive) or relaying
 //! it to a local UDP program (forward).
 
-use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
-use n4_core::{Client, ClientConfig, Command, Event, LoseReason};
+use n4_core::{Client, ClientConfig, Command, Event, FromPeer, Hole, LoseReason};
 use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
@@ -23,10 +22,7 @@ const FORWARD: Token = Token(2);
 /// Window slot `i` has token `WINDOW_BASE + i`.
 const WINDOW_BASE: usize = 16;
 
-/// The keepalive datagram sent to the peer after WIN with `--keepalive`/`--forward`: 8 bytes,
-/// command byte 0x00 (no v1 command), `"N4KA"`, two zero bytes. It is never equal to a PUNCH,
-/// and a peer in `--forward` mode does not pass it to its local program.
-pub const KEEPALIVE: [u8; 8] = [0x00, 0x00, b'N', b'4', b'K', b'A', 0x00, 0x00];
+pub use n4_core::KEEPALIVE;
 
 /// What to do once the hole is open.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,13 +157,10 @@ pub fn run_client(options: ClientOptions) -> Result<ClientOutcome, Error> {
         won: None,
         finished: false,
         forward,
-        keepalive_at: None,
         deadline: None,
         waiting_since: None,
         waiting_log_at: None,
         peer_data: None,
-        last_from_peer: None,
-        peer_keeps_alive: false,
         keyed_closes: 0,
     };
     driver.deadline = driver.options.timeout.and_then(|t| start.checked_add(t));
@@ -235,17 +228,8 @@ struct Tcp {
 }
 
 struct Won {
-    /// The slot that received the peer's PUNCH, and who sent it: our way out, and the only
-    /// path that gets keepalives.
-    slot: usize,
-    peer: SocketAddr,
-    /// Every slot on which the peer's PUNCH reached us, with the exact address it came from
-    /// (the winning slot keeps the winning address). Where filtering is open (loopback,
-    /// endpoint-independent filtering) the two sides may win on different pairs, so the
-    /// peer's traffic can arrive on another slot than ours. Only a datagram from exactly the
-    /// address of its slot's path is the peer's; anything else (another port of the peer's
-    /// IP included) is dropped. Bounded by the window.
-    paths: BTreeMap<usize, SocketAddr>,
+    /// Which datagrams are the peer's, keepalives, the hole's death (n4-core's policy).
+    hole: Hole,
     report: WinReport,
 }
 
@@ -268,7 +252,6 @@ struct Driver {
     /// The machine is done (acknowledgement burst sent).
     finished: bool,
     forward: Option<UdpSocket>,
-    keepalive_at: Option<Instant>,
     /// The overall deadline (`--timeout`).
     deadline: Option<Instant>,
     /// Since when we wait for a partner (HELLO sent, no READY yet).
@@ -277,47 +260,24 @@ struct Driver {
     waiting_log_at: Option<Instant>,
     /// Keyed: the partner's 32 bytes (its WireGuard public key).
     peer_data: Option<[u8; 32]>,
-    /// After WIN: when the peer's path last carried anything.
-    last_from_peer: Option<Instant>,
     /// Keyed HELLOs the server closed at once, in a row.
     keyed_closes: u32,
-    /// A keepalive came from the peer: it keeps the hole too (a v1 peer never does, and its
-    /// silence is no death).
-    peer_keeps_alive: bool,
 }
-
-/// Keepalive intervals of silence after which a kept hole counts as dead.
-pub(crate) const DEAD_AFTER_KEEPALIVES: u32 = 3;
 
 impl Driver {
     /// After WIN in a lasting mode: the report, if the peer has been silent too long.
     fn hole_died(&self, now: Instant) -> Option<WinReport> {
-        let since = self.last_from_peer?;
-        if !self.finished || !self.peer_keeps_alive || self.options.after_win == AfterWin::Exit {
-            return None;
-        }
-        let dead_after = self
-            .keepalive_interval()
-            .saturating_mul(DEAD_AFTER_KEEPALIVES);
-        (now.saturating_duration_since(since) >= dead_after)
-            .then(|| self.won.as_ref().map(|w| w.report.clone()))
-            .flatten()
+        let won = self.won.as_ref().filter(|_| self.finished)?;
+        won.hole.is_dead(now).then(|| won.report.clone())
     }
 
     fn next_wakeup(&self) -> Option<Instant> {
-        let dead_at = self.last_from_peer.and_then(|t| {
-            t.checked_add(
-                self.keepalive_interval()
-                    .saturating_mul(DEAD_AFTER_KEEPALIVES),
-            )
-        });
         [
             self.client.poll_timeout(),
             self.connect_deadline,
-            self.keepalive_at,
+            self.won.as_ref().and_then(|w| w.hole.poll_timeout()),
             self.deadline.filter(|_| self.won.is_none()),
             self.waiting_log_at,
-            dead_at.filter(|_| self.finished && self.peer_keeps_alive),
         ]
         .into_iter()
         .flatten()
@@ -334,12 +294,12 @@ impl Driver {
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
             self.client.handle_timeout(now);
         }
-        if self.keepalive_at.is_some_and(|t| t <= now) {
-            if let Some(won) = &self.won {
-                send_from(&self.window, won.slot, won.peer, &KEEPALIVE);
-                debug!("keepalive from slot {} to {}", won.slot, won.peer);
+        if let Some(won) = &mut self.won {
+            won.hole.handle_timeout(now);
+            while let Some(t) = won.hole.poll_transmit() {
+                send_from(&self.window, t.slot, t.destination, &t.payload);
+                debug!("keepalive from slot {} to {}", t.slot, t.destination);
             }
-            self.keepalive_at = self.keepalive_after(now);
         }
         if let (Some(since), Some(at)) = (self.waiting_since, self.waiting_log_at) {
             if at <= now {
@@ -359,17 +319,12 @@ impl Driver {
         }
     }
 
-    /// When the next keepalive is due after traffic at `now`; `None` (never) for an interval
-    /// too long for the clock.
-    fn keepalive_after(&self, now: Instant) -> Option<Instant> {
-        now.checked_add(self.keepalive_interval())
-    }
-
-    fn keepalive_interval(&self) -> Duration {
+    /// The keepalive interval of a lasting hole; `None` when the hole is not kept.
+    fn keepalive_interval(&self) -> Option<Duration> {
         match self.options.after_win {
-            AfterWin::KeepAlive { interval } => interval,
-            AfterWin::Forward { keepalive, .. } => keepalive,
-            AfterWin::Exit => Duration::MAX,
+            AfterWin::KeepAlive { interval } => Some(interval),
+            AfterWin::Forward { keepalive, .. } => Some(keepalive),
+            AfterWin::Exit => None,
         }
     }
 
@@ -610,41 +565,29 @@ impl Driver {
                 }
             };
             let data = &buf[..n];
-            let config = self.client.config();
-            // Probe slots and the server's own datagrams (same IP as the peer on loopback)
-            // are not the user's traffic; the window and the extra slots after the probes are.
-            let window = usize::from(config.window_slots());
-            let probes = window..window + usize::from(config.probe_slots());
-            let from_peer = !probes.contains(&slot)
-                && from != SocketAddr::from(config.server)
-                && from != SocketAddr::from(config.probe_server());
-            if let Some(won) = self.won.as_mut().filter(|_| from_peer) {
+            if let Some(won) = self.won.as_mut() {
                 let handshake = self.client.is_handshake(data);
-                if handshake && from.ip() == won.peer.ip() && !won.paths.contains_key(&slot) {
-                    // The peer's PUNCH on another slot: the pair it won on (see `paths`).
-                    debug!("peer {from} reaches us on slot {slot}");
-                    won.paths.insert(slot, from);
-                }
-                let on_path = won.paths.get(&slot) == Some(&from);
-                if on_path {
-                    // Anything on the path shows the hole alive; a keepalive (or a confirmed
-                    // WIN) shows the peer is one of ours, which keeps the hole too (a v1
-                    // peer's silence is no death).
-                    self.last_from_peer = Some(now);
-                    self.peer_keeps_alive |= data == KEEPALIVE || self.client.peer_is_ours();
-                }
-                if !on_path {
-                    debug!("{n} bytes from {from} on slot {slot}: not the peer's path; dropped");
-                } else if handshake || data == KEEPALIVE {
-                    // Handshake noise, not the user's traffic.
-                } else if let (Some(relay), AfterWin::Forward { to, .. }) =
-                    (&self.forward, &self.options.after_win)
+                let ours = self.client.peer_is_ours();
+                match won
+                    .hole
+                    .handle_datagram(now, slot, from, data, handshake, ours)
                 {
-                    if let Err(e) = relay.send_to(data, *to) {
-                        debug!("forward to {to}: {e}");
+                    FromPeer::NotThePeer => {
+                        debug!("{n} bytes from {from} on slot {slot}: not the peer's path; dropped")
                     }
-                } else {
-                    debug!("{n} bytes from peer {from}");
+                    // Handshake noise and keepalives, not the user's traffic.
+                    FromPeer::Handshake => {}
+                    FromPeer::Data => {
+                        if let (Some(relay), AfterWin::Forward { to, .. }) =
+                            (&self.forward, &self.options.after_win)
+                        {
+                            if let Err(e) = relay.send_to(data, *to) {
+                                debug!("forward to {to}: {e}");
+                            }
+                        } else {
+                            debug!("{n} bytes from peer {from}");
+                        }
+                    }
                 }
             }
             if !self.finished {
@@ -677,12 +620,12 @@ impl Driver {
                 debug!("{n} bytes from {from}, not the local program {to}: dropped");
                 continue;
             }
-            let Some(won) = &self.won else {
+            let Some(won) = &mut self.won else {
                 debug!("{n} bytes from {from} before WIN: dropped");
                 continue;
             };
-            send_from(&self.window, won.slot, won.peer, &buf[..n]);
-            self.keepalive_at = self.keepalive_after(now);
+            send_from(&self.window, won.hole.slot(), won.hole.peer(), &buf[..n]);
+            won.hole.handle_sent(now);
         }
     }
 
@@ -833,16 +776,14 @@ impl Driver {
                     forward_via: self.forward.as_ref().and_then(|s| s.local_addr().ok()),
                     peer_wg_key: self.peer_data.as_ref().map(wg_key_text),
                 };
-                self.last_from_peer = Some(now);
-                if self.options.after_win != AfterWin::Exit {
-                    self.keepalive_at = self.keepalive_after(now);
-                }
-                self.won = Some(Won {
+                let hole = Hole::new(
+                    now,
+                    self.client.config(),
                     slot,
                     peer,
-                    paths: BTreeMap::from([(slot, peer)]),
-                    report,
-                });
+                    self.keepalive_interval(),
+                );
+                self.won = Some(Won { hole, report });
             }
             Event::Lose { reason, .. } => {
                 // A keyed HELLO that the server answers by closing at once, again and again:
@@ -903,11 +844,11 @@ impl Driver {
             // Finished without WIN cannot happen (the machine finishes only after a WIN).
             return None;
         };
-        let (peer, mut report) = (won.peer, won.report.clone());
+        let (peer, mut report) = (won.hole.peer(), won.report.clone());
         report.datagrams = self.client.datagrams_sent();
         // What the user waited for: the `[ WIN ]` line is printed now.
         report.elapsed_ms = now.duration_since(self.start).as_millis() as u64;
-        let keep: Vec<usize> = won.paths.keys().copied().collect();
+        let keep: Vec<usize> = won.hole.slots().collect();
         info!(" <= Punch ");
         self.close_tcp();
         if self.options.after_win == AfterWin::Exit {

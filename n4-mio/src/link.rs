@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use n4_core::DEAD_AFTER_KEEPALIVES;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tracing::{debug, info, warn};
 
@@ -26,8 +27,6 @@ pub struct WireGuardOptions {
     pub allowed_ips: Option<String>,
 }
 
-/// Keepalive intervals of silence after which the WireGuard peer counts as gone.
-const DEAD_AFTER_KEEPALIVES: u32 = 3;
 /// How long the first handshake after a punch may take (prompted along the way).
 const FIRST_HANDSHAKE: Duration = Duration::from_secs(10);
 /// The side that starts the handshake waits this long after its WIN, so that the other side
@@ -76,8 +75,7 @@ pub fn run_link(
             ClientOutcome::HoleDied(report) => {
                 warn!(
                     "Nothing from the peer {} for {} keepalives: the hole died; punching again",
-                    report.peer,
-                    crate::client::DEAD_AFTER_KEEPALIVES
+                    report.peer, DEAD_AFTER_KEEPALIVES
                 );
                 // The local program keeps talking to the same relay address.
                 if let (AfterWin::Forward { bind, .. }, Some(via)) =
