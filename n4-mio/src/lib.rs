@@ -29,6 +29,7 @@ pub use link::{run_link, WireGuardOptions};
 pub use log::init_logging;
 pub use probe::{run_probe, ProbeOptions, ProbeReport};
 pub use server::{run_server, ServerOptions};
+pub use sockets::raise_fd_limit;
 pub use wg::parse_key as parse_wg_key;
 
 /// 32 bytes from the operating system's RNG, to seed a client's CSPRNG (its handshake

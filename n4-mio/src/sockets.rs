@@ -66,11 +66,19 @@ pub(crate) fn listen_tcp(addr: SocketAddr) -> io::Result<mio::net::TcpListener> 
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
-/// Raises the limit on open files so that `want` descriptors fit: every waiting client holds
-/// a TCP connection, and the usual soft limit (1024) is far below what one thread can serve.
-/// The soft limit goes up to the hard one; a privileged process raises the hard one too (up
-/// to `want`). Returns the soft limit in force.
-pub(crate) fn raise_fd_limit(want: u64) -> u64 {
+/// Raises this process's limit on open files (`RLIMIT_NOFILE`) so that `want` descriptors fit,
+/// as far as it may: the usual soft limit (1024) is far below what one thread can serve (the
+/// server: every waiting client holds a TCP connection; the load generator: every client it
+/// plays).
+///
+/// The soft limit goes up to the hard one. Only when the hard limit is below `want` does it try
+/// to raise the hard one (and the soft one) to `want`, which takes a privileged process
+/// (`CAP_SYS_RESOURCE`) and at most `fs.nr_open`; otherwise the hard limit stays. It never
+/// lowers a limit.
+///
+/// Returns the soft limit in force afterwards; `u64::MAX` when it cannot be read (and on
+/// systems without `getrlimit`).
+pub fn raise_fd_limit(want: u64) -> u64 {
     #[cfg(unix)]
     {
         let mut limit = libc::rlimit {
