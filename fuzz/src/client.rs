@@ -31,7 +31,7 @@
 //!   - a PUNCH wins the v1 way (WIN, then the acknowledgement burst: `ack_count` PUNCHes for a
 //!     v1 round, 3 for a predicted one) unless the client is *confirming* (an extended READY
 //!     and a SEEN that orders the two public addresses); then it is ACKed on its pair (once per
-//!     pair, 16 pairs per round), and the round's first one arms the v1 fallback (unless a
+//!     pair, 16 pairs per attempt), and the attempt's first one arms the v1 fallback (unless a
 //!     HINT, ACK or CONFIRM showed the peer is ours): WIN the v1 way on it at
 //!     `max(2·RTT, 100 ms)` if still punching;
 //!   - an ACK or CONFIRM shows the peer is ours (disarms the fallback); an ACK to the leader
@@ -53,7 +53,23 @@
 //!   - both: the round lasts `max(its timeout, 2.05 s + 4·RTT)`;
 //!   - unlikely (per-destination NATs, one random): the 4th such round gives up (`GaveUp`)
 //!     at PEERINFO, its punches out;
-//! - rounds are numbered 1, 2, …; each ends in at most one of WIN or LOSE; a punching round
+//! - a predicted attempt (an extended session whose peer gave a HINT in this attempt or an
+//!   earlier one), not a hard-NAT plan, of a live connection, that reaches its punching
+//!   deadline or whose PEERINFO names a target out of range is re-aimed while the round has
+//!   re-aims left ([`MAX_REAIMS`]): `ReAimed` with the round unchanged and the attempt
+//!   numbered 2, 3, … (at most `MAX_REAIMS + 1`), no LOSE; the attempt's state is forgotten
+//!   (hint, PEERINFO, aim, ACKed pairs, timers); after a pause of `2·RTT · n / 1024` (`n`
+//!   drawn from the client's ChaCha20, as the model draws it) — or at once on a probe answer,
+//!   as for an EXCHANGE that waits for the probes — a fresh EXCHANGE goes (`Planned`,
+//!   `ExchangeSent`, from the window's next socket) with the next session round, unless a
+//!   PEERINFO came first; otherwise the attempt's end is the round's LOSE (timeout, target
+//!   out of range); a WIN after re-aims names the same round;
+//! - every EXCHANGE with a token carries the session round (1 after READY, one more per
+//!   in-session round and per re-aim) and comes from the socket of the attempt's latest fresh
+//!   EXCHANGE; PEERINFO is awaited `round_timeout` after the attempt's first EXCHANGE, then
+//!   LOSE no-peerinfo (so a round lasts at most `MAX_REAIMS + 1` attempts of a pause, that
+//!   wait and a punching deadline);
+//! - rounds are numbered 1, 2, …; each ends in at most one of WIN or LOSE; a punching attempt
 //!   ends at its deadline, not before (the client's next timer is never after it, nor after
 //!   the spray's tick); `max_rounds` is respected; the server closing the connection ≥ 1 s
 //!   after HELLO while READY is awaited is a re-HELLO (same round, a new connection), earlier
@@ -70,7 +86,7 @@ use arbitrary::Arbitrary;
 use n4_core::{
     Client, ClientConfig, Command, Event, Frame, FrameDecoder, HardNatPlan, Hint, LongMessage,
     LoseReason, Message, NatBehaviour, Plan, PortPredictor, RefuseReason, Strategy, Token,
-    Transmit, BIRTHDAY_SLOTS, EARLY_PUNCH_SOURCES, SPRAY_MAX, UNLIKELY_ROUNDS,
+    Transmit, BIRTHDAY_SLOTS, EARLY_PUNCH_SOURCES, MAX_REAIMS, SPRAY_MAX, UNLIKELY_ROUNDS,
 };
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -107,7 +123,7 @@ pub const OFFSETS: [i32; 6] = [20, 0, -1, 65535, 1000, -65536];
 const MAX_FIRES_PER_STEP: usize = 10_000;
 
 // The client's documented numbers the model restates (private constants of `n4-core`).
-/// Pairs a client ACKs per round at most.
+/// Pairs a client ACKs per attempt at most (a re-aim forgets them).
 const MAX_ACKED: usize = 16;
 /// CONFIRMs the leader sends on the chosen pair.
 const CONFIRMS: u16 = 3;
@@ -167,7 +183,8 @@ pub struct Config {
     pub probe_interval: u8,
     /// `max_window = this % 10`.
     pub max_window: u8,
-    /// `rng_seed = [this; 32]` (the client's ChaCha20 draws the spray's ports from it).
+    /// `rng_seed = [this; 32]` (the client's ChaCha20 draws the spray's ports and the
+    /// re-aims' pauses from it).
     pub rng_seed: u8,
 }
 
@@ -330,6 +347,16 @@ pub struct Outcome {
     pub extra_slot_wins: u32,
     /// The client gave up on a pair unlikely to punch.
     pub unlikely_gave_up: bool,
+    /// Re-aims (`ReAimed`), in all rounds.
+    pub reaims: u32,
+    /// Re-aims after a PEERINFO whose target was out of range.
+    pub reaims_out_of_range: u32,
+    /// The highest attempt number seen (1 without re-aims).
+    pub max_attempt: u32,
+    /// Re-aims' EXCHANGEs sent.
+    pub reaim_exchanges: u32,
+    /// WINs of rounds that re-aimed.
+    pub reaimed_wins: u32,
 }
 
 /// The client configuration an input's [`Config`] stands for.
@@ -503,6 +530,12 @@ pub fn run(input: &Input) -> Outcome {
         slot0_probe: false,
         probe_window_first: 0,
         new_window: false,
+        session_round: 0,
+        step_session_rounds: Vec::new(),
+        exchanges_made: 0,
+        step_exchange_slots: Vec::new(),
+        step_planned: false,
+        step_targets: Vec::new(),
         expect: Expect::default(),
         transmitted: 0,
         finished: false,
@@ -524,6 +557,8 @@ struct Step {
     garbage: bool,
     /// The step reported a failed connect.
     connect_failed: bool,
+    /// The step delivered a PROBE answer (SEEN from the probe port) on a probe slot.
+    probe_answer: bool,
 }
 
 /// How a WIN comes about.
@@ -565,6 +600,16 @@ struct HardPunch {
     to: SocketAddr,
 }
 
+/// How an attempt that did not win ends (at its punching deadline, or at a PEERINFO whose
+/// target is out of range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptEnd {
+    /// `ReAimed`: a predicted attempt of a live extended session with re-aims left.
+    ReAim,
+    /// The round's LOSE, for this reason.
+    Lose(LoseReason),
+}
+
 /// What the model expects of the current step beyond the plain rules.
 #[derive(Debug, Default)]
 struct Expect {
@@ -592,6 +637,13 @@ struct Expect {
     hard: Vec<HardPunch>,
     /// An unlikely pair was tried `UNLIKELY_ROUNDS` times: `GaveUp` is due at PEERINFO.
     gave_up: bool,
+    /// The attempt ends in this step, so.
+    attempt_end: Option<AttemptEnd>,
+    /// A re-aim's EXCHANGE is due in this step (its pause is over, or a probe answer came).
+    exchange: bool,
+    /// The wait for PEERINFO is over (`round_timeout` after the attempt's first EXCHANGE):
+    /// LOSE no-peerinfo is due.
+    no_peer_info: bool,
 }
 
 #[derive(Debug, Default)]
@@ -627,9 +679,37 @@ struct RoundModel {
     /// The easy side's spray: target IP and PUNCHes sent, and the next tick.
     spray: Option<(Ipv4Addr, u16)>,
     spray_at: Option<Instant>,
+    /// Re-aims in this round (`ReAimed`; the attempt is `reaims + 1`).
+    reaims: u32,
+    /// This attempt plays a hard-NAT plan (it is not re-aimed).
+    hard: bool,
+    /// When this attempt's first EXCHANGE went out (`ExchangeSent`).
+    exchange_at: Option<Instant>,
+    /// After a re-aim: when its EXCHANGE is due (the end of the random pause).
+    reaim_at: Option<Instant>,
 }
 
 impl RoundModel {
+    /// What a re-aim forgets: everything of one attempt (the hint, PEERINFO, the aim, pairs,
+    /// timers), not the round's token, WIN or LOSE.
+    fn reset_attempt(&mut self) {
+        self.hint = None;
+        self.peer = None;
+        self.target = None;
+        self.early.clear();
+        self.acked.clear();
+        self.first_punch = None;
+        self.fallback = None;
+        self.confirm_wait = None;
+        self.plan = None;
+        self.deadline = None;
+        self.spray = None;
+        self.spray_at = None;
+        self.hard = false;
+        self.exchange_at = None;
+        self.reaim_at = None;
+    }
+
     fn extended(&self) -> bool {
         matches!(self.token, Some(Some(_)))
     }
@@ -691,7 +771,8 @@ struct Harness {
     /// In a stream step, the predictor as it was before the step, until the step's first SEEN
     /// event (the one observation a stream step can make comes right before it).
     pred_before: Option<PortPredictor>,
-    /// The client's RNG, drawn as the client draws it (only the spray draws, keyless).
+    /// The client's RNG, drawn as the client draws it (keyless, only the spray and the re-aim
+    /// pause draw).
     rng: ChaCha20Rng,
     /// The client's EXCHANGE slot: the latest EXCHANGE's (a v1 round's is slot 0, sent or
     /// not), kept across rounds (a PEERINFO before this round's EXCHANGE sprays from it).
@@ -703,6 +784,18 @@ struct Harness {
     probe_window_first: u16,
     /// A window opened in this step: the PROBE counts restart after its transmits.
     new_window: bool,
+    /// Per connection: the session round the next EXCHANGE carries (1 at READY, one more per
+    /// in-session round and per re-aim, saturating), and the values it took in this step.
+    session_round: u8,
+    step_session_rounds: Vec<u8>,
+    /// Per window: EXCHANGE sockets used (a fresh one per attempt's first EXCHANGE and per
+    /// refresh), and the slots an EXCHANGE of this step may use: the current socket's, or
+    /// after a `Planned` in the step only the fresh ones.
+    exchanges_made: usize,
+    step_exchange_slots: Vec<usize>,
+    step_planned: bool,
+    /// Targets of attempts re-aimed in this step (their last punch pass may be in it).
+    step_targets: Vec<SocketAddr>,
     expect: Expect,
     /// Transmits polled so far.
     transmitted: u64,
@@ -781,7 +874,7 @@ impl Harness {
         }
     }
 
-    /// An ACK on (`slot`, `from`): once per pair, [`MAX_ACKED`] pairs per round. Returns
+    /// An ACK on (`slot`, `from`): once per pair, [`MAX_ACKED`] pairs per attempt. Returns
     /// whether one is due.
     fn ack_pair(&mut self, slot: usize, from: SocketAddr) -> bool {
         let ident = self.config.ident;
@@ -869,8 +962,58 @@ impl Harness {
         }
     }
 
-    /// Before `handle_timeout(now)`: the v1 fallback fires if due.
+    /// Before `handle_timeout(now)`: the timers that come before the phase's deadline (the
+    /// spray, the other side's wait for CONFIRM, the v1 fallback), then the deadline's.
     fn before_timeout(&mut self) {
+        self.timers_before_deadline();
+        if self.expect.win.is_none() {
+            self.deadline_due();
+        }
+    }
+
+    /// Whether an attempt ending now without a WIN is re-aimed: a predicted attempt (an
+    /// extended session whose peer gave a hint in this attempt or an earlier one) of a live
+    /// connection, not a hard-NAT plan, with re-aims left in the round.
+    fn can_reaim(&self, connected: bool) -> bool {
+        let r = self.rounds.last().expect("a round has started");
+        connected
+            && r.extended()
+            && (r.hint.is_some() || self.session_hinted)
+            && !r.hard
+            && r.reaims < MAX_REAIMS
+    }
+
+    /// The phase's deadline, if due (no WIN came first in this step): a punching attempt ends
+    /// (re-aim or LOSE timeout); a re-aim's pause ends (its EXCHANGE); the wait for PEERINFO
+    /// ends (LOSE no-peerinfo).
+    fn deadline_due(&mut self) {
+        let now = self.now;
+        let phase = self.phase();
+        let connected = self.connected;
+        let round_timeout = self.config.round_timeout;
+        let Some(r) = self.rounds.last() else {
+            return;
+        };
+        match phase {
+            Phase::Punching(_) if r.deadline.is_some_and(|d| d <= now) => {
+                self.expect.attempt_end = Some(if self.can_reaim(connected) {
+                    AttemptEnd::ReAim
+                } else {
+                    AttemptEnd::Lose(LoseReason::Timeout)
+                });
+            }
+            Phase::AwaitPeerInfo => {
+                if r.reaim_at.is_some_and(|t| t <= now) {
+                    self.expect.exchange = true;
+                } else if r.exchange_at.is_some_and(|t| t + round_timeout <= now) {
+                    self.expect.no_peer_info = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn timers_before_deadline(&mut self) {
         self.expect.timeout_step = true;
         let now = self.now;
         let phase = self.phase();
@@ -1070,6 +1213,11 @@ impl Harness {
                     DatagramData::Bytes8(b) => b.to_vec(),
                     DatagramData::Raw(ref b) => b.clone(),
                 };
+                let probes =
+                    self.window_slots..self.window_slots + usize::from(self.config.probe_slots());
+                step.probe_answer = probes.contains(&slot)
+                    && from == SocketAddr::from(self.config.probe_server())
+                    && matches!(Message::decode(&bytes), Ok(Message::Seen(_)));
                 self.judge_datagram(slot, from, &bytes);
                 self.client.handle_datagram(now, slot, from, &bytes);
             }
@@ -1148,6 +1296,24 @@ impl Harness {
         for c in commands {
             self.on_command(c);
         }
+        self.step_session_rounds = vec![self.session_round];
+        self.step_exchange_slots = self
+            .exchanges_made
+            .checked_sub(1)
+            .map(|n| n % self.window_slots)
+            .into_iter()
+            .collect();
+        self.step_planned = false;
+        self.step_targets.clear();
+        // A PROBE answer while a re-aim's EXCHANGE waits for its pause sends it at once, as
+        // for an EXCHANGE that waits for the probes (the predictor has two observations).
+        if step.probe_answer
+            && self.phase() == Phase::AwaitPeerInfo
+            && self.rounds.last().is_some_and(|r| r.reaim_at.is_some())
+            && self.client.predictor().len() >= 2
+        {
+            self.expect.exchange = true;
+        }
         // Rounds this step's transmits may belong to (a step can end one and start the next).
         let first_round = self.rounds.len().max(1) - 1;
         let won_before = self.rounds.last().is_some_and(|r| r.won.is_some());
@@ -1181,6 +1347,18 @@ impl Harness {
         assert!(
             !expect.no_partner,
             "the wait for READY outlived round_timeout (retry round or max_rounds)"
+        );
+        assert_eq!(
+            expect.attempt_end, None,
+            "the attempt's deadline passed (or its PEERINFO named no target), but it did not end"
+        );
+        assert!(
+            !expect.exchange,
+            "a re-aim's EXCHANGE is due (its pause is over, or a probe answer came) but did not go"
+        );
+        assert!(
+            !expect.no_peer_info,
+            "the wait for PEERINFO outlived round_timeout after the attempt's EXCHANGE"
         );
         assert_ne!(
             expect.rehello,
@@ -1217,8 +1395,29 @@ impl Harness {
                 "stuck: no timer and nothing pending on the network"
             );
         }
+        if self.phase() == Phase::AwaitPeerInfo {
+            // A re-aim's EXCHANGE goes at the end of its pause, and PEERINFO is awaited
+            // `round_timeout` after the attempt's EXCHANGE: the client wakes up by then.
+            let r = self.rounds.last().expect("awaiting PEERINFO");
+            let due = [
+                r.reaim_at,
+                r.exchange_at.map(|t| t + self.config.round_timeout),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            if let Some(due) = due {
+                assert!(
+                    timeout.is_some_and(|t| t <= due),
+                    "awaiting PEERINFO, but poll_timeout {timeout:?} is after the re-aim's pause \
+                     ({:?}) or the end of the wait ({:?})",
+                    r.reaim_at,
+                    r.exchange_at
+                );
+            }
+        }
         if let Phase::Punching(_) = self.phase() {
-            // The round ends at its deadline (and the spray ticks on time): the client wakes
+            // The attempt ends at its deadline (and the spray ticks on time): the client wakes
             // up by then.
             let r = self.rounds.last().expect("punching");
             let deadline = r.deadline.expect("a punching round has a deadline");
@@ -1332,7 +1531,11 @@ impl Harness {
                 }
                 if in_session {
                     assert!(self.connected, "a session round without the session");
+                    self.session_round = self.session_round.saturating_add(1);
+                    self.step_session_rounds.push(self.session_round);
                 } else {
+                    self.session_round = 0;
+                    self.exchanges_made = 0;
                     self.session_peer = None;
                     self.session_hinted = false;
                     // A new window: its slot 0 has not asked yet, no extra slots are open.
@@ -1377,6 +1580,8 @@ impl Harness {
                 let r = self.round();
                 assert!(r.token.is_none(), "two READYs in a round");
                 r.token = Some(token);
+                self.session_round = 1;
+                self.step_session_rounds.push(1);
             }
             Event::Planned {
                 step: planned_step,
@@ -1429,6 +1634,14 @@ impl Harness {
                 );
                 self.outcome.independent_plans += u32::from(hint == Hint::INDEPENDENT);
                 self.round().plan = Some((window, hint));
+                // Planned comes with every EXCHANGE from a fresh socket (an attempt's first, a
+                // refresh): the window's next slot.
+                self.exchanges_made += 1;
+                if !std::mem::replace(&mut self.step_planned, true) {
+                    self.step_exchange_slots.clear();
+                }
+                self.step_exchange_slots
+                    .push((self.exchanges_made - 1) % self.window_slots);
             }
             Event::PeerHint(h) => {
                 assert!(step.said.contains(&Frame::Short(Message::Hint(h))));
@@ -1440,11 +1653,26 @@ impl Harness {
                 self.peer_ours = true;
             }
             Event::ExchangeSent => {
-                let token = self.round().token;
+                let now = self.now;
+                let r = self.round();
+                let token = r.token;
                 assert!(token.is_some());
+                assert!(
+                    r.exchange_at.is_none() && r.peer.is_none(),
+                    "a second first EXCHANGE in an attempt, or one after PEERINFO"
+                );
+                r.exchange_at = Some(now);
+                if r.reaim_at.take().is_some() {
+                    assert!(
+                        std::mem::take(&mut self.expect.exchange),
+                        "a re-aim's EXCHANGE before its pause ended"
+                    );
+                    self.outcome.reaim_exchanges += 1;
+                }
                 if token == Some(None) {
                     // A v1 round's first (and only) EXCHANGE socket, even with no copies.
                     self.exchange_slot = 0;
+                    self.exchanges_made += 1;
                 }
             }
             Event::Seen(addr) => {
@@ -1491,6 +1719,19 @@ impl Harness {
             } => self.on_win(round, slot, peer, strategy),
             Event::Lose { round, reason } => {
                 assert_eq!(round as usize, self.rounds.len());
+                if matches!(reason, LoseReason::Timeout | LoseReason::TargetOutOfRange) {
+                    assert_eq!(
+                        self.expect.attempt_end.take(),
+                        Some(AttemptEnd::Lose(reason)),
+                        "LOSE {reason:?} where the model expects another end of the attempt \
+                         (a re-aim while a predicted session has re-aims left)"
+                    );
+                }
+                assert_eq!(
+                    reason == LoseReason::NoPeerInfo,
+                    std::mem::take(&mut self.expect.no_peer_info),
+                    "LOSE {reason:?}, but the wait for PEERINFO was (not) over"
+                );
                 assert_eq!(
                     reason == LoseReason::BadPeerAddress,
                     std::mem::take(&mut self.expect.peer_refused),
@@ -1524,6 +1765,43 @@ impl Harness {
                 );
                 r.lost = true;
                 self.outcome.losses += 1;
+            }
+            Event::ReAimed { round, attempt } => {
+                assert_eq!(
+                    self.expect.attempt_end.take(),
+                    Some(AttemptEnd::ReAim),
+                    "ReAimed {{ round: {round}, attempt: {attempt} }} where the model expects \
+                     none (not punching, or not a predicted live session, a hard-NAT plan, \
+                     no re-aims left, or not the attempt's deadline)"
+                );
+                assert_eq!(
+                    round as usize,
+                    self.rounds.len(),
+                    "ReAimed names another round"
+                );
+                // The pause before the new EXCHANGE: up to 2·RTT, from the client's RNG.
+                let rtt = self.client.predictor().rtt().unwrap_or(DEFAULT_RTT);
+                let pause = rtt * 2 * (self.rng.next_u32() % 1024) / 1024;
+                let now = self.now;
+                let r = self.rounds.last_mut().expect("a round has started");
+                assert!(r.won.is_none() && !r.lost, "ReAimed in a finished round");
+                assert_eq!(attempt, r.reaims + 2, "attempts count 2, 3, … in a round");
+                r.reaims += 1;
+                assert!(
+                    r.reaims <= MAX_REAIMS,
+                    "more than MAX_REAIMS re-aims in a round"
+                );
+                let out_of_range = r.peer.is_some() && r.target.is_none();
+                if let Some(t) = r.target {
+                    self.step_targets.push(t.into());
+                }
+                r.reset_attempt();
+                r.reaim_at = Some(now + pause);
+                self.session_round = self.session_round.saturating_add(1);
+                self.step_session_rounds.push(self.session_round);
+                self.outcome.reaims += 1;
+                self.outcome.reaims_out_of_range += u32::from(out_of_range);
+                self.outcome.max_attempt = self.outcome.max_attempt.max(attempt);
             }
             Event::Finished => {
                 assert!(
@@ -1637,10 +1915,19 @@ impl Harness {
         );
         let r = self.round();
         assert!(r.token.is_some(), "PEERINFO before READY");
-        assert!(r.peer.is_none(), "two PEERINFOs in a round");
+        assert!(r.peer.is_none(), "two PEERINFOs in an attempt");
         r.peer = Some(peer);
         r.target = target;
+        // A PEERINFO before a re-aim's EXCHANGE: that EXCHANGE no longer goes.
+        r.reaim_at = None;
         if target.is_none() {
+            // No port to aim at: a predicted live session aims again (the stream is live, as
+            // the client read PEERINFO from it), else the round is lost.
+            self.expect.attempt_end = Some(if self.can_reaim(true) {
+                AttemptEnd::ReAim
+            } else {
+                AttemptEnd::Lose(LoseReason::TargetOutOfRange)
+            });
             return;
         }
         if r.extended() {
@@ -1664,6 +1951,7 @@ impl Harness {
         };
         // A hard NAT on either side: our class from our probes, the peer's from its hint.
         let plan = r.hint.and_then(|h| hard_plan(ours, peer_class(h)));
+        r.hard = plan.is_some();
         if let Some(plan) = plan {
             if plan != HardNatPlan::Unlikely || !self.unlikely_said {
                 self.expect.hard_nat = Some(plan);
@@ -1797,6 +2085,7 @@ impl Harness {
             WinKind::Follow => {}
         }
         self.outcome.wins += 1;
+        self.outcome.reaimed_wins += u32::from(self.rounds.last().is_some_and(|r| r.reaims > 0));
         self.outcome.predicted_wins += u32::from(strategy == Strategy::Predict);
         self.outcome.confirmed_wins += u32::from(expected.kind != WinKind::V1);
         self.outcome.led_wins += u32::from(expected.kind == WinKind::Lead);
@@ -1963,6 +2252,19 @@ impl Harness {
                     assert_eq!(t.destination, server);
                     assert!(t.slot < self.window_slots, "EXCHANGE from a probe slot");
                     assert!(round >= 1);
+                    // Each attempt's EXCHANGE carries the next session round (a re-aim's too,
+                    // so the server pairs it anew), from the window's next fresh socket.
+                    assert!(
+                        self.step_session_rounds.contains(&round),
+                        "EXCHANGE of session round {round}, the model's: {:?}",
+                        self.step_session_rounds
+                    );
+                    assert!(
+                        self.step_exchange_slots.contains(&t.slot),
+                        "EXCHANGE from slot {}, not the attempt's socket {:?}",
+                        t.slot,
+                        self.step_exchange_slots
+                    );
                     assert!(
                         rounds.iter().any(|r| r.token == Some(Some(token))),
                         "EXCHANGE with another token"
@@ -1983,8 +2285,9 @@ impl Harness {
                     );
                     let to = |r: &RoundModel| r.target.map(SocketAddr::from);
                     assert!(
-                        rounds.iter().any(|r| to(r) == Some(t.destination)),
-                        "PUNCH to no round's target: {t:?}"
+                        rounds.iter().any(|r| to(r) == Some(t.destination))
+                            || self.step_targets.contains(&t.destination),
+                        "PUNCH to no round's (or re-aimed attempt's) target: {t:?}"
                     );
                 }
                 _ => panic!("client sent {t:?} (answers expected: {replies:?})"),

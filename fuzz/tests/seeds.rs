@@ -693,16 +693,54 @@ mod client_seeds {
     }
 
     #[test]
-    fn predicted_round_lost_then_won_in_session() {
+    fn predicted_attempts_re_aimed_then_won_in_the_round() {
         let mut ops = predict_start();
         ops.extend([
-            Stream(StreamData::Hint(20)),
+            // 40000 + 30000 is past 65535: no target, aim again from a fresh EXCHANGE.
+            Stream(StreamData::Hint(30000)),
             peer_info(40000),
-            Advance { millis: 300 }, // LOSE; round 2 in the same session
+            Advance { millis: 50 }, // the pause (≤ 2·RTT, here 0), then EXCHANGE, round 2
+            Stream(StreamData::Hint(20)),
+            peer_info(40010),
+            Advance { millis: 300 }, // no PUNCH by the deadline: attempt 3, EXCHANGE round 3
             Stream(StreamData::Hint(21)),
-            peer_info(40001),
-            punch(1, 40022),
-            from_peer(1, 40022, DatagramData::Ack),
+            peer_info(40020),
+            punch(1, 40041),
+            from_peer(1, 40041, DatagramData::Ack), // WIN, still round 1
+            Advance { millis: 1000 },
+        ]);
+        write(
+            "predict-reaim",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!((o.rounds, o.in_session_rounds, o.losses), (1, 0, 0));
+                assert_eq!((o.reaims, o.reaims_out_of_range, o.max_attempt), (2, 1, 3));
+                assert_eq!(o.reaim_exchanges, 2);
+                assert_eq!((o.wins, o.predicted_wins, o.reaimed_wins), (1, 1, 1));
+                assert!(o.finished);
+            },
+        );
+    }
+
+    #[test]
+    fn predicted_round_lost_after_its_re_aims_then_won_in_session() {
+        let mut ops = predict_start();
+        // 1 + MAX_REAIMS attempts, none punched: then LOSE, and round 2 in the same session.
+        for i in 0..=n4_core::MAX_REAIMS as u16 {
+            ops.extend([
+                Stream(StreamData::Hint(20)),
+                peer_info(40000 + 10 * i),
+                Advance { millis: 300 },
+            ]);
+        }
+        ops.extend([
+            Stream(StreamData::Hint(21)),
+            peer_info(41000),
+            punch(1, 41022),
+            from_peer(1, 41022, DatagramData::Ack),
             Advance { millis: 1000 },
         ]);
         write(
@@ -713,7 +751,9 @@ mod client_seeds {
             },
             |o| {
                 assert_eq!((o.rounds, o.in_session_rounds, o.losses), (2, 1, 1));
-                assert_eq!((o.wins, o.predicted_wins, o.finished), (1, 1, true));
+                assert_eq!((o.reaims, o.max_attempt), (n4_core::MAX_REAIMS, 12));
+                assert_eq!((o.wins, o.predicted_wins, o.reaimed_wins), (1, 1, 0));
+                assert!(o.finished);
             },
         );
     }
