@@ -59,8 +59,8 @@
 //!   re-aims left ([`MAX_REAIMS`]): `ReAimed` with the round unchanged and the attempt
 //!   numbered 2, 3, … (at most `MAX_REAIMS + 1`), no LOSE; the attempt's state is forgotten
 //!   (hint, PEERINFO, aim, ACKed pairs, timers); after a pause of `2·RTT · n / 1024` (`n`
-//!   drawn from the client's ChaCha20, as the model draws it) — or at once on a probe answer,
-//!   as for an EXCHANGE that waits for the probes — a fresh EXCHANGE goes (`Planned`,
+//!   drawn from the client's ChaCha20, as the model draws it; a probe answer does not cut it
+//!   short) a fresh EXCHANGE goes (`Planned`,
 //!   `ExchangeSent`, from the window's next socket) with the next session round, unless a
 //!   PEERINFO came first; otherwise the attempt's end is the round's LOSE (timeout, target
 //!   out of range); a WIN after re-aims names the same round;
@@ -639,7 +639,7 @@ struct Expect {
     gave_up: bool,
     /// The attempt ends in this step, so.
     attempt_end: Option<AttemptEnd>,
-    /// A re-aim's EXCHANGE is due in this step (its pause is over, or a probe answer came).
+    /// A re-aim's EXCHANGE is due in this step (its pause is over; probe answers do not end it).
     exchange: bool,
     /// The wait for PEERINFO is over (`round_timeout` after the attempt's first EXCHANGE):
     /// LOSE no-peerinfo is due.
@@ -1305,15 +1305,6 @@ impl Harness {
             .collect();
         self.step_planned = false;
         self.step_targets.clear();
-        // A PROBE answer while a re-aim's EXCHANGE waits for its pause sends it at once, as
-        // for an EXCHANGE that waits for the probes (the predictor has two observations).
-        if step.probe_answer
-            && self.phase() == Phase::AwaitPeerInfo
-            && self.rounds.last().is_some_and(|r| r.reaim_at.is_some())
-            && self.client.predictor().len() >= 2
-        {
-            self.expect.exchange = true;
-        }
         // Rounds this step's transmits may belong to (a step can end one and start the next).
         let first_round = self.rounds.len().max(1) - 1;
         let won_before = self.rounds.last().is_some_and(|r| r.won.is_some());
@@ -1354,7 +1345,7 @@ impl Harness {
         );
         assert!(
             !expect.exchange,
-            "a re-aim's EXCHANGE is due (its pause is over, or a probe answer came) but did not go"
+            "a re-aim's EXCHANGE is due (its pause is over) but did not go"
         );
         assert!(
             !expect.no_peer_info,

@@ -566,8 +566,11 @@ struct Attempt {
     refreshes: u32,
     /// This attempt plays a hard-NAT plan (those have rounds of their own; no re-aim).
     hard: bool,
-    /// READY came before two probe answers: the EXCHANGE waits for them (briefly).
+    /// The EXCHANGE waits: for two probe answers (READY came first; briefly), or for the end
+    /// of a re-aim's pause ([`Attempt::paused`]).
     exchange_deferred: bool,
+    /// A re-aim's EXCHANGE waits for its pause to end, whatever the probes say.
+    paused: bool,
     /// After READY: PEERINFO must arrive by then (checked when [`Timer::Phase`] fires).
     peer_info_deadline: Option<Instant>,
     /// The second punch pass of a predicted attempt, due at [`Timer::Pass`].
@@ -1230,6 +1233,7 @@ impl Client {
         self.session.round = self.session.round.saturating_add(1);
         self.phase = Phase::AwaitPeerInfo;
         self.attempt.exchange_deferred = true;
+        self.attempt.paused = true;
         let pause = self.rtt() * 2 * (self.rng.next_u32() % 1024) / 1024;
         self.timers.set(Timer::Phase, crate::later(now, pause));
         true
@@ -1318,6 +1322,7 @@ impl Client {
         }
         // Only while the round still waits for it: a PEERINFO (or the end) may come first.
         if self.attempt.exchange_deferred
+            && !self.attempt.paused
             && self.phase == Phase::AwaitPeerInfo
             && self.probing.predictor.len() >= 2
         {
