@@ -6,6 +6,8 @@
 #                                            │
 #                                     server 192.0.2.2
 #
+# --one-nat: host-b sits beside host-a in nat-a's LAN (a bridge), as 192.168.1.102; no nat-b.
+#
 # Run as root.  `lab.sh help` prints the interface; lab/README.md explains it.
 # Nothing here touches the root namespace's network: every link is created inside the lab's
 # own namespaces, every sysctl is set inside them, and `down` deletes them.
@@ -22,6 +24,7 @@ IP_NAT_A=198.51.100.3      IP_ROUTER_A=198.51.100.1
 IP_NAT_B=203.0.113.12      IP_ROUTER_B=203.0.113.1
 IP_A=192.168.1.101         IP_NAT_A_LAN=192.168.1.1
 IP_B=192.168.0.112         IP_NAT_B_LAN=192.168.0.1
+IP_B_ONE_NAT=192.168.1.102 # host-b's address with --one-nat (in nat-a's LAN, beside host-a)
 SINK_PORTS=40000-59999     # background flows go to server:$SINK_PORTS (dropped there, silently)
 
 usage() {
@@ -41,7 +44,8 @@ lab/lab.sh — real-kernel NAT lab for N4 (run as root)
   lab.sh selftest                  prove the lab: port sequences, filtering, delay, load, a punch
   lab.sh list                      list labs (namespaces) present on this machine
 
-ROLES: server router nat-a nat-b host-a host-b   (aliases: a = host-a, b = host-b)
+ROLES: server router nat-a nat-b host-a host-b   (aliases: a = host-a, b = host-b;
+       --one-nat: no nat-b)
 
 OPTIONS (each also settable by the environment variable shown; options win):
   --nat KIND        LAB_NAT        sequential (default) | blocks | random | preserving, both NATs
@@ -59,6 +63,16 @@ OPTIONS (each also settable by the environment variable shown; options win):
   --port-step K     LAB_PORT_STEP  sequential step; default 1
   --block-size B    LAB_BLOCK_SIZE blocks: ports per block; default 64
   --seed N          LAB_SEED       seed of the background-load generators; default 1
+  --one-nat         LAB_ONE_NAT=1  two hosts behind one NAT: host-b sits in nat-a's LAN as
+                                   192.168.1.102 beside host-a (a bridge); there is no nat-b
+                                   (LAB_NS_NAT_B, LAB_IP_NAT_B, LAB_NAT_B then name nat-a);
+                                   --load RATE = RATE flows/s at nat-a (from host-a);
+                                   --nat-b and --load-b are refused
+  --hairpin         LAB_HAIRPIN=1  with --one-nat: nat-a hairpins: a LAN datagram to nat-a's
+                                   public address goes out through its NAT and comes back in
+                                   (reflected by the router, undelayed), so the sender gets a
+                                   mapping and the receiver's mapping/filtering applies as to
+                                   any outside datagram (without it, nat-a takes it itself)
   --keep            LAB_KEEP=1     `run`/`demo`: leave the lab up afterwards (print its name)
   demo only:        LAB_N4=PATH    n4 binary to use instead of building target/release/n4
                     LAB_N4_SERVER_ARGS, LAB_N4_CLIENT_ARGS   extra arguments for n4 -s / n4 -c
@@ -67,8 +81,9 @@ Exported to CMD by `run` and written to the env file by `up`:
   LAB_NAME LAB_DIR LAB_ENV LAB_SH LAB_OWNER_PID (run/demo: the lab.sh pid; up: empty)
   LAB_NS_SERVER LAB_NS_ROUTER LAB_NS_NAT_A LAB_NS_NAT_B LAB_NS_A LAB_NS_B
   LAB_IP_SERVER=192.0.2.2 LAB_IP_NAT_A=198.51.100.3 LAB_IP_NAT_B=203.0.113.12
-  LAB_IP_A=192.168.1.101 LAB_IP_B=192.168.0.112
+  LAB_IP_A=192.168.1.101 LAB_IP_B=192.168.0.112 (--one-nat: 192.168.1.102)
   LAB_NAT_A LAB_NAT_B LAB_DELAY_MS LAB_LOAD_A LAB_LOAD_B LAB_PORT_BASE LAB_PORT_COUNT LAB_PORT_STEP
+  LAB_ONE_NAT (0|1) LAB_HAIRPIN (0|1)
 EOF
 }
 
@@ -106,6 +121,8 @@ parse_opts() {
   BLOCK_SIZE=${LAB_BLOCK_SIZE:-64}
   SEED=${LAB_SEED:-1}
   KEEP=${LAB_KEEP:-0}
+  ONE_NAT=${LAB_ONE_NAT:-0}
+  HAIRPIN=${LAB_HAIRPIN:-0}
   REST=()
   while [ $# -gt 0 ]; do
     case $1 in
@@ -122,13 +139,26 @@ parse_opts() {
       --block-size) BLOCK_SIZE=$2; shift 2 ;;
       --seed) SEED=$2; shift 2 ;;
       --keep) KEEP=1; shift ;;
+      --one-nat) ONE_NAT=1; shift ;;
+      --hairpin) HAIRPIN=1; shift ;;
       --) shift; REST=("$@"); break ;;
       -h|--help) usage; exit 0 ;;
       *) die "unknown option $1 (see lab.sh help)" ;;
     esac
   done
-  NAT_A=${NAT_A:-$NAT} NAT_B=${NAT_B:-$NAT}
-  LOAD_A=${LOAD_A:-$LOAD} LOAD_B=${LOAD_B:-$LOAD}
+  case $ONE_NAT in 0|1) ;; *) die "LAB_ONE_NAT wants 0 or 1, got '$ONE_NAT'" ;; esac
+  case $HAIRPIN in 0|1) ;; *) die "LAB_HAIRPIN wants 0 or 1, got '$HAIRPIN'" ;; esac
+  if [ "$ONE_NAT" = 1 ]; then
+    # One NAT: nat-a's settings are the only ones; a setting for nat-b has nothing to act on.
+    [ -z "$NAT_B" ] || die "--one-nat: there is no nat-b (--nat-b/LAB_NAT_B); use --nat or --nat-a"
+    [ -z "$LOAD_B" ] || die "--one-nat: there is no nat-b (--load-b/LAB_LOAD_B); use --load or --load-a"
+    NAT_A=${NAT_A:-$NAT}; NAT_B=$NAT_A
+    LOAD_A=${LOAD_A:-$LOAD} LOAD_B=0
+  else
+    [ "$HAIRPIN" = 0 ] || die "--hairpin needs --one-nat (two hosts behind one NAT)"
+    NAT_A=${NAT_A:-$NAT} NAT_B=${NAT_B:-$NAT}
+    LOAD_A=${LOAD_A:-$LOAD} LOAD_B=${LOAD_B:-$LOAD}
+  fi
   local k
   for k in "$NAT_A" "$NAT_B"; do
     case $k in sequential|blocks|random|preserving) ;; *) die "unknown NAT kind '$k'" ;; esac
@@ -239,48 +269,93 @@ lab_up() { # NAME; uses the parsed options; sets DIR
   S=$(ns_of "$NAME" server) R=$(ns_of "$NAME" router)
   NA=$(ns_of "$NAME" nat-a) NB=$(ns_of "$NAME" nat-b)
   HA=$(ns_of "$NAME" host-a) HB=$(ns_of "$NAME" host-b)
-  log "building $NAME (nat-a $NAT_A, nat-b $NAT_B, delay ${DELAY_MS} ms, load $LOAD_A/$LOAD_B per s)"
+  # With --one-nat there is no nat-b: host-b is a second host in nat-a's LAN.
+  local ip_b=$IP_B nats="$NA $NB"
+  if [ "$ONE_NAT" = 1 ]; then
+    ip_b=$IP_B_ONE_NAT nats=$NA
+    local hp=""; [ "$HAIRPIN" = 0 ] || hp=", hairpinning"
+    log "building $NAME (one NAT: host-a and host-b behind nat-a $NAT_A$hp, delay ${DELAY_MS} ms, load $LOAD_A per s)"
+  else
+    log "building $NAME (nat-a $NAT_A, nat-b $NAT_B, delay ${DELAY_MS} ms, load $LOAD_A/$LOAD_B per s)"
+  fi
   local ns
-  for ns in "$S" "$R" "$NA" "$NB" "$HA" "$HB"; do
+  for ns in "$S" "$R" $nats "$HA" "$HB"; do
     ip netns add "$ns"
     ip -n "$ns" link set lo up
   done
   # Links, each created directly inside its namespaces (never in the root namespace).
   ip -n "$S" link add eth0 type veth peer name s0 netns "$R"
   ip -n "$NA" link add wan type veth peer name a0 netns "$R"
-  ip -n "$NB" link add wan type veth peer name b0 netns "$R"
-  ip -n "$HA" link add eth0 type veth peer name lan netns "$NA"
-  ip -n "$HB" link add eth0 type veth peer name lan netns "$NB"
+  local devs=("$S eth0" "$R s0" "$R a0" "$NA wan" "$NA lan" "$HA eth0" "$HB eth0")
+  if [ "$ONE_NAT" = 1 ]; then
+    # nat-a's LAN is a bridge "lan" (the LAN address sits on it) with one port per host.
+    ip -n "$NA" link add lan type bridge
+    ip -n "$HA" link add eth0 type veth peer name lan-a netns "$NA"
+    ip -n "$HB" link add eth0 type veth peer name lan-b netns "$NA"
+    ip -n "$NA" link set lan-a master lan
+    ip -n "$NA" link set lan-b master lan
+    devs+=("$NA lan-a" "$NA lan-b")
+  else
+    ip -n "$NB" link add wan type veth peer name b0 netns "$R"
+    ip -n "$HA" link add eth0 type veth peer name lan netns "$NA"
+    ip -n "$HB" link add eth0 type veth peer name lan netns "$NB"
+    devs+=("$R b0" "$NB wan" "$NB lan")
+  fi
 
   ip -n "$S" addr add $IP_SERVER/24 dev eth0
   ip -n "$R" addr add $IP_ROUTER_S/24 dev s0
   ip -n "$R" addr add $IP_ROUTER_A/24 dev a0
-  ip -n "$R" addr add $IP_ROUTER_B/24 dev b0
   ip -n "$NA" addr add $IP_NAT_A/24 dev wan
   ip -n "$NA" addr add $IP_NAT_A_LAN/24 dev lan
-  ip -n "$NB" addr add $IP_NAT_B/24 dev wan
-  ip -n "$NB" addr add $IP_NAT_B_LAN/24 dev lan
   ip -n "$HA" addr add $IP_A/24 dev eth0
-  ip -n "$HB" addr add $IP_B/24 dev eth0
+  ip -n "$HB" addr add "$ip_b/24" dev eth0
+  if [ "$ONE_NAT" = 0 ]; then
+    ip -n "$R" addr add $IP_ROUTER_B/24 dev b0
+    ip -n "$NB" addr add $IP_NAT_B/24 dev wan
+    ip -n "$NB" addr add $IP_NAT_B_LAN/24 dev lan
+  fi
   local dev
-  for dev in "$S eth0" "$R s0" "$R a0" "$R b0" "$NA wan" "$NA lan" "$NB wan" "$NB lan" \
-             "$HA eth0" "$HB eth0"; do
+  for dev in "${devs[@]}"; do
     set -- $dev
     ip -n "$1" link set "$2" up
   done
   ip -n "$S" route add default via $IP_ROUTER_S
   ip -n "$NA" route add default via $IP_ROUTER_A
-  ip -n "$NB" route add default via $IP_ROUTER_B
   ip -n "$HA" route add default via $IP_NAT_A_LAN
-  ip -n "$HB" route add default via $IP_NAT_B_LAN
-  for ns in "$R" "$NA" "$NB"; do
+  if [ "$ONE_NAT" = 1 ]; then
+    ip -n "$HB" route add default via $IP_NAT_A_LAN
+  else
+    ip -n "$NB" route add default via $IP_ROUTER_B
+    ip -n "$HB" route add default via $IP_NAT_B_LAN
+  fi
+  for ns in "$R" $nats; do
     nsx "$ns" sysctl -qw net.ipv4.ip_forward=1
   done
+  if [ "$HAIRPIN" = 1 ]; then
+    # Hairpinning by reflection: nat-a routes a LAN UDP datagram for its own public address
+    # out of wan instead of delivering it to itself (a policy rule ahead of the local table;
+    # a ping of the public address is still answered by nat-a); the router sends it straight
+    # back (not delayed, no redirect); nat-a takes it in on wan although its source is
+    # nat-a's own address (accept_local).  On the way out it gets the sender's mapping for
+    # that destination (the same SNAT and port counter as for any destination); on the way in
+    # it meets the same filtering as any datagram from outside: it passes only as the reply
+    # to a mapping of the receiver towards exactly that address and port.
+    ip -n "$NA" rule add pref 100 lookup local
+    ip -n "$NA" rule del pref 0 lookup local
+    ip -n "$NA" rule add pref 10 iif lan to $IP_NAT_A ipproto udp lookup 100  # UDP only
+    ip -n "$NA" route add default via $IP_ROUTER_A dev wan table 100
+    nsx "$NA" sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.wan.rp_filter=0 \
+      net.ipv4.conf.wan.accept_local=1
+    nsx "$R" sysctl -qw net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.a0.send_redirects=0
+    nsx "$R" iptables -w -A FORWARD -i a0 -o a0 -j ACCEPT  # ahead of the delay's NFQUEUE
+  fi
 
   nat_rules "$NAT_A" $IP_NAT_A 1 >"$DIR/nat-a.nft"
-  nat_rules "$NAT_B" $IP_NAT_B 2 >"$DIR/nat-b.nft"
   nsx "$NA" nft -f "$DIR/nat-a.nft"
-  nsx "$NB" nft -f "$DIR/nat-b.nft"
+  if [ "$ONE_NAT" = 0 ]; then
+    nat_rules "$NAT_B" $IP_NAT_B 2 >"$DIR/nat-b.nft"
+    nsx "$NB" nft -f "$DIR/nat-b.nft"
+  fi
   # The server silently drops the background flows (no ICMP storm back through the NATs).
   nsx "$S" nft -f - <<EOF
 table ip n4lab {
@@ -313,6 +388,9 @@ EOF
       --rate "$LOAD_B" --dest $IP_SERVER --ports $SINK_PORTS --seed "$((SEED + 1))"
   fi
 
+  # With --one-nat, the nat-b variables name the NAT host-b is behind: nat-a.
+  local env_nb=$NB env_ip_nb=$IP_NAT_B
+  [ "$ONE_NAT" = 1 ] && env_nb=$NA env_ip_nb=$IP_NAT_A
   cat >"$DIR/env" <<EOF
 LAB_NAME=$NAME
 LAB_DIR=$DIR
@@ -322,14 +400,14 @@ LAB_OWNER_PID=${OWNER_PID:-}
 LAB_NS_SERVER=$S
 LAB_NS_ROUTER=$R
 LAB_NS_NAT_A=$NA
-LAB_NS_NAT_B=$NB
+LAB_NS_NAT_B=$env_nb
 LAB_NS_A=$HA
 LAB_NS_B=$HB
 LAB_IP_SERVER=$IP_SERVER
 LAB_IP_NAT_A=$IP_NAT_A
-LAB_IP_NAT_B=$IP_NAT_B
+LAB_IP_NAT_B=$env_ip_nb
 LAB_IP_A=$IP_A
-LAB_IP_B=$IP_B
+LAB_IP_B=$ip_b
 LAB_NAT_A=$NAT_A
 LAB_NAT_B=$NAT_B
 LAB_DELAY_MS=$DELAY_MS
@@ -339,6 +417,8 @@ LAB_PORT_BASE=$PORT_BASE
 LAB_PORT_COUNT=$PORT_COUNT
 LAB_PORT_STEP=$PORT_STEP
 LAB_BLOCK_SIZE=$BLOCK_SIZE
+LAB_ONE_NAT=$ONE_NAT
+LAB_HAIRPIN=$HAIRPIN
 EOF
   # Reachability check: both NATs reach the server through the router.
   nsx "$HA" "$PY" "$LAB_HOME/n4-lab-udp.py" ping --to $IP_SERVER --timeout 3 >/dev/null ||
@@ -431,8 +511,15 @@ cmd_demo() {
   up_registered
   local S=$NAME-server HA=$NAME-host-a HB=$NAME-host-b
   local srv=$DIR/server.log ca=$DIR/client-a.log cb=$DIR/client-b.log
-  echo "== lab $NAME: server $IP_SERVER, nat-a $IP_NAT_A ($NAT_A), nat-b $IP_NAT_B ($NAT_B)," \
-    "one-way delay ${DELAY_MS} ms, load $LOAD_A/$LOAD_B flows/s"
+  local ip_b=$IP_B
+  if [ "$ONE_NAT" = 1 ]; then
+    ip_b=$IP_B_ONE_NAT
+    echo "== lab $NAME: server $IP_SERVER, host-a and host-b both behind nat-a $IP_NAT_A ($NAT_A$([ "$HAIRPIN" = 1 ] && echo ", hairpinning"))," \
+      "one-way delay ${DELAY_MS} ms, load $LOAD_A flows/s"
+  else
+    echo "== lab $NAME: server $IP_SERVER, nat-a $IP_NAT_A ($NAT_A), nat-b $IP_NAT_B ($NAT_B)," \
+      "one-way delay ${DELAY_MS} ms, load $LOAD_A/$LOAD_B flows/s"
+  fi
   echo "== [server $IP_SERVER] $N4 -s ${LAB_N4_SERVER_ARGS:-}"
   # shellcheck disable=SC2086 # word-splitting of the extra args is the point
   nsx "$S" "$N4" -s ${LAB_N4_SERVER_ARGS:-} >"$srv" 2>&1 &
@@ -443,7 +530,7 @@ cmd_demo() {
     sleep 0.1
   done
   echo "== [host-a $IP_A] n4 -c -h $IP_SERVER -b 30000 ${LAB_N4_CLIENT_ARGS:-}"
-  echo "== [host-b $IP_B] n4 -c -h $IP_SERVER -b 31000 ${LAB_N4_CLIENT_ARGS:-}"
+  echo "== [host-b $ip_b] n4 -c -h $IP_SERVER -b 31000 ${LAB_N4_CLIENT_ARGS:-}"
   local t0=$SECONDS
   # shellcheck disable=SC2086
   nsx "$HA" "$N4" -c -h $IP_SERVER -b 30000 ${LAB_N4_CLIENT_ARGS:-} >"$ca" 2>&1 &
@@ -497,7 +584,11 @@ cmd_demo() {
   sed 's/^/  host-b| /' "$DIR/line-b.log"
   kill $spid 2>/dev/null || true
   [ $rc = 0 ] || die "the line did not cross the hole both ways"
-  echo "== demo OK: punched through two $NAT_A/$NAT_B NATs; a line crossed each way"
+  if [ "$ONE_NAT" = 1 ]; then
+    echo "== demo OK: punched between two hosts behind one $NAT_A NAT; a line crossed each way"
+  else
+    echo "== demo OK: punched through two $NAT_A/$NAT_B NATs; a line crossed each way"
+  fi
 }
 
 # ---------------------------------------------------------------------------------- commands

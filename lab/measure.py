@@ -16,8 +16,12 @@ rounds) and both are printed side by side as a Markdown table.
   lab/measure.py [--trials 3] [--lambda 0,200,400,1000] [--delay 25] [--strategy v1,predict]
                  [--limit-v1 25] [--limit-predict 10] [--sim-seeds 200] [--jsonl FILE]
                  [--logs DIR] [--rev COMMIT | --n4 PATH --sim PATH] [--no-sim]
-                 [--client-args "..."] [--nat-a KIND] [--nat-b KIND]
+                 [--client-args "..."] [--nat-a KIND] [--nat-b KIND] [--one-nat [--hairpin]]
   lab/measure.py --from FILE.jsonl ...     re-print the table of recorded trials (no lab)
+
+--one-nat: both clients behind nat-a (`lab.sh run --one-nat`: host-b is 192.168.1.102 in
+nat-a's LAN; --hairpin: nat-a hairpins; the sim sweep gets --one-nat [--hairpin] too).
+--n4 PATH with --no-sim (or --sim PATH) builds nothing.
 
 Needs root (the lab).  Trials run one after another, cells interleaved (trial 1 of every
 cell, then trial 2, ...), so a slow phase of the machine spreads over all cells.
@@ -123,15 +127,23 @@ def trial(a):
         cmd = [a.n4, "-c", "-h", env["LAB_IP_SERVER"], "-b", str(start), "--json", "-v"] + extra
         procs[side] = subprocess.Popen(["ip", "netns", "exec", ns] + cmd, stdout=out, stderr=err)
     end = t0 + a.limit + GRACE
+    exited = {}
     while time.monotonic() < end and any(p.poll() is None for p in procs.values()):
+        for side, p in procs.items():
+            if side not in exited and p.poll() is not None:
+                exited[side] = round(time.monotonic() - t0, 3)
         time.sleep(0.02)
+    for side, p in procs.items():
+        if side not in exited and p.poll() is not None:
+            exited[side] = round(time.monotonic() - t0, 3)
     ran = time.monotonic() - t0
     for p in procs.values():
         stop(p)
     result = {"ran_s": round(ran, 3)}
     for side, (ns, _) in hosts.items():
         c = counters(ns)
-        r = {"rc": procs[side].returncode, "packets": c.get("n4"), "load_packets": c.get("load")}
+        r = {"rc": procs[side].returncode, "packets": c.get("n4"), "load_packets": c.get("load"),
+             "exit_s": exited.get(side)}  # None: still running when the trial stopped it
         with open(os.path.join(d, "client-%s.json" % side)) as f:
             line = f.read().strip()
         if line:
@@ -144,10 +156,16 @@ def trial(a):
         r["lose"] = text.count("[ LOSE ]")
         r["rounds_logged"] = text.count("Source port:")
         r["plans"] = re.findall(r"plan: (.*)", text)[:3]
+        r["peers"] = re.findall(r"=> Peer: (\S+)", text)[:5]  # the first PEERINFO addresses
+        r["wins_logged"] = text.count("[ WIN ]")
+        last = [x for x in text.splitlines() if x.strip()]
+        r["last_line"] = last[-1] if last else None
         result[side] = r
     stop(srv)
     for f in files:
         f.close()
+    with open(os.path.join(d, "server.log")) as f:
+        result["paired"] = re.findall(r"Paired \[[^\]]*\]: (.*)", f.read())[:5]
     # The delay program's release lateness (how faithfully the router held the delay).
     try:
         with open(os.path.join(d, "delay.pid")) as f:
@@ -222,9 +240,13 @@ def run_trial(a, cell, k):
     lam, delay, strat = cell
     limit = a.limit_v1 if strat == "v1" else a.limit_predict
     tag = "l%s-d%s-%s-%d" % (num(lam), num(delay), strat, k)
-    cmd = [LAB_SH, "run", "--delay", num(delay), "--load", num(lam), "--seed", str(2 * k + 1),
-           "--nat-a", a.nat_a, "--nat-b", a.nat_b, "--", sys.executable, os.path.abspath(__file__), "trial", "--n4", a.n4,
-           "--strategy", strat, "--limit", str(limit), "--tag", tag]
+    nats = ["--nat-a", a.nat_a, "--nat-b", a.nat_b]
+    if a.one_nat:  # both hosts behind nat-a; lab.sh refuses --nat-b then
+        nats = ["--one-nat", "--nat-a", a.nat_a] + (["--hairpin"] if a.hairpin else [])
+        tag = "onenat-" + ("hairpin-" if a.hairpin else "") + tag
+    cmd = [LAB_SH, "run", "--delay", num(delay), "--load", num(lam), "--seed", str(2 * k + 1)] + \
+        nats + ["--", sys.executable, os.path.abspath(__file__), "trial", "--n4", a.n4,
+                "--strategy", strat, "--limit", str(limit), "--tag", tag]
     if a.logs:
         cmd += ["--logs", a.logs]
     if a.client_args:
@@ -240,6 +262,9 @@ def run_trial(a, cell, k):
         res = {"error": "bad output: " + p.stdout[-500:]}
     res.update({"lambda": lam, "delay_ms": delay, "strategy": strat, "limit_s": limit,
                 "trial": k, "wall_s": round(time.monotonic() - t, 2)})
+    if a.one_nat:
+        res["one_nat"] = True
+        res["hairpin"] = bool(a.hairpin)
     res.setdefault("ok", False)
     return res
 
@@ -256,7 +281,10 @@ def sim_grid(a, cells):
         with tempfile.NamedTemporaryFile(suffix=".csv") as tmp:
             cmd = [a.sim, "sweep", "--lambda", ",".join(num(x) for x in lams),
                    "--rtt-ms", num(2 * delay), "--strategy", strat, "--seeds", str(a.sim_seeds),
-                   "--max-rounds", "0", "--time-limit-s", num(limit), "--quiet", "--csv", tmp.name]
+                   "--max-rounds", "0", "--time-limit-s", num(limit), "--quiet"]
+            if a.one_nat:
+                cmd += ["--one-nat"] + (["--hairpin"] if a.hairpin else [])
+            cmd += ["--csv", tmp.name]
             a.sim_cmds.append(" ".join(["n4-sim"] + cmd[1:-2]))
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             with open(tmp.name) as f:
@@ -347,7 +375,11 @@ def main():
     ap.add_argument("--client-args", help="extra arguments for both n4 -c")
     ap.add_argument("--nat-a", default="sequential",
                     help="lab NAT kind of site A: sequential, blocks, random, preserving")
-    ap.add_argument("--nat-b", default="sequential", help="lab NAT kind of site B")
+    ap.add_argument("--nat-b", help="lab NAT kind of site B (default sequential)")
+    ap.add_argument("--one-nat", action="store_true",
+                    help="both clients behind nat-a (lab.sh --one-nat; no site B)")
+    ap.add_argument("--hairpin", action="store_true",
+                    help="with --one-nat: nat-a hairpins (lab.sh --hairpin)")
     ap.add_argument("--n4", help="n4 binary (default: build target/release/n4)")
     ap.add_argument("--sim", help="n4-sim binary (default: build target/release/n4-sim)")
     ap.add_argument("--no-sim", action="store_true", help="lab only")
@@ -357,6 +389,11 @@ def main():
     ap.add_argument("--logs", help="keep each trial's n4 logs in this directory")
     ap.add_argument("--from", dest="from_file", help="no lab: tabulate a --jsonl file")
     a = ap.parse_args()
+    if a.one_nat and a.nat_b:
+        ap.error("--one-nat: there is no site B (--nat-b)")
+    if a.hairpin and not a.one_nat:
+        ap.error("--hairpin needs --one-nat")
+    a.nat_b = a.nat_b or "sequential"
 
     strategies = [s for s in a.strategy.split(",") if s]
     for s in strategies:
