@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use n4_core::{
-    Client, ClientConfig, Command, ConnId, Event, Frame, Hint, Ident, Message, Payload, Server,
-    ServerConfig, ServerOutput, Strategy, StreamDecoder, Token, MESSAGE_LEN,
+    Client, ClientConfig, Command, ConnId, Event, Frame, Hint, Ident, Local, Message, Payload,
+    Server, ServerConfig, ServerOutput, Strategy, StreamDecoder, Token, MESSAGE_LEN,
 };
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -144,7 +144,7 @@ fn pairings(server: &mut Server, now: Instant, extended: bool) -> u64 {
             } else {
                 Message::Exchange(pair_ident(p))
             };
-            server.handle_datagram(now, from, &exchange.to_bytes());
+            server.handle_datagram(now, Local::Main, from, &exchange.to_bytes());
         }
     }
     let mut peer_infos = 0;
@@ -338,7 +338,7 @@ impl Round {
                             Delivery::ServerDatagram(self.peer.into(), exchange.to_bytes().into());
                         self.inbox.push_back(d);
                     }
-                    ServerOutput::Datagram { to, message } => {
+                    ServerOutput::Datagram { to, message, .. } => {
                         if let Some(slot) = self.window.iter().position(|&p| p == to.port()) {
                             let reply = Delivery::ClientDatagram(
                                 slot,
@@ -376,7 +376,9 @@ impl Round {
             Delivery::ServerStream(conn, bytes) => {
                 self.server.handle_stream_data(now, conn, &bytes)
             }
-            Delivery::ServerDatagram(from, bytes) => self.server.handle_datagram(now, from, &bytes),
+            Delivery::ServerDatagram(from, bytes) => {
+                self.server.handle_datagram(now, Local::Main, from, &bytes)
+            }
             Delivery::ClientConnected => self.client.handle_connected(now),
             Delivery::ClientStream(bytes) => self.client.handle_stream_data(now, &bytes),
             Delivery::ClientDatagram(slot, from, bytes) => {

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use n4_core::{
-    AbandonReason, ConnId, Frame, FrameDecoder, Hint, Ident, Key, LongMessage, Message, Nonce,
-    RefuseReason, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput, Token,
+    AbandonReason, ConnId, Frame, FrameDecoder, Hint, Ident, Key, Local, LongMessage, Message,
+    Nonce, RefuseReason, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput, Token,
 };
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -566,7 +566,8 @@ impl Harness {
                 };
                 datagram = Some(from);
                 self.model_datagram(from, &bytes);
-                self.server.handle_datagram(self.now, from, &bytes);
+                self.server
+                    .handle_datagram(self.now, Local::Main, from, &bytes);
             }
             Operation::Advance { millis } => {
                 self.now += Duration::from_millis(u64::from(millis));
@@ -928,9 +929,16 @@ impl Harness {
                 .get(&token)
                 .map(|&seat| (seat, Some((round, hint)))),
             Ok(Message::Exchange(id)) => self.attribute_v1(id, from).map(|seat| (seat, None)),
-            Ok(Message::Probe | Message::ProbeOther) => {
+            Ok(m @ (Message::Probe | Message::ProbeOther)) => {
                 self.probes += 1;
                 self.out.push(ServerOutput::Datagram {
+                    // Every datagram arrives on the main socket: a PROBE-OTHER leaves from the
+                    // probe socket.
+                    from: if m == Message::Probe {
+                        Local::Main
+                    } else {
+                        Local::Probe
+                    },
                     to: from.into(),
                     message: Message::Seen(from),
                 });
@@ -1050,7 +1058,7 @@ impl Harness {
                         );
                     }
                 }
-                ServerOutput::Datagram { to, message } => {
+                ServerOutput::Datagram { to, message, .. } => {
                     let from = datagram.expect("a datagram output without a datagram");
                     let from = v4(from).expect("a datagram output to an IPv6 source");
                     assert_eq!((to, message), (SocketAddr::V4(from), Message::Seen(from)));

@@ -47,6 +47,6 @@ pub(crate) fn later(now: std::time::Instant, d: std::time::Duration) -> std::tim
 }
 
 pub use server::{
-    AbandonReason, ConnId, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput,
+    AbandonReason, ConnId, Local, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput,
     ServerStats,
 };

@@ -99,15 +99,37 @@ pub enum ServerOutput {
         /// The connection.
         conn: ConnId,
     },
-    /// Send this datagram: the answer to a [`Message::Probe`] (from the port the probe arrived
-    /// on) or a [`Message::ProbeOther`] (from the other UDP port). It always follows at once the
-    /// `handle_datagram` call that caused it, so the driver knows which port that was.
+    /// Send this datagram from the local socket `from`: the answer to a [`Message::Probe`]
+    /// (from the socket the probe arrived on) or a [`Message::ProbeOther`] (from the other).
     Datagram {
+        /// The server's socket it leaves from.
+        from: Local,
         /// Destination.
         to: SocketAddr,
         /// The message.
         message: Message,
     },
+}
+
+/// The server's two UDP sockets: every datagram in names the one it arrived on, every
+/// datagram out the one it leaves from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Local {
+    /// The listen port: EXCHANGEs, and probes.
+    Main,
+    /// The probe port (the listen port + 1): probes only, so that a v1 server (which has no
+    /// such port) never sees one.
+    Probe,
+}
+
+impl Local {
+    /// The other socket.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Main => Self::Probe,
+            Self::Probe => Self::Main,
+        }
+    }
 }
 
 /// What happened, for logs and metrics.
@@ -461,24 +483,30 @@ impl Server {
         }
     }
 
-    /// A UDP datagram arrived on the server port from `from`. Anything but an EXCHANGE that
-    /// belongs to a seat in a pair is ignored and costs nothing else.
+    /// A UDP datagram arrived on the local socket `local` from `from`. Anything but an
+    /// EXCHANGE on [`Local::Main`] that belongs to a seat in a pair, or a probe, is ignored and
+    /// costs nothing else.
     ///
-    /// A [`Message::Probe`] or [`Message::ProbeOther`] is answered with
-    /// [`ServerOutput::Datagram`]. Drivers also listen on a probe port (the listen port + 1):
-    /// clients probe there so that a v1 server never sees a probe; the probe port passes only
-    /// probes in.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    /// A [`Message::Probe`] is answered from the socket it came in on, a
+    /// [`Message::ProbeOther`] from the other ([`ServerOutput::Datagram`]); the probe port
+    /// takes nothing but probes.
+    pub fn handle_datagram(&mut self, now: Instant, local: Local, from: SocketAddr, bytes: &[u8]) {
         let Some(from) = v4(from) else {
             self.stats.ignored_datagrams += 1;
             return;
         };
-        let seat = match Message::decode(bytes) {
+        let msg = Message::decode(bytes);
+        let probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
+        if local == Local::Probe && !probe {
+            self.stats.ignored_datagrams += 1;
+            return;
+        }
+        let seat = match msg {
             Ok(Message::ExchangeToken { token, round, hint }) => {
                 self.tokens.get(&token).map(|&s| (s, Some((round, hint))))
             }
             Ok(Message::Exchange(ident)) => self.attribute_v1(ident, from).map(|s| (s, None)),
-            Ok(Message::Probe | Message::ProbeOther) => {
+            Ok(m @ (Message::Probe | Message::ProbeOther)) => {
                 // A reflector, like STUN: 8 bytes out for 8 bytes in, at a bounded rate per IP.
                 if !self.probe_allowed(now, IpAddr::V4(*from.ip())) {
                     self.stats.probes_limited += 1;
@@ -486,6 +514,11 @@ impl Server {
                 }
                 self.stats.probes += 1;
                 self.outputs.push_back(ServerOutput::Datagram {
+                    from: if m == Message::Probe {
+                        local
+                    } else {
+                        local.other()
+                    },
                     to: from.into(),
                     message: Message::Seen(from),
                 });

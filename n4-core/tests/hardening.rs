@@ -318,15 +318,16 @@ fn probe_answers_to_one_ip_are_rate_limited() {
     let t0 = Instant::now();
     let victim = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 7), 4000));
     for _ in 0..5040 {
-        s.handle_datagram(t0, victim, &Message::Probe.to_bytes());
+        s.handle_datagram(t0, Local::Probe, victim, &Message::Probe.to_bytes());
     }
     assert_eq!(server_outputs(&mut s).len(), limit as usize);
     // Another IP is served meanwhile; the first again a second later.
     let other = SocketAddr::from((Ipv4Addr::new(198, 51, 100, 8), 4000));
-    s.handle_datagram(t0, other, &Message::Probe.to_bytes());
+    s.handle_datagram(t0, Local::Probe, other, &Message::Probe.to_bytes());
     assert_eq!(server_outputs(&mut s).len(), 1);
     s.handle_datagram(
         t0 + Duration::from_secs(1),
+        Local::Probe,
         victim,
         &Message::Probe.to_bytes(),
     );

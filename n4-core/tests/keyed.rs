@@ -354,6 +354,7 @@ fn a_plain_exchange_from_a_seats_ip_cannot_claim_a_keyed_seat() {
     while s.poll_output().is_some() {}
     s.handle_datagram(
         now,
+        Local::Main,
         SocketAddr::from((ip_a, 6666)),
         &Message::Exchange(room).to_bytes(),
     );

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use n4_core::{ConnId, Frame, Ident, Message, Server, ServerConfig, ServerOutput, Token};
+use n4_core::{ConnId, Frame, Ident, Local, Message, Server, ServerConfig, ServerOutput, Token};
 
 struct Harness {
     server: Server,
@@ -58,7 +58,7 @@ impl Harness {
 
     fn datagram(&mut self, from: SocketAddrV4, message: Message) {
         self.server
-            .handle_datagram(self.now, from.into(), &message.to_bytes());
+            .handle_datagram(self.now, Local::Main, from.into(), &message.to_bytes());
         self.drain();
     }
 

@@ -470,15 +470,42 @@ fn probes_are_answered_with_the_address_they_came_from() {
     let t0 = Instant::now();
     let mut s = Server::new(ServerConfig::default());
     let from = SocketAddr::from(([198, 51, 100, 3], 1801));
-    s.handle_datagram(t0, from, &Message::Probe.to_bytes());
+    let seen = Message::Seen("198.51.100.3:1801".parse().unwrap());
+    s.handle_datagram(t0, Local::Probe, from, &Message::Probe.to_bytes());
     assert_eq!(
         s.poll_output(),
         Some(ServerOutput::Datagram {
+            from: Local::Probe,
             to: from,
-            message: Message::Seen("198.51.100.3:1801".parse().unwrap()),
+            message: seen,
         })
     );
-    assert_eq!(s.stats().probes, 1);
+    // A PROBE-OTHER is answered from the other socket, whichever it came in on.
+    for local in [Local::Main, Local::Probe] {
+        s.handle_datagram(t0, local, from, &Message::ProbeOther.to_bytes());
+        assert_eq!(
+            s.poll_output(),
+            Some(ServerOutput::Datagram {
+                from: local.other(),
+                to: from,
+                message: seen,
+            })
+        );
+    }
+    // The probe socket takes nothing but probes.
+    let exchange = Message::Exchange("n4n4n4".parse().unwrap()).to_bytes();
+    s.handle_datagram(t0, Local::Probe, from, &exchange);
+    assert_eq!(s.poll_output(), None);
+    assert_eq!(s.stats().ignored_datagrams, 1);
+    s.handle_datagram(t0, Local::Main, from, &Message::Probe.to_bytes());
+    assert!(matches!(
+        s.poll_output(),
+        Some(ServerOutput::Datagram {
+            from: Local::Main,
+            ..
+        })
+    ));
+    assert_eq!(s.stats().probes, 4);
     assert_eq!(s.stats().connections, 0, "probes leave no state");
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 use n4_core::{
-    AbandonReason, ConnId, Message, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput,
+    AbandonReason, ConnId, Local, RejectReason, Server, ServerConfig, ServerEvent, ServerOutput,
     ServerStats,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -136,7 +136,6 @@ pub fn run_server(mut options: ServerOptions) -> Result<(), Error> {
         server: Server::new(options.config),
         poll,
         probe_answers: Vec::new(),
-        answer_from_server_port: false,
         conns: HashMap::new(),
         lingering: BTreeSet::new(),
         next_conn: 0,
@@ -294,11 +293,8 @@ struct Driver {
     sockets_per_ip: HashMap<IpAddr, usize>,
     /// When to call `accept` again after it ran out of descriptors.
     accept_retry: Option<Instant>,
-    /// Answers to probes, sent by the loop from the server port (`true`) or the probe port.
-    probe_answers: Vec<(bool, SocketAddr, [u8; 8])>,
-    /// Which port answers the probe being handled: the one it came in on, or for PROBE-OTHER
-    /// the other one.
-    answer_from_server_port: bool,
+    /// Answers to probes, sent by the loop from the socket the machine names.
+    probe_answers: Vec<(Local, SocketAddr, [u8; 8])>,
     conns: HashMap<ConnId, Conn>,
     lingering: BTreeSet<(Instant, ConnId)>,
     next_conn: u64,
@@ -325,9 +321,8 @@ impl Driver {
     /// Feeds every datagram waiting on the server port (`probe_port` false) or the probe port
     /// to the machine, a batch at a time, answering probes after each batch.
     ///
-    /// The probe port hears only probes, so a stray datagram there can never touch a pairing;
-    /// the server port hears everything (`n4 probe` probes it too, to tell mappings apart). A
-    /// PROBE is answered from the port it came in on, a PROBE-OTHER from the other one.
+    /// Each datagram names the socket it came in on; the machine decides what it is (the probe
+    /// port takes only probes) and which socket answers.
     fn receive(
         &mut self,
         now: Instant,
@@ -344,15 +339,14 @@ impl Driver {
         loop {
             match datagrams.recv(socket) {
                 Ok(n) => {
+                    let local = if probe_port {
+                        Local::Probe
+                    } else {
+                        Local::Main
+                    };
                     for (from, bytes) in datagrams.iter() {
-                        let msg = Message::decode(bytes);
-                        let is_probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
-                        if is_probe || !probe_port {
-                            self.answer_from_server_port =
-                                (msg == Ok(Message::ProbeOther)) == probe_port;
-                            self.server.handle_datagram(now, from, bytes);
-                            self.drain(now);
-                        }
+                        self.server.handle_datagram(now, local, from, bytes);
+                        self.drain(now);
                     }
                     answer_probes(udp, probe, &mut self.probe_answers);
                     if n < sockets::BATCH {
@@ -582,10 +576,8 @@ impl Driver {
                             self.dirty.push(conn);
                         }
                     }
-                    ServerOutput::Datagram { to, message } => {
-                        let from_server_port = self.answer_from_server_port;
-                        self.probe_answers
-                            .push((from_server_port, to, message.to_bytes()));
+                    ServerOutput::Datagram { from, to, message } => {
+                        self.probe_answers.push((from, to, message.to_bytes()));
                     }
                     ServerOutput::Close { conn } => {
                         if let Some(c) = self.conns.get_mut(&conn) {
@@ -647,10 +639,13 @@ fn send(stream: &TcpStream, bytes: &[u8], more: bool) -> io::Result<usize> {
 fn answer_probes(
     udp: &UdpSocket,
     probe: Option<&UdpSocket>,
-    answers: &mut Vec<(bool, SocketAddr, [u8; 8])>,
+    answers: &mut Vec<(Local, SocketAddr, [u8; 8])>,
 ) {
-    for (from_server_port, to, bytes) in answers.drain(..) {
-        let socket = if from_server_port { Some(udp) } else { probe };
+    for (from, to, bytes) in answers.drain(..) {
+        let socket = match from {
+            Local::Main => Some(udp),
+            Local::Probe => probe,
+        };
         if let Some(socket) = socket {
             if let Err(e) = socket.send_to(&bytes, to) {
                 debug!("probe answer to {to}: {e}");

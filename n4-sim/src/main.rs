@@ -9,11 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 mod sweep;
 
-use sweep::{parse_list, Grid, XAxis};
 use n4_sim::{
     parse_strategy, ClientSpec, NatKind, NatSpec, ScenarioFile, Sim, SimOptions, Strategy,
     TraceLevel,
 };
+use sweep::{parse_list, Grid, XAxis};
 
 #[derive(Parser)]
 #[command(

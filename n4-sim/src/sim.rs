@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use n4_core::{
-    Client, ClientConfig, Command, ConfigError, ConnId, Event, Message, Server, ServerConfig,
+    Client, ClientConfig, Command, ConfigError, ConnId, Event, Local, Server, ServerConfig,
     ServerEvent, ServerOutput,
 };
 use rand_chacha::ChaCha8Rng;
@@ -391,8 +391,6 @@ pub struct Sim {
     /// queued: a datagram scheduled right after it for the same time joins its burst.
     wan_tail: (u64, u64),
     wan_queued: u32,
-    /// The server port that answers the datagram the server is handling.
-    server_reply_from: SocketAddrV4,
     events: u64,
     server: Server,
     server_addr: SocketAddrV4,
@@ -451,7 +449,6 @@ impl Sim {
             bursts: Vec::new(),
             wan_tail: (0, 0),
             wan_queued: 0,
-            server_reply_from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
             events: 0,
             server: Server::new(ServerConfig::default()),
             server_addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
@@ -508,7 +505,6 @@ impl Sim {
             bursts,
             wan_tail,
             wan_queued,
-            server_reply_from,
             events,
             server,
             server_addr,
@@ -542,7 +538,6 @@ impl Sim {
         bursts.reserve(16);
         *wan_tail = (0, 0);
         *wan_queued = 0;
-        *server_reply_from = scenario.server_addr;
         *events = 0;
         *server = Server::new(server_config);
         *server_addr = scenario.server_addr;
@@ -943,9 +938,12 @@ impl Sim {
         )
     }
 
-    /// A datagram from the server (the port `wan` chose for the probe it answers) onto the WAN.
-    fn server_send(&mut self, to: SocketAddrV4, payload: [u8; 8]) {
-        let from = self.server_reply_from;
+    /// A datagram from the server's socket `local` onto the WAN.
+    fn server_send(&mut self, local: Local, to: SocketAddrV4, payload: [u8; 8]) {
+        let from = match local {
+            Local::Main => self.server_addr,
+            Local::Probe => self.probe_addr(),
+        };
         let Some(dst) = self.node_of(to.ip()) else {
             return;
         };
@@ -1015,23 +1013,16 @@ impl Sim {
     /// A datagram reaches the server's IP.
     #[inline(never)]
     fn wan_to_server(&mut self, from: SocketAddrV4, to: SocketAddrV4, payload: [u8; 8]) {
-        // As n4-mio's driver: the server port passes everything to the machine, the probe
-        // port (port + 1) only probes; a PROBE is answered from the port it came in on, a
-        // PROBE-OTHER from the other one.
-        let msg = Message::decode(&payload);
-        let is_probe = matches!(msg, Ok(Message::Probe | Message::ProbeOther));
-        let on_probe_port = to == self.probe_addr();
-        if to != self.server_addr && !(on_probe_port && is_probe) {
-            return;
-        }
-        let other = msg == Ok(Message::ProbeOther);
-        self.server_reply_from = if other != on_probe_port {
-            self.probe_addr()
+        // The server listens on its port and the probe port (port + 1); the machine decides.
+        let local = if to == self.server_addr {
+            Local::Main
+        } else if to == self.probe_addr() {
+            Local::Probe
         } else {
-            self.server_addr
+            return;
         };
         self.server
-            .handle_datagram(self.epoch + self.now, from.into(), &payload);
+            .handle_datagram(self.epoch + self.now, local, from.into(), &payload);
         self.dirty |= 1;
     }
 
@@ -1164,9 +1155,9 @@ impl Sim {
                     self.tcp_down(conn.0 as u32, TcpEv::ToClient(eight(&message.to_bytes())))
                 }
                 ServerOutput::Close { conn } => self.tcp_down(conn.0 as u32, TcpEv::CloseAtClient),
-                ServerOutput::Datagram { to, message } => {
+                ServerOutput::Datagram { from, to, message } => {
                     if let SocketAddr::V4(to) = to {
-                        self.server_send(to, message.to_bytes());
+                        self.server_send(from, to, message.to_bytes());
                     }
                 }
             }

@@ -252,8 +252,15 @@ impl World {
             Delivery::ToServer { conn, bytes } => self.server.handle_stream_data(now, conn, &bytes),
             Delivery::ServerSawClose { conn } => self.server.handle_connection_closed(now, conn),
             Delivery::Datagram { from, to, bytes } => {
-                if to == SocketAddr::from(SERVER) || to == SocketAddr::from(PROBE) {
-                    self.server.handle_datagram(now, from, &bytes);
+                let local = if to == SocketAddr::from(SERVER) {
+                    Some(Local::Main)
+                } else if to == SocketAddr::from(PROBE) {
+                    Some(Local::Probe)
+                } else {
+                    None
+                };
+                if let Some(local) = local {
+                    self.server.handle_datagram(now, local, from, &bytes);
                     return;
                 }
                 for h in &mut self.hosts {
@@ -300,8 +307,11 @@ impl World {
                         bytes: message.to_bytes().to_vec(),
                     }),
                     ServerOutput::Close { conn } => self.send(Delivery::ClientSawClose { conn }),
-                    ServerOutput::Datagram { to, message } => self.send(Delivery::Datagram {
-                        from: PROBE.into(),
+                    ServerOutput::Datagram { from, to, message } => self.send(Delivery::Datagram {
+                        from: match from {
+                            Local::Main => SERVER.into(),
+                            Local::Probe => PROBE.into(),
+                        },
                         to,
                         bytes: message.to_bytes().to_vec(),
                     }),
