@@ -11,7 +11,7 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use n4_core::{
     Client, ClientConfig, Command, ConnId, Event, Frame, Hint, Ident, Local, Message, Payload,
-    Server, ServerConfig, ServerOutput, Strategy, StreamDecoder, Token, MESSAGE_LEN,
+    Server, ServerConfig, ServerOutput, Side, Strategy, StreamDecoder, Token, MESSAGE_LEN,
 };
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -304,7 +304,9 @@ impl Round {
                         punch.into(),
                     ));
                     if self.extended {
-                        let ack = Message::Ack(Ident::default()).to_bytes().into();
+                        let ack = Message::Ack(Ident::default(), Side::Other)
+                            .to_bytes()
+                            .into();
                         self.inbox
                             .push_back(Delivery::ClientDatagram(t.slot, t.destination, ack));
                     }

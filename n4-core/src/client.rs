@@ -25,7 +25,7 @@
 //! must never go backwards. The client never reads a clock, binds a socket or draws randomness.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -33,7 +33,8 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::aim::{AimInput, PunchPlan, Strategy};
 use crate::codec::{
-    Frame, FrameDecoder, Hint, Ident, LongMessage, Message, Nonce, Payload, RefuseReason, Token,
+    Frame, FrameDecoder, Hint, Ident, LongMessage, Message, Nonce, Payload, RefuseReason, Side,
+    Token,
 };
 use crate::key::Key;
 use crate::prediction::{NatBehaviour, Plan, PortPredictor};
@@ -351,6 +352,13 @@ pub enum Event {
     /// Keyed, but the server does not speak our extension (a v1 server): it cannot pass the
     /// handshake, so the client stops.
     NeedsOurServer,
+    /// PEERINFO names a peer on our own public IP: it is behind our NAT. A punch through the
+    /// public address needs the NAT to turn datagrams to its own address back inwards
+    /// (hairpinning). Said once per server connection.
+    PeerBehindOurNat {
+        /// The public IP both share.
+        public: Ipv4Addr,
+    },
     /// Both sides' NATs are known now, and one is hard: how this pair is punched.
     HardNat {
         /// What we do.
@@ -526,6 +534,8 @@ struct Session {
     hinted: bool,
     /// EXCHANGE sockets used so far this round (each a fresh mapping).
     exchanges_made: usize,
+    /// [`Event::PeerBehindOurNat`] was said on this connection.
+    same_nat_said: bool,
 }
 
 /// What the client learns about its own NAT from its probes (and its EXCHANGEs' SEENs).
@@ -822,7 +832,8 @@ impl Client {
             }
             return;
         }
-        let Some(says) = self.session.wire.and_then(|w| w.judge(bytes)) else {
+        let ours = self.our_side();
+        let Some(says) = self.session.wire.and_then(|w| w.judge(bytes, ours)) else {
             return;
         };
         // Who the peer is: this round's PEERINFO, or in a session re-round the last one (a
@@ -889,7 +900,10 @@ impl Client {
     /// Whether bytes that arrived on the window are the session's own handshake (PUNCH, ACK,
     /// CONFIRM from the peer's side) rather than the user's traffic.
     pub fn is_handshake(&self, bytes: &[u8]) -> bool {
-        self.session.wire.is_some_and(|w| w.judge(bytes).is_some())
+        let ours = self.our_side();
+        self.session
+            .wire
+            .is_some_and(|w| w.judge(bytes, ours).is_some())
     }
 
     /// Time passed; acts on every timer that is due.
@@ -991,11 +1005,20 @@ impl Client {
     /// Our PUNCH as this session makes it.
     fn punch_bytes(&self) -> Payload {
         let wire = self.session.wire.unwrap_or(Wire::Plain(self.config.ident));
-        wire.make(PeerSays::Punch)
+        wire.make(PeerSays::Punch, Side::Other)
     }
 
     /// Whether we lead the confirmation with `peer`: the side whose public address (keyed:
     /// nonce) is the lower one. `None` when we cannot tell (no SEEN): then we act as v1.
+    /// Our side of the confirmation with the peer this round (or session) names, once known.
+    fn our_side(&self) -> Option<Side> {
+        let peer = match self.phase {
+            Phase::Punching { peer } => Some(peer),
+            _ => self.session.peer,
+        }?;
+        self.leads(peer).map(Side::of)
+    }
+
     fn leads(&self, peer: SocketAddrV4) -> Option<bool> {
         if let Some(h) = self.session.handshake {
             return Some(h.mine < h.theirs?);
@@ -1033,11 +1056,12 @@ impl Client {
         if self.attempt.acked.len() < MAX_ACKED && !self.attempt.acked.contains(&(slot, from)) {
             self.attempt.acked.push((slot, from));
             self.budget.1 = self.budget.1.saturating_add(1);
+            let ours = self.our_side().unwrap_or(Side::Other);
             let payload = self
                 .session
                 .wire
                 .expect("genuine, so judged")
-                .make(PeerSays::Ack);
+                .make(PeerSays::Ack, ours);
             self.transmits.push_back(Transmit {
                 slot,
                 destination: from,
@@ -1072,7 +1096,7 @@ impl Client {
                 .session
                 .wire
                 .expect("a genuine ACK came")
-                .make(PeerSays::Confirm);
+                .make(PeerSays::Confirm, Side::Leader);
             for _ in 0..CONFIRMS {
                 self.budget.1 = self.budget.1.saturating_add(1);
                 self.transmits.push_back(Transmit {
@@ -1522,6 +1546,15 @@ impl Client {
             self.events.push_back(Event::PeerRefused { peer, why });
             self.lose(now, LoseReason::BadPeerAddress);
             return;
+        }
+        let same_nat = self
+            .session
+            .own_public
+            .is_some_and(|me| me.ip() == peer.ip());
+        if same_nat && !self.session.same_nat_said {
+            self.session.same_nat_said = true;
+            self.events
+                .push_back(Event::PeerBehindOurNat { public: *peer.ip() });
         }
         let input = AimInput {
             config: &self.config,

@@ -172,11 +172,41 @@ pub enum Message {
     /// other UDP port" — whether that answer gets through shows the NAT's filtering.
     ProbeOther,
     /// 0x0a, client ↔ client (UDP), extension (both ends ours, no key): "your PUNCH reached me,
-    /// on this very pair of addresses". Carries the identifier.
-    Ack(Ident),
+    /// on this very pair of addresses". Carries the sender's [`Side`] (byte 1) and the
+    /// identifier.
+    Ack(Ident, Side),
     /// 0x0b, client ↔ client (UDP), extension (no key): the leader's choice — "this pair is the
-    /// hole, both ways". Carries the identifier.
-    Confirm(Ident),
+    /// hole, both ways". Carries the sender's [`Side`] and the identifier.
+    Confirm(Ident, Side),
+}
+
+/// Which of a pair of our clients sent an ACK or CONFIRM: the one whose public address is the
+/// lower (the leader of the confirmation) or the other. A datagram of ours that a hairpinning
+/// NAT turns back to us carries our own side, so it is never taken for the peer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The lower public address: it picks the pair and CONFIRMs it.
+    Leader,
+    /// The higher one.
+    Other,
+}
+
+impl Side {
+    /// `Leader` if `lead`.
+    pub fn of(lead: bool) -> Self {
+        if lead {
+            Self::Leader
+        } else {
+            Self::Other
+        }
+    }
+
+    fn byte(self) -> u8 {
+        match self {
+            Self::Leader => 1,
+            Self::Other => 2,
+        }
+    }
 }
 
 /// A random value that makes one handshake unlike any other (replays fail).
@@ -587,8 +617,8 @@ impl Message {
             Self::Probe => CMD_PROBE,
             Self::Hint(_) => CMD_HINT,
             Self::ProbeOther => CMD_PROBE_OTHER,
-            Self::Ack(_) => CMD_ACK,
-            Self::Confirm(_) => CMD_CONFIRM,
+            Self::Ack(..) => CMD_ACK,
+            Self::Confirm(..) => CMD_CONFIRM,
         }
     }
 
@@ -603,11 +633,13 @@ impl Message {
         out[0] = self.command();
         let data = &mut out[2..];
         match self {
-            Self::Hello(id)
-            | Self::Exchange(id)
-            | Self::Punch(id)
-            | Self::Ack(id)
-            | Self::Confirm(id) => data.copy_from_slice(id.as_bytes()),
+            Self::Hello(id) | Self::Exchange(id) | Self::Punch(id) => {
+                data.copy_from_slice(id.as_bytes())
+            }
+            Self::Ack(id, side) | Self::Confirm(id, side) => {
+                data.copy_from_slice(id.as_bytes());
+                out[1] = side.byte();
+            }
             Self::Ready(None) | Self::Probe | Self::ProbeOther => {}
             Self::Hint(Hint(h)) => data[..2].copy_from_slice(&h.to_be_bytes()),
             Self::Ready(Some(Token(t))) => {
@@ -657,8 +689,10 @@ impl Message {
             (CMD_PROBE_OTHER, 0) if data == [0; 6] => Self::ProbeOther,
             (CMD_HINT, 0) if data[2..] == [0; 4] => Self::Hint(Hint((&data[..2]).get_i16())),
             (CMD_PROBE | CMD_HINT | CMD_PROBE_OTHER, 0) => return Err(DecodeError::Data),
-            (CMD_ACK, 0) => Self::Ack(ident()?),
-            (CMD_CONFIRM, 0) => Self::Confirm(ident()?),
+            (CMD_ACK, 1) => Self::Ack(ident()?, Side::Leader),
+            (CMD_ACK, 2) => Self::Ack(ident()?, Side::Other),
+            (CMD_CONFIRM, 1) => Self::Confirm(ident()?, Side::Leader),
+            (CMD_CONFIRM, 2) => Self::Confirm(ident()?, Side::Other),
             (CMD_HELLO..=CMD_CONFIRM, r) => return Err(DecodeError::Reserved(r)),
             (c, _) => return Err(DecodeError::Command(c)),
         };
@@ -787,6 +821,14 @@ mod tests {
             (Message::ProbeOther, [9, 0, 0, 0, 0, 0, 0, 0]),
             (Message::Hint(Hint(45)), [8, 0, 0, 45, 0, 0, 0, 0]),
             (Message::Hint(Hint::RANDOM), [8, 0, 0x80, 0, 0, 0, 0, 0]),
+            (
+                Message::Ack("ab".parse().unwrap(), Side::Leader),
+                [0x0a, 1, b'a', b'b', b' ', b' ', b' ', b' '],
+            ),
+            (
+                Message::Confirm("ab".parse().unwrap(), Side::Other),
+                [0x0b, 2, b'a', b'b', b' ', b' ', b' ', b' '],
+            ),
         ];
         for (msg, bytes) in cases {
             assert_eq!(&msg.to_bytes(), bytes, "{msg:?}");
@@ -866,8 +908,8 @@ mod tests {
             }),
             Just(Message::Probe),
             Just(Message::ProbeOther),
-            ident.clone().prop_map(Message::Ack),
-            ident.clone().prop_map(Message::Confirm),
+            (ident.clone(), any::<bool>()).prop_map(|(i, l)| Message::Ack(i, Side::of(l))),
+            (ident.clone(), any::<bool>()).prop_map(|(i, l)| Message::Confirm(i, Side::of(l))),
             any::<i16>().prop_map(|h| Message::Hint(Hint(h))),
             addr.clone().prop_map(Message::PeerInfo),
             ident.prop_map(Message::Punch),

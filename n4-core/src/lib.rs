@@ -31,8 +31,8 @@ pub use client::{
 };
 pub use codec::{
     check_round_trip, DecodeError, Frame, FrameDecoder, Hint, Ident, IdentError, LongMessage, Mac,
-    Message, Nonce, Payload, RefuseReason, StreamDecoder, Token, MAC_LEN, MAX_FRAME, MESSAGE_LEN,
-    NONCE_LEN, PEER_DATA_LEN,
+    Message, Nonce, Payload, RefuseReason, Side, StreamDecoder, Token, MAC_LEN, MAX_FRAME,
+    MESSAGE_LEN, NONCE_LEN, PEER_DATA_LEN,
 };
 pub use hole::{FromPeer, Hole, DEAD_AFTER_KEEPALIVES, KEEPALIVE};
 pub use key::{Datagram, Key, KeyError, SessionKey};

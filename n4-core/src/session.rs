@@ -3,7 +3,7 @@
 //! the identifier) or, in a keyed session, with a MAC under the session key. Also the keyed
 //! handshake's state (nonces, session key).
 
-use crate::codec::{Frame, Ident, LongMessage, Message, Nonce, Payload};
+use crate::codec::{Frame, Ident, LongMessage, Message, Nonce, Payload, Side};
 use crate::key::{Datagram, Key, SessionKey};
 
 /// A datagram from the peer's side, once judged genuine.
@@ -68,12 +68,14 @@ pub(crate) enum Wire {
 }
 
 impl Wire {
-    pub(crate) fn make(&self, what: PeerSays) -> Payload {
+    /// `what`, from our side `ours` (a plain ACK or CONFIRM carries it; a PUNCH, which v1
+    /// peers take too, and keyed datagrams, whose MAC says it, do not).
+    pub(crate) fn make(&self, what: PeerSays, ours: Side) -> Payload {
         match *self {
             Self::Plain(ident) => match what {
                 PeerSays::Punch => Message::Punch(ident),
-                PeerSays::Ack => Message::Ack(ident),
-                PeerSays::Confirm => Message::Confirm(ident),
+                PeerSays::Ack => Message::Ack(ident, ours),
+                PeerSays::Confirm => Message::Confirm(ident, ours),
             }
             .to_bytes()
             .into(),
@@ -90,13 +92,15 @@ impl Wire {
     }
 
     /// What `bytes` are, if the peer's side sent them: anything else (another identifier, a
-    /// bad MAC, our own datagram reflected back) is `None`.
-    pub(crate) fn judge(&self, bytes: &[u8]) -> Option<PeerSays> {
+    /// bad MAC, our own datagram reflected back) is `None`. `ours`: our side, once known (a
+    /// plain ACK or CONFIRM from our own side is a reflection).
+    pub(crate) fn judge(&self, bytes: &[u8], ours: Option<Side>) -> Option<PeerSays> {
+        let theirs = |side: Side| Some(side) != ours;
         match (*self, Frame::decode(bytes).ok()?) {
             (Self::Plain(ident), Frame::Short(m)) => match m {
                 Message::Punch(i) if i == ident => Some(PeerSays::Punch),
-                Message::Ack(i) if i == ident => Some(PeerSays::Ack),
-                Message::Confirm(i) if i == ident => Some(PeerSays::Confirm),
+                Message::Ack(i, side) if i == ident && theirs(side) => Some(PeerSays::Ack),
+                Message::Confirm(i, side) if i == ident && theirs(side) => Some(PeerSays::Confirm),
                 _ => None,
             },
             (Self::Keyed { session, low }, Frame::Long(m)) => {

@@ -228,8 +228,18 @@ fn injected_punches_never_win_a_keyed_session_even_with_any_ip() {
     let stale = key().session(Ident::default(), &[1; 16], &[2; 16]);
     let fakes: Vec<Payload> = vec![
         Message::Punch(Ident::default()).to_bytes().into(),
-        Message::Ack(Ident::default()).to_bytes().into(),
-        Message::Confirm(Ident::default()).to_bytes().into(),
+        Message::Ack(Ident::default(), Side::Leader)
+            .to_bytes()
+            .into(),
+        Message::Ack(Ident::default(), Side::Other)
+            .to_bytes()
+            .into(),
+        Message::Confirm(Ident::default(), Side::Leader)
+            .to_bytes()
+            .into(),
+        Message::Confirm(Ident::default(), Side::Other)
+            .to_bytes()
+            .into(),
         LongMessage::Punch([0; 16]).to_bytes(),
         LongMessage::Ack([0; 16]).to_bytes(),
         LongMessage::Confirm([0; 16]).to_bytes(),

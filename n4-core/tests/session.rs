@@ -687,3 +687,59 @@ fn against_a_v1_server_ours_sweep_the_offset_round_by_round_while_v1_keeps_it() 
     assert_eq!(targets(&mut w, client(30000)), vec![20, 45, 70, 95, 20]);
     assert_eq!(targets(&mut w, v1_client(40000)), vec![20, 20, 20, 20, 20]);
 }
+
+/// Behind one hairpinning NAT both clients share its public IP, and one's PUNCH can come back
+/// to itself through its own mapping. A keyless client must not take its own datagrams for the
+/// peer's: its reflected ACK carries its own side and proves nothing.
+#[test]
+fn a_keyless_client_never_wins_on_its_own_reflected_datagrams() {
+    let now = Instant::now();
+    let config = ClientConfig {
+        server: util::SERVER,
+        probes: 0,
+        ..ClientConfig::default()
+    };
+    let mut c = Client::new(config, now).unwrap();
+    while c.poll_command().is_some() {}
+    c.handle_connected(now);
+    // We are 198.51.100.3:20014, the peer behind the same NAT 198.51.100.3:20015: we lead.
+    let me: SocketAddrV4 = "198.51.100.3:20014".parse().unwrap();
+    let peer: SocketAddrV4 = "198.51.100.3:20015".parse().unwrap();
+    let mut said = Vec::new();
+    for m in [
+        Message::Ready(Some(Token(7))),
+        Message::Seen(me),
+        Message::Hint(Hint(5)),
+        Message::PeerInfo(peer),
+    ] {
+        said.extend_from_slice(&m.to_bytes());
+    }
+    c.handle_stream_data(now, &said);
+    while c.poll_command().is_some() {}
+    let punch = std::iter::from_fn(|| c.poll_transmit())
+        .find(|t| t.destination.ip() == *peer.ip())
+        .expect("punches");
+    // Our own PUNCH comes back on slot 3 from one of our own mappings: we ACK it (a PUNCH
+    // says no side) …
+    let reflected_from = SocketAddr::from(([198, 51, 100, 3], 20030));
+    c.handle_datagram(now, 3, reflected_from, &punch.payload);
+    let ack = std::iter::from_fn(|| c.poll_transmit())
+        .find(|t| t.payload[0] == 0x0a)
+        .expect("an ACK for the PUNCH");
+    assert_eq!(
+        Message::decode(&ack.payload),
+        Ok(Message::Ack(Ident::default(), Side::Leader))
+    );
+    // … and the ACK comes back too: ours, so no proof, no WIN.
+    c.handle_datagram(now, 3, reflected_from, &ack.payload);
+    let later = now + Duration::from_secs(1);
+    c.handle_timeout(later);
+    assert!(
+        !std::iter::from_fn(|| c.poll_event()).any(|e| matches!(e, Event::Win { .. })),
+        "won on its own reflection"
+    );
+    // The peer's ACK (the other side) on that pair is the proof.
+    let theirs = Message::Ack(Ident::default(), Side::Other).to_bytes();
+    c.handle_datagram(later, 3, reflected_from, &theirs);
+    assert!(std::iter::from_fn(|| c.poll_event()).any(|e| matches!(e, Event::Win { .. })));
+}

@@ -729,6 +729,11 @@ impl Driver {
                  new EXCHANGE on the same connection, from where both NATs are now",
                 n4_core::MAX_REAIMS + 1
             ),
+            Event::PeerBehindOurNat { public } => warn!(
+                "The peer shares our public IP {public}: it is behind our own NAT. A punch \
+                 through the public address needs a NAT that hairpins (many home routers do, \
+                 Linux masquerade does not)"
+            ),
             Event::HardNat { plan, why } => match plan {
                 n4_core::HardNatPlan::Unlikely => warn!("Hard NATs: {why}"),
                 _ => info!("Hard NATs: {why}"),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use n4_core::{Ident, Message};
+use n4_core::{Ident, Message, Side};
 use util::{client, server, Proc, N4};
 
 const T: Duration = Duration::from_secs(20);
@@ -274,8 +274,10 @@ fn injected_punches_never_win_a_keyed_session_on_loopback() {
             let ident = Ident::default();
             let mut fakes: Vec<Vec<u8>> = vec![
                 Message::Punch(ident).to_bytes().to_vec(),
-                Message::Ack(ident).to_bytes().to_vec(),
-                Message::Confirm(ident).to_bytes().to_vec(),
+                Message::Ack(ident, Side::Leader).to_bytes().to_vec(),
+                Message::Ack(ident, Side::Other).to_bytes().to_vec(),
+                Message::Confirm(ident, Side::Leader).to_bytes().to_vec(),
+                Message::Confirm(ident, Side::Other).to_bytes().to_vec(),
             ];
             for cmd in [0x16u8, 0x17, 0x18] {
                 let mut f = vec![cmd, 16];

@@ -1341,6 +1341,7 @@ impl Sim {
             Event::Refused(r) => format!("refused by the server: {r:?}"),
             Event::NeedsOurServer => "keyed, but the server is v1".into(),
             Event::HardNat { plan, .. } => format!("hard NAT pair: {plan:?}"),
+            Event::PeerBehindOurNat { public } => format!("peer behind our own NAT ({public})"),
             Event::ReAimed { round, attempt } => {
                 format!("round {round}: re-aim, attempt {attempt}")
             }

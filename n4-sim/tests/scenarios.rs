@@ -547,9 +547,8 @@ fn two_clients_behind_one_nat_in_one_room_are_paired_with_each_others_public_add
 fn behind_one_nat_punches_turn_back_inwards_only_where_the_nat_hairpins() {
     // From host to host through the NAT's own public IP: a hairpinning NAT translates the
     // punch and judges it like any inbound datagram (its filter then decides); Linux's
-    // masquerade, the default, drops it. (The clients do not win behind one NAT either way:
-    // they share one port counter, so each side's aim collides with its own mappings;
-    // docs/NATS.md, "Two hosts behind one NAT".)
+    // masquerade, the default, drops it. (Whether the clients then win depends on the NAT's
+    // allocation: see the next test and docs/NATS.md, "Two hosts behind one NAT".)
     let public = "198.51.100.3";
     let inwards = |trace: &str| {
         trace
@@ -566,4 +565,25 @@ fn behind_one_nat_punches_turn_back_inwards_only_where_the_nat_hairpins() {
     let (_, without) = run_traced(&one_nat(3, NatKind::Seq, false), TraceLevel::Packets).unwrap();
     assert_eq!(inwards(&without), 0, "{without}");
     assert!(without.contains("no hairpinning"), "{without}");
+}
+
+#[test]
+fn behind_one_hairpinning_nat_no_client_wins_on_its_own_reflection() {
+    // A port-keeping hairpinning NAT: our clients reach each other through it, each hearing
+    // the other (not itself). A sequential one: both draw from one counter, so their aims
+    // land on their own mappings and their own datagrams come back — never a WIN on those.
+    for seed in 0..20 {
+        let s = one_nat(seed, NatKind::Preserving, true).with_strategy(Strategy::Predict);
+        let (out, trace) = run_traced(&s, TraceLevel::Events).unwrap();
+        assert!(out.won(), "seed {seed}: {trace}");
+        let [a, b] = &out.clients;
+        assert_ne!(a.peer, b.peer, "seed {seed}: {trace}");
+        assert!(
+            trace.contains("peer behind our own NAT (198.51.100.3)"),
+            "{trace}"
+        );
+        let s = one_nat(seed, NatKind::Seq, true).with_strategy(Strategy::Predict);
+        let (out, trace) = run_traced(&s, TraceLevel::Events).unwrap();
+        assert!(!out.clients.iter().any(|c| c.won), "seed {seed}: {trace}");
+    }
 }
