@@ -85,7 +85,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use n4_core::{
     Client, ClientConfig, Command, Event, Frame, FrameDecoder, HardNatPlan, Hint, LongMessage,
-    LoseReason, Message, NatBehaviour, Plan, PortPredictor, RefuseReason, Strategy, Token,
+    LoseReason, Message, NatBehaviour, Plan, PortPredictor, RefuseReason, Side, Strategy, Token,
     Transmit, BIRTHDAY_SLOTS, EARLY_PUNCH_SOURCES, MAX_REAIMS, SPRAY_MAX, UNLIKELY_ROUNDS,
 };
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -402,16 +402,17 @@ enum Says {
     Confirm,
 }
 
-fn says(config: &ClientConfig, bytes: &[u8]) -> Option<Says> {
+/// What a keyless datagram says, if the peer's side sent it: an ACK or CONFIRM carrying our
+/// own side (`ours`, once known) is our own, reflected back.
+fn says(config: &ClientConfig, bytes: &[u8], ours: Option<Side>) -> Option<Says> {
     let id = config.ident;
-    [
-        (Message::Punch(id), Says::Punch),
-        (Message::Ack(id), Says::Ack),
-        (Message::Confirm(id), Says::Confirm),
-    ]
-    .into_iter()
-    .find(|(m, _)| m.to_bytes()[..] == *bytes)
-    .map(|(_, s)| s)
+    let theirs = |side: Side| Some(side) != ours;
+    match Message::decode(bytes).ok()? {
+        Message::Punch(i) if i == id => Some(Says::Punch),
+        Message::Ack(i, side) if i == id && theirs(side) => Some(Says::Ack),
+        Message::Confirm(i, side) if i == id && theirs(side) => Some(Says::Confirm),
+        _ => None,
+    }
 }
 
 /// Whether the client must refuse to punch `peer` as a server named it: port 0, or no host on
@@ -832,6 +833,15 @@ impl Harness {
         }
     }
 
+    /// Our side of the confirmation with the peer this attempt (or the session) names.
+    fn our_side(&self) -> Option<Side> {
+        let peer = match self.phase() {
+            Phase::Punching(peer) => Some(peer),
+            _ => self.session_peer,
+        }?;
+        self.leads(peer).map(Side::of)
+    }
+
     /// Whether we lead the confirmation with `peer` (keyless: the lower public address, ours
     /// from the last SEEN); `None` when that cannot be told.
     fn leads(&self, peer: SocketAddrV4) -> Option<bool> {
@@ -878,13 +888,14 @@ impl Harness {
     /// whether one is due.
     fn ack_pair(&mut self, slot: usize, from: SocketAddr) -> bool {
         let ident = self.config.ident;
+        let ours = self.our_side().unwrap_or(Side::Other);
         let r = self.rounds.last_mut().expect("a round has started");
         if r.acked.len() < MAX_ACKED && !r.acked.contains(&(slot, from)) {
             r.acked.push((slot, from));
             self.expect.replies.push(Reply {
                 slot,
                 to: from,
-                bytes: Message::Ack(ident).to_bytes(),
+                bytes: Message::Ack(ident, ours).to_bytes(),
             });
             return true;
         }
@@ -933,7 +944,7 @@ impl Harness {
             return;
         }
         // Window slots and the birthday strategy's extra slots carry the peer.
-        let Some(s) = says(&self.config, bytes) else {
+        let Some(s) = says(&self.config, bytes, self.our_side()) else {
             return;
         };
         let phase = self.phase();
@@ -1191,13 +1202,24 @@ impl Harness {
                 let first = window[0];
                 let mut from = SocketAddr::new(HOSTS[usize::from(host) % HOSTS.len()], port);
                 let id = self.config.ident;
+                // The peer's side (the other one than ours, once that is known); `…With(i)`
+                // sends either side, our own included (a reflection).
+                let peer_side = match self.our_side() {
+                    Some(Side::Other) => Side::Leader,
+                    _ => Side::Other,
+                };
+                let any_side = |i: u8| Side::of(i % 2 == 0);
                 let bytes = match *data {
                     DatagramData::Punch => Message::Punch(id).to_bytes().to_vec(),
                     DatagramData::PunchWith(i) => Message::Punch(ident(i)).to_bytes().to_vec(),
-                    DatagramData::Ack => Message::Ack(id).to_bytes().to_vec(),
-                    DatagramData::AckWith(i) => Message::Ack(ident(i)).to_bytes().to_vec(),
-                    DatagramData::Confirm => Message::Confirm(id).to_bytes().to_vec(),
-                    DatagramData::ConfirmWith(i) => Message::Confirm(ident(i)).to_bytes().to_vec(),
+                    DatagramData::Ack => Message::Ack(id, peer_side).to_bytes().to_vec(),
+                    DatagramData::AckWith(i) => {
+                        Message::Ack(ident(i), any_side(i)).to_bytes().to_vec()
+                    }
+                    DatagramData::Confirm => Message::Confirm(id, peer_side).to_bytes().to_vec(),
+                    DatagramData::ConfirmWith(i) => {
+                        Message::Confirm(ident(i), any_side(i)).to_bytes().to_vec()
+                    }
                     DatagramData::ProbeReply { port } => {
                         from = self.config.probe_server().into();
                         Message::Seen(SocketAddrV4::new(PEER_IPS[1], port))
@@ -1817,6 +1839,21 @@ impl Harness {
                 self.finished = true;
                 self.outcome.finished = true;
             }
+            Event::PeerBehindOurNat { public } => {
+                // Said when PEERINFO names a peer on the public IP our SEEN gave us.
+                assert_eq!(
+                    self.own_public.map(|me| *me.ip()),
+                    Some(public),
+                    "PeerBehindOurNat without a SEEN of that IP"
+                );
+                assert!(
+                    step.said.iter().any(|f| matches!(
+                        f,
+                        Frame::Short(Message::PeerInfo(p)) if *p.ip() == public
+                    )),
+                    "PeerBehindOurNat without a PEERINFO on that IP"
+                );
+            }
             Event::HardNat { plan, why } => {
                 assert!(!why.is_empty());
                 assert_eq!(
@@ -2069,7 +2106,7 @@ impl Harness {
                     self.expect.replies.push(Reply {
                         slot,
                         to: peer,
-                        bytes: Message::Confirm(ident).to_bytes(),
+                        bytes: Message::Confirm(ident, Side::Leader).to_bytes(),
                     });
                 }
             }
@@ -2116,8 +2153,8 @@ impl Harness {
         let window_len = self.window.as_ref().expect("transmit with no window").len();
         let ident = self.config.ident;
         let punch = Message::Punch(ident).to_bytes();
-        let confirm = Message::Confirm(ident).to_bytes();
-        let ack = Message::Ack(ident).to_bytes();
+        let confirm = Message::Confirm(ident, Side::Leader).to_bytes();
+        let ack = Message::Ack(ident, self.our_side().unwrap_or(Side::Other)).to_bytes();
         let server = SocketAddr::from(self.config.server);
         let probe_server = SocketAddr::from(self.config.probe_server());
         if won_before {
