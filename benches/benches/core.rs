@@ -285,7 +285,7 @@ impl Round {
                     Command::Send(m) => self
                         .inbox
                         .push_back(Delivery::ServerStream(CLIENT_CONN, m.to_bytes())),
-                    Command::Disconnect | Command::OpenSlots { .. } => {}
+                    Command::Close | Command::OpenSlots { .. } => {}
                 }
             }
             while let Some(t) = self.client.poll_transmit() {
@@ -381,7 +381,7 @@ impl Round {
             Delivery::ServerDatagram(from, bytes) => {
                 self.server.handle_datagram(now, Local::Main, from, &bytes)
             }
-            Delivery::ClientConnected => self.client.handle_connected(now),
+            Delivery::ClientConnected => self.client.handle_connection_opened(now),
             Delivery::ClientStream(bytes) => self.client.handle_stream_data(now, &bytes),
             Delivery::ClientDatagram(slot, from, bytes) => {
                 self.client.handle_datagram(now, slot, from, &bytes)

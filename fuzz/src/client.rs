@@ -8,7 +8,7 @@
 //! timers at or after their deadline. After every step it checks:
 //! - `Client::new` refuses exactly the invalid configurations;
 //! - commands make sense for the driver (one `Connect` per fresh round or re-HELLO, writes and
-//!   `Disconnect` only while connected, one HELLO per connection, windows of `window_slots`
+//!   `Close` only while connected, one HELLO per connection, windows of `window_slots`
 //!   consecutive ports that never pass 65535 followed by `probe_slots` ephemeral ones, a new
 //!   window only once the old connection is gone, `OpenSlots { count: 256 }` exactly when a
 //!   birthday round's hard side needs its extra slots, once a window); undecodable server
@@ -36,7 +36,7 @@
 //!     `max(2·RTT, 100 ms)` if still punching;
 //!   - an ACK or CONFIRM shows the peer is ours (disarms the fallback); an ACK to the leader
 //!     (the lower public address) or a CONFIRM to the other side wins at once on its pair: the
-//!     leader sends 3 CONFIRMs there, then both leave (`Disconnect`, `Finished`) in that step;
+//!     leader sends 3 CONFIRMs there, then both leave (`Close`, `Finished`) in that step;
 //!     an ACK to the other side on a pair it has not ACKed is ACKed back (same cap);
 //!   - every WIN the model expects happens, and no other;
 //! - PEERINFO aims at the peer's port plus its hint (INDEPENDENT: exactly its port), else
@@ -1114,7 +1114,7 @@ impl Harness {
                 self.connected = true;
                 self.hello_sent = None;
                 self.decoder = FrameDecoder::default();
-                self.client.handle_connected(now);
+                self.client.handle_connection_opened(now);
             }
             Operation::ConnectFailed => {
                 if !self.connect_pending {
@@ -1185,7 +1185,7 @@ impl Harness {
                         .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
                     self.expect.rehello = Some(waited >= REHELLO_AFTER);
                 }
-                self.client.handle_stream_closed(now);
+                self.client.handle_connection_closed(now);
             }
             Operation::Datagram {
                 slot,
@@ -1514,8 +1514,8 @@ impl Harness {
                 assert!(self.hello_sent.is_none(), "second HELLO on one connection");
                 self.hello_sent = Some(self.now);
             }
-            Command::Disconnect => {
-                assert!(self.connected, "Disconnect while not connected");
+            Command::Close => {
+                assert!(self.connected, "Close while not connected");
                 self.connected = false;
             }
         }

@@ -226,13 +226,13 @@ pub enum Command {
         /// Local port per slot.
         ports: Vec<u16>,
     },
-    /// Open a TCP connection to the server; report it with `handle_connected` or
+    /// Open a TCP connection to the server; report it with `handle_connection_opened` or
     /// `handle_connect_failed`.
     Connect,
     /// Write this frame on the TCP connection.
     Send(Frame),
     /// Close the TCP connection.
-    Disconnect,
+    Close,
     /// Bind `count` more UDP sockets on ephemeral ports, as slots after the window and probe
     /// slots (the birthday strategy's many mappings). They close with the window.
     OpenSlots {
@@ -721,7 +721,7 @@ impl Client {
     }
 
     /// The TCP connection to the server is up.
-    pub fn handle_connected(&mut self, now: Instant) {
+    pub fn handle_connection_opened(&mut self, now: Instant) {
         if self.phase != Phase::Connecting {
             return;
         }
@@ -787,13 +787,13 @@ impl Client {
                 // Punches are out or the round is won: it no longer needs the server, whose
                 // stream is unusable now, so only the connection goes.
                 self.connected = false;
-                self.commands.push_back(Command::Disconnect);
+                self.commands.push_back(Command::Close);
             }
         }
     }
 
     /// The server closed the TCP connection.
-    pub fn handle_stream_closed(&mut self, now: Instant) {
+    pub fn handle_connection_closed(&mut self, now: Instant) {
         if !self.connected {
             return;
         }
@@ -1108,7 +1108,7 @@ impl Client {
         }
         if self.connected {
             self.connected = false;
-            self.commands.push_back(Command::Disconnect);
+            self.commands.push_back(Command::Close);
         }
         self.finish();
         self.events.push_back(Event::Finished);
@@ -1807,7 +1807,7 @@ impl Client {
             // Leaving only now keeps a session peer's round intact while our acks reach it.
             if self.connected {
                 self.connected = false;
-                self.commands.push_back(Command::Disconnect);
+                self.commands.push_back(Command::Close);
             }
             self.finish();
             self.events.push_back(Event::Finished);
@@ -1847,7 +1847,7 @@ impl Client {
         }
         if self.connected {
             self.connected = false;
-            self.commands.push_back(Command::Disconnect);
+            self.commands.push_back(Command::Close);
         }
         let wait = match reason {
             LoseReason::ServerClosed | LoseReason::ServerGarbage | LoseReason::BadPeerAddress => {
@@ -1905,7 +1905,7 @@ impl Client {
         // up at `max_rounds` still holds it).
         if self.connected {
             self.connected = false;
-            self.commands.push_back(Command::Disconnect);
+            self.commands.push_back(Command::Close);
         }
         self.phase = Phase::Done;
         self.timers.stop(Timer::Phase);

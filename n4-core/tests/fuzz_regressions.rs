@@ -30,8 +30,8 @@ fn a_new_round_reports_the_window_it_opens() {
         };
         let mut c = Client::new(config, now).unwrap();
         let _ = drain(&mut c);
-        c.handle_connected(now);
-        c.handle_stream_closed(now); // round 1 lost: the server hung up
+        c.handle_connection_opened(now);
+        c.handle_connection_closed(now); // round 1 lost: the server hung up
         let _ = drain(&mut c);
         let later = now + Duration::from_millis(100);
         c.handle_timeout(later);
@@ -51,7 +51,7 @@ fn a_new_round_reports_the_window_it_opens() {
 }
 
 /// `fuzz/` client target: a predicted round lost in a live session at `max_rounds` gave up
-/// without a `Disconnect`, leaving the TCP connection open and the finished client still
+/// without a `Close`, leaving the TCP connection open and the finished client still
 /// reporting what the server said on it.
 #[test]
 fn giving_up_inside_a_session_lets_the_server_connection_go() {
@@ -62,7 +62,7 @@ fn giving_up_inside_a_session_lets_the_server_connection_go() {
         ..ClientConfig::default()
     };
     let mut c = Client::new(config, now).unwrap();
-    c.handle_connected(now);
+    c.handle_connection_opened(now);
     c.handle_stream_data(now, &Message::Ready(Some(Token(7))).to_bytes());
     c.handle_stream_data(now, &Message::Hint(Hint(20)).to_bytes());
     c.handle_stream_data(
@@ -85,7 +85,7 @@ fn giving_up_inside_a_session_lets_the_server_connection_go() {
     }
     assert!(c.is_finished());
     assert_eq!(events.last(), Some(&Event::GaveUp { rounds: 1 }));
-    assert_eq!(commands, vec![Command::Disconnect]);
+    assert_eq!(commands, vec![Command::Close]);
     c.handle_stream_data(at, &Message::Hint(Hint(21)).to_bytes());
     assert_eq!(
         drain(&mut c),
@@ -104,7 +104,7 @@ fn server_garbage_after_win_only_drops_the_connection() {
         ..ClientConfig::default()
     };
     let mut c = Client::new(config, now).unwrap();
-    c.handle_connected(now);
+    c.handle_connection_opened(now);
     c.handle_stream_data(now, &Message::Ready(None).to_bytes());
     let peer = "203.0.113.12:40020".parse().unwrap();
     let punch = Message::Punch(Ident::default()).to_bytes();
@@ -121,7 +121,7 @@ fn server_garbage_after_win_only_drops_the_connection() {
 
     c.handle_stream_data(now, &[0; 8]); // not a message
     let (commands, events) = drain(&mut c);
-    assert_eq!(commands, vec![Command::Disconnect]);
+    assert_eq!(commands, vec![Command::Close]);
     assert_eq!(events, vec![]);
     let mut at = now;
     let mut events = Vec::new();
@@ -162,7 +162,7 @@ fn a_deferred_exchange_is_dropped_once_the_round_moves_on() {
     let probe_server = SocketAddr::from(config.probe_server());
     let mut c = Client::new(config, now).unwrap();
     c.handle_timeout(now); // the first two probes
-    c.handle_connected(now);
+    c.handle_connection_opened(now);
     // READY before any probe answer: the EXCHANGE waits for them.
     c.handle_stream_data(now, &Message::Ready(Some(Token(7))).to_bytes());
     c.handle_stream_data(

@@ -40,7 +40,7 @@ fn v1_client_after_ready(server: SocketAddrV4, now: Instant) -> Client {
     };
     let mut c = Client::new(config, now).unwrap();
     let _ = drain(&mut c);
-    c.handle_connected(now);
+    c.handle_connection_opened(now);
     c.handle_stream_data(now, &Message::Ready(None).to_bytes());
     let _ = drain(&mut c);
     c
@@ -138,7 +138,7 @@ fn a_lying_server_draws_no_more_than_the_punch_budget_per_minute() {
             .iter()
             .any(|e| matches!(e, Event::BudgetExhausted { .. }));
         if said.commands.contains(&Command::Connect) {
-            c.handle_connected(now);
+            c.handle_connection_opened(now);
             c.handle_stream_data(now, &Message::Ready(Some(Token(7))).to_bytes());
             continue;
         }
@@ -199,11 +199,11 @@ fn a_client_whose_wait_the_server_ends_says_hello_again_in_the_same_round() {
     };
     let mut c = Client::new(config, t0).unwrap();
     let _ = drain(&mut c);
-    c.handle_connected(t0);
+    c.handle_connection_opened(t0);
     let said = drain(&mut c);
     assert!(said.events.contains(&Event::HelloSent));
     let later = t0 + Duration::from_secs(60);
-    c.handle_stream_closed(later);
+    c.handle_connection_closed(later);
     let said = drain(&mut c);
     assert!(said.events.contains(&Event::Rehello), "{:?}", said.events);
     assert!(
@@ -219,7 +219,7 @@ fn a_client_whose_wait_the_server_ends_says_hello_again_in_the_same_round() {
         vec![Command::Connect],
         "same window, new connection"
     );
-    c.handle_connected(at);
+    c.handle_connection_opened(at);
     let said = drain(&mut c);
     assert!(said.events.contains(&Event::HelloSent));
     assert_eq!(c.round(), 1);
@@ -238,7 +238,7 @@ fn a_bounded_client_alone_gives_up_after_its_rounds() {
     };
     let mut c = Client::new(config, t0).unwrap();
     let _ = drain(&mut c);
-    c.handle_connected(t0);
+    c.handle_connection_opened(t0);
     let _ = drain(&mut c);
     let (at, said) = timers_until(&mut c, t0 + Duration::from_secs(1), |s| {
         !s.events.is_empty()

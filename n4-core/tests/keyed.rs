@@ -162,7 +162,7 @@ fn keyed_client_punching(peer_nonce: Nonce, accept_any_ip: bool) -> Punching {
     };
     let mut c = Client::new(config, now).unwrap();
     while c.poll_command().is_some() {}
-    c.handle_connected(now);
+    c.handle_connection_opened(now);
     let Some(Command::Send(Frame::Long(LongMessage::KeyedHello { room, nonce, .. }))) =
         c.poll_command()
     else {
@@ -297,7 +297,7 @@ fn a_replayed_handshake_fails() {
     )
     .unwrap();
     while c.poll_command().is_some() {}
-    c.handle_connected(now);
+    c.handle_connection_opened(now);
     while c.poll_command().is_some() {}
     let mut says = Message::Ready(Some(Token(7))).to_bytes().to_vec();
     says.extend_from_slice(&LongMessage::PeerNonce([5; 16]).to_bytes());

@@ -577,7 +577,7 @@ fn ready_before_the_probe_answers_waits_for_them_to_give_a_hint() {
     let probes: Vec<usize> = probes.into_iter().filter(|&s| s != 0).collect();
     assert_eq!(probes.len(), 2, "the first two probes go back to back");
     let t1 = t0 + Duration::from_millis(2);
-    c.handle_connected(t1);
+    c.handle_connection_opened(t1);
     c.handle_stream_data(t1, &Message::Ready(Some(Token(9))).to_bytes());
     while c.poll_command().is_some() {}
     assert_eq!(c.poll_transmit(), None, "no EXCHANGE without a plan yet");
@@ -701,7 +701,7 @@ fn a_keyless_client_never_wins_on_its_own_reflected_datagrams() {
     };
     let mut c = Client::new(config, now).unwrap();
     while c.poll_command().is_some() {}
-    c.handle_connected(now);
+    c.handle_connection_opened(now);
     // We are 198.51.100.3:20014, the peer behind the same NAT 198.51.100.3:20015: we lead.
     let me: SocketAddrV4 = "198.51.100.3:20014".parse().unwrap();
     let peer: SocketAddrV4 = "198.51.100.3:20015".parse().unwrap();

@@ -364,7 +364,7 @@ impl Driver {
                 }
                 self.flush(now);
             }
-            Command::Disconnect => self.close_tcp(),
+            Command::Close => self.close_tcp(),
         }
         Ok(())
     }
@@ -488,7 +488,7 @@ impl Driver {
                     tcp.connected = true;
                     let _ = tcp.stream.set_nodelay(true);
                     self.connect_deadline = None;
-                    self.client.handle_connected(now);
+                    self.client.handle_connection_opened(now);
                     return;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
@@ -510,7 +510,7 @@ impl Driver {
             match tcp.stream.read(buf) {
                 Ok(0) => return self.stream_closed(now),
                 // If the machine gives up on the connection (garbage), it ignores what follows;
-                // its `Disconnect` is carried out by the next drain.
+                // its `Close` is carried out by the next drain.
                 Ok(n) => self.client.handle_stream_data(now, &buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -524,7 +524,7 @@ impl Driver {
 
     fn stream_closed(&mut self, now: Instant) {
         self.close_tcp();
-        self.client.handle_stream_closed(now);
+        self.client.handle_connection_closed(now);
     }
 
     fn flush(&mut self, now: Instant) {

@@ -1097,7 +1097,7 @@ impl Sim {
                 // The handshake's last ACK goes up first; HELLO follows it on the stream.
                 self.tcp_up(conn, TcpEv::Open);
                 if let Some(c) = self.sites[i].client.as_mut() {
-                    c.handle_connected(t);
+                    c.handle_connection_opened(t);
                 }
             }
             TcpEv::ToServer(bytes) => {
@@ -1113,7 +1113,7 @@ impl Sim {
             TcpEv::CloseAtClient if current => {
                 self.sites[i].conn = None;
                 if let Some(c) = self.sites[i].client.as_mut() {
-                    c.handle_stream_closed(t);
+                    c.handle_connection_closed(t);
                 }
             }
             // For a connection the client already left: the socket is gone.
@@ -1249,7 +1249,7 @@ impl Sim {
                     self.tcp_up(conn, TcpEv::ToServer(eight(&m.to_bytes())));
                 }
             }
-            Command::Disconnect => {
+            Command::Close => {
                 if let Some(conn) = self.sites[i].conn.take() {
                     self.tcp_up(conn, TcpEv::CloseAtServer);
                 }

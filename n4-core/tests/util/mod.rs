@@ -272,7 +272,9 @@ impl World {
                     }
                 }
             }
-            Delivery::Connected { client } => self.hosts[client].client.handle_connected(now),
+            Delivery::Connected { client } => {
+                self.hosts[client].client.handle_connection_opened(now)
+            }
             Delivery::ToClient { conn, bytes } => {
                 if let Some(r) = self.raw.get_mut(&conn) {
                     r.received.extend(bytes);
@@ -288,7 +290,7 @@ impl World {
                 } else if let Some(&i) = self.conn_owner.get(&conn) {
                     if self.hosts[i].conn == Some(conn) {
                         self.hosts[i].conn = None;
-                        self.hosts[i].client.handle_stream_closed(now);
+                        self.hosts[i].client.handle_connection_closed(now);
                     }
                 }
             }
@@ -390,7 +392,7 @@ impl World {
                     });
                 }
             }
-            Command::Disconnect => {
+            Command::Close => {
                 if let Some(conn) = self.hosts[i].conn.take() {
                     self.send(Delivery::ServerSawClose { conn });
                 }
