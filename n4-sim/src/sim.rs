@@ -268,6 +268,18 @@ struct SiteRt {
 }
 
 impl SiteRt {
+    /// The next port of the kernel's ephemeral range (32768–60999, wrapping) that the window
+    /// does not hold and `also_not` does not name.
+    fn ephemeral_port(&mut self, also_not: &[u16]) -> u16 {
+        loop {
+            let e = self.next_ephemeral;
+            self.next_ephemeral = if e >= 60999 { 32768 } else { e + 1 };
+            if !also_not.contains(&e) && !self.window.contains(&e) {
+                return e;
+            }
+        }
+    }
+
     /// Site `i` of `scenario`, as the start of a run has it: NAT, client (made now if it
     /// starts at 0; made now anyway, to validate its settings), counters.
     fn reset(
@@ -1215,31 +1227,14 @@ impl Sim {
                 s.window.clear();
                 s.window.reserve(ports.len());
                 for &p in &ports {
-                    let p = if p == 0 {
-                        // Like the kernel's ephemeral range; never a port this window binds.
-                        loop {
-                            let e = s.next_ephemeral;
-                            s.next_ephemeral = if e >= 60999 { 32768 } else { e + 1 };
-                            if !ports.contains(&e) && !s.window.contains(&e) {
-                                break e;
-                            }
-                        }
-                    } else {
-                        p
-                    };
+                    let p = if p == 0 { s.ephemeral_port(&ports) } else { p };
                     s.window.push(p);
                 }
             }
             Command::OpenSlots { count } => {
                 let s = &mut self.sites[i];
                 for _ in 0..count {
-                    let p = loop {
-                        let e = s.next_ephemeral;
-                        s.next_ephemeral = if e >= 60999 { 32768 } else { e + 1 };
-                        if !s.window.contains(&e) {
-                            break e;
-                        }
-                    };
+                    let p = s.ephemeral_port(&[]);
                     s.window.push(p);
                 }
             }
