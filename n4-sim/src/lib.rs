@@ -38,5 +38,5 @@ pub use scenario::{
 };
 pub use sim::{
     run, run_traced, ClientOutcome, MappingRecord, Outcome, ScenarioError, Sim, SimOptions,
-    TraceLevel,
+    TraceLevel, MAX_SITES,
 };

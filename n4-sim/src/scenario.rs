@@ -57,8 +57,9 @@ pub struct Scenario {
     pub server_addr: SocketAddrV4,
     /// Server ↔ the internet core, each way. Default: `rtt / 4` delay.
     pub server_uplink: Link,
-    /// Site A (index 0) and site B (index 1).
-    pub sites: [Site; 2],
+    /// Site A (index 0), site B (index 1), and any more (2 to [`crate::MAX_SITES`]): each a
+    /// host with its client, behind its own NAT or ([`Site::behind`]) another site's.
+    pub sites: Vec<Site>,
     /// Virtual time after which the run stops, decided or not. Default 60 s.
     pub time_limit: Duration,
     /// Default [`Stop::Decided`].
@@ -89,7 +90,7 @@ impl Scenario {
             server: ServerConfig::default(),
             server_addr: SERVER_ADDR,
             server_uplink: Link::default(),
-            sites: [
+            sites: vec![
                 site([198, 51, 100, 3], [192, 168, 1, 101]),
                 site([203, 0, 113, 12], [192, 168, 0, 112]),
             ],
@@ -146,6 +147,20 @@ impl Scenario {
         self
     }
 
+    /// One more host, behind site `behind`'s NAT (at `.120 + its index` in that site's
+    /// subnet), running a client like site A's with identifier `ident`: more pairs in one
+    /// run, or a crowd behind one NAT.
+    pub fn with_host_behind(mut self, behind: usize, ident: n4_core::Ident) -> Self {
+        let index = self.sites.len();
+        let base = self.sites[behind].host_ip.octets();
+        let mut site = self.sites[0].clone();
+        site.behind = Some(behind);
+        site.host_ip = Ipv4Addr::new(base[0], base[1], base[2], 120 + index as u8);
+        site.client.ident = ident;
+        self.sites.push(site);
+        self
+    }
+
     /// Both NATs see `rate` background flows per second.
     pub fn with_background(mut self, rate: f64) -> Self {
         for s in &mut self.sites {
@@ -176,8 +191,7 @@ impl Scenario {
     }
 
     fn uplinks_mut(&mut self) -> impl Iterator<Item = &mut Link> {
-        let [a, b] = &mut self.sites;
-        [&mut self.server_uplink, &mut a.uplink, &mut b.uplink].into_iter()
+        std::iter::once(&mut self.server_uplink).chain(self.sites.iter_mut().map(|s| &mut s.uplink))
     }
 }
 

@@ -85,14 +85,15 @@ pub struct ClientOutcome {
 /// What a run produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
-    /// Client A, client B.
-    pub clients: [ClientOutcome; 2],
+    /// Client A, client B, and any more, in site order.
+    pub clients: Vec<ClientOutcome>,
     /// Virtual time when the run stopped.
     pub elapsed: Duration,
     /// Queued events processed.
     pub events: u64,
-    /// Background flows per NAT that moved a port counter.
-    pub background: [u64; 2],
+    /// Background flows per site's NAT that moved a port counter (0 for a host behind
+    /// another site's NAT).
+    pub background: Vec<u64>,
 }
 
 impl Outcome {
@@ -101,15 +102,17 @@ impl Outcome {
         self.clients.iter().all(|c| c.won)
     }
 
-    /// When both had won: the later of the two times-to-WIN.
+    /// When all had won: the latest time-to-WIN.
     pub fn time_to_win(&self) -> Option<Duration> {
-        let [a, b] = &self.clients;
-        Some(a.time_to_win?.max(b.time_to_win?))
+        self.clients
+            .iter()
+            .map(|c| c.time_to_win)
+            .try_fold(Duration::ZERO, |latest, t| Some(latest.max(t?)))
     }
 
-    /// Rounds the longer-playing client started.
+    /// Rounds the longest-playing client started.
     pub fn rounds(&self) -> u32 {
-        self.clients[0].rounds.max(self.clients[1].rounds)
+        self.clients.iter().map(|c| c.rounds).max().unwrap_or(0)
     }
 
     /// UDP datagrams sent by both clients.
@@ -151,10 +154,22 @@ pub enum ScenarioError {
         /// `A` or `B`.
         site: &'static str,
     },
-    /// Two of server, site A and site B (with NATs of their own) share a public IP.
+    /// Two of the server and the sites with NATs of their own share a public IP.
     #[error("public IPs must differ")]
     SamePublicIp,
+    /// A scenario has 2 to [`MAX_SITES`] sites.
+    #[error("{count} sites: a scenario has 2 to {MAX_SITES}")]
+    Sites {
+        /// How many it has.
+        count: usize,
+    },
 }
+
+/// The most sites (hosts, each with its client) a scenario may have.
+pub const MAX_SITES: usize = 8;
+
+/// Site names, in order, for traces and errors.
+const SITE_NAMES: [&str; MAX_SITES] = ["A", "B", "C", "D", "E", "F", "G", "H"];
 
 /// The one real clock read of the crate: an arbitrary origin for virtual time.
 fn epoch() -> Instant {
@@ -268,6 +283,28 @@ struct SiteRt {
 }
 
 impl SiteRt {
+    /// A placeholder without allocations, for [`SiteRt::reset`] to fill in.
+    fn empty() -> Self {
+        Self {
+            name: "",
+            nat: Nat::empty(),
+            nat_at: 0,
+            host_ip: Ipv4Addr::UNSPECIFIED,
+            lan: Link::default(),
+            lan_instant: true,
+            config: ClientConfig::default(),
+            client: None,
+            start: Duration::ZERO,
+            window: Vec::new(),
+            next_ephemeral: 0,
+            conn: None,
+            outcome: ClientOutcome::default(),
+            done: false,
+            mappings: 0,
+            drops: Drops::default(),
+        }
+    }
+
     /// The next port of the kernel's ephemeral range (32768–60999, wrapping) that the window
     /// does not hold and `also_not` does not name.
     fn ephemeral_port(&mut self, also_not: &[u16]) -> u16 {
@@ -290,15 +327,10 @@ impl SiteRt {
         rng: &mut ChaCha8Rng,
     ) -> Result<(), ScenarioError> {
         let s = &scenario.sites[i];
-        let name = ["A", "B"][i];
+        let name = SITE_NAMES[i];
         let nat_at = match s.behind {
             None => i,
-            Some(j) if j != i && scenario.sites.get(j).is_some_and(|o| o.behind.is_none()) => {
-                if scenario.sites[j].host_ip == s.host_ip {
-                    return Err(ScenarioError::SameHostIp { site: name });
-                }
-                j
-            }
+            Some(j) if j != i && scenario.sites.get(j).is_some_and(|o| o.behind.is_none()) => j,
             Some(j) => {
                 return Err(ScenarioError::Behind {
                     site: name,
@@ -393,8 +425,9 @@ pub struct Sim {
     stop: Stop,
     rng: ChaCha8Rng,
     queue: EventQueue<Ev>,
-    /// Machines that got input since they were last drained: bit 0 server, 1 A, 2 B.
-    dirty: u8,
+    /// Machines that got input since they were last drained: bit 0 server, bit `i + 1` site
+    /// `i`'s client.
+    dirty: u16,
     /// Datagrams of queued [`Ev::Wan`] entries; cleared when none is queued.
     wan: Vec<WanDatagram>,
     /// `(first, len)` in `wan` of each [`Ev::Wan`] entry; cleared with `wan`.
@@ -406,13 +439,15 @@ pub struct Sim {
     events: u64,
     server: Server,
     server_addr: SocketAddrV4,
-    sites: [SiteRt; 2],
-    /// `paths[src][dst]` over nodes 0 = server, 1 = site A, 2 = site B: uplink then uplink.
-    paths: [[Link; 3]; 3],
-    /// `Some(latency)` where `paths` delivers everything after exactly that (draws nothing).
-    fixed: [[Option<u64>; 3]; 3],
+    sites: Vec<SiteRt>,
+    /// Nodes: 0 = the server, `i + 1` = site `i`'s NAT.
+    nodes: usize,
+    /// `paths[src * nodes + dst]`: uplink then uplink.
+    paths: Vec<Link>,
+    /// `Some(latency)` where the path delivers everything after exactly that (draws nothing).
+    fixed: Vec<Option<u64>>,
     /// Host → server for each site's TCP leg: LAN, uplink, server uplink.
-    tcp_paths: [Link; 2],
+    tcp_paths: Vec<Link>,
     tcp_rto: Duration,
     tcp_syn_rto: Duration,
     conns: Vec<Conn>,
@@ -430,24 +465,6 @@ impl Sim {
 
     /// A placeholder without allocations, for [`Sim::reset`] to fill in.
     fn empty() -> Self {
-        let site = |name| SiteRt {
-            name,
-            nat: Nat::empty(),
-            nat_at: 0,
-            host_ip: Ipv4Addr::UNSPECIFIED,
-            lan: Link::default(),
-            lan_instant: true,
-            config: ClientConfig::default(),
-            client: None,
-            start: Duration::ZERO,
-            window: Vec::new(),
-            next_ephemeral: 0,
-            conn: None,
-            outcome: ClientOutcome::default(),
-            done: false,
-            mappings: 0,
-            drops: Drops::default(),
-        };
         Self {
             epoch: epoch(),
             now: Duration::ZERO,
@@ -464,10 +481,11 @@ impl Sim {
             events: 0,
             server: Server::new(ServerConfig::default()),
             server_addr: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
-            sites: [site("A"), site("B")],
-            paths: [[Link::default(); 3]; 3],
-            fixed: [[None; 3]; 3],
-            tcp_paths: [Link::default(); 2],
+            sites: Vec::new(),
+            nodes: 0,
+            paths: Vec::new(),
+            fixed: Vec::new(),
+            tcp_paths: Vec::new(),
             tcp_rto: Duration::ZERO,
             tcp_syn_rto: Duration::ZERO,
             conns: Vec::new(),
@@ -485,24 +503,42 @@ impl Sim {
             ..scenario.server.clone()
         };
         let epoch = epoch();
+        let n = scenario.sites.len();
+        if !(2..=MAX_SITES).contains(&n) {
+            return Err(ScenarioError::Sites { count: n });
+        }
+        self.sites.truncate(n);
+        while self.sites.len() < n {
+            self.sites.push(SiteRt::empty());
+        }
         for (i, site) in self.sites.iter_mut().enumerate() {
             site.reset(i, scenario, epoch, &mut rng)?;
         }
-        let ips = [
-            *scenario.server_addr.ip(),
-            scenario.sites[0].public_ip,
-            scenario.sites[1].public_ip,
-        ];
-        // A host behind the other site's NAT has no public IP of its own.
-        let own = |i: usize| scenario.sites[i].behind.is_none();
-        if ips[0] == ips[1] || (own(1) && (ips[0] == ips[2] || ips[1] == ips[2])) {
+        for (i, site) in self.sites.iter().enumerate() {
+            let twin = self.sites[..i]
+                .iter()
+                .any(|o| o.nat_at == site.nat_at && o.host_ip == site.host_ip);
+            if twin {
+                return Err(ScenarioError::SameHostIp { site: site.name });
+            }
+        }
+        // The server's and every NAT's public IP differ (a host behind another site's NAT has
+        // no public IP of its own).
+        let ips: Vec<Ipv4Addr> = std::iter::once(*scenario.server_addr.ip())
+            .chain(
+                scenario
+                    .sites
+                    .iter()
+                    .filter(|s| s.behind.is_none())
+                    .map(|s| s.public_ip),
+            )
+            .collect();
+        if (1..ips.len()).any(|k| ips[..k].contains(&ips[k])) {
             return Err(ScenarioError::SamePublicIp);
         }
-        let up = [
-            scenario.server_uplink,
-            scenario.sites[0].uplink,
-            scenario.sites[1].uplink,
-        ];
+        let up: Vec<Link> = std::iter::once(scenario.server_uplink)
+            .chain(scenario.sites.iter().map(|s| s.uplink))
+            .collect();
         // Every field by name: a new field that is not reset here does not compile.
         let Self {
             epoch: e,
@@ -521,6 +557,7 @@ impl Sim {
             server,
             server_addr,
             sites,
+            nodes,
             paths,
             fixed,
             tcp_paths,
@@ -553,15 +590,18 @@ impl Sim {
         *events = 0;
         *server = Server::new(server_config);
         *server_addr = scenario.server_addr;
-        *paths = std::array::from_fn(|s| std::array::from_fn(|d| up[s].then(&up[d])));
-        *fixed = paths.map(|row| row.map(|p| p.is_fixed().then(|| ns(p.latency))));
-        *tcp_paths = std::array::from_fn(|i| {
-            let nat_at = scenario.sites[i].behind.unwrap_or(i);
-            scenario.sites[i]
-                .lan
+        *nodes = up.len();
+        paths.clear();
+        paths.extend(up.iter().flat_map(|s| up.iter().map(|d| s.then(d))));
+        fixed.clear();
+        fixed.extend(paths.iter().map(|p| p.is_fixed().then(|| ns(p.latency))));
+        tcp_paths.clear();
+        tcp_paths.extend(scenario.sites.iter().enumerate().map(|(i, s)| {
+            let nat_at = s.behind.unwrap_or(i);
+            s.lan
                 .then(&scenario.sites[nat_at].uplink)
                 .then(&scenario.server_uplink)
-        });
+        }));
         *tcp_rto = scenario.tcp_rto;
         *tcp_syn_rto = scenario.tcp_syn_rto;
         conns.clear();
@@ -604,7 +644,7 @@ impl Sim {
                 self.dirty |= 1;
                 self.drain();
             }
-            for i in 0..2 {
+            for i in 0..self.sites.len() {
                 let due = self.sites[i]
                     .client
                     .as_ref()
@@ -626,13 +666,14 @@ impl Sim {
     /// The outcome so far.
     pub fn outcome(&self) -> Outcome {
         Outcome {
-            clients: [self.sites[0].outcome.clone(), self.sites[1].outcome.clone()],
+            clients: self.sites.iter().map(|s| s.outcome.clone()).collect(),
             elapsed: self.now,
             events: self.events,
-            background: [
-                self.sites[0].nat.background_total(),
-                self.sites[1].nat.background_total(),
-            ],
+            background: self
+                .sites
+                .iter()
+                .map(|s| s.nat.background_total())
+                .collect(),
         }
     }
 
@@ -820,7 +861,7 @@ impl Sim {
         if ip == self.server_addr.ip() {
             Some(0)
         } else {
-            (0..2)
+            (0..self.sites.len())
                 .find(|&i| self.sites[i].nat_at == i && self.sites[i].nat.public_ip() == *ip)
                 .map(|i| i + 1)
         }
@@ -860,7 +901,7 @@ impl Sim {
             self.hairpin(n, from, to, payload);
             return;
         }
-        match self.fixed[n + 1][dst] {
+        match self.fixed[(n + 1) * self.nodes + dst] {
             // What `over_wan` does for a fixed path, without copying the link.
             Some(latency) => self.schedule_wan(
                 self.now_ns.saturating_add(latency),
@@ -935,7 +976,7 @@ impl Sim {
         to: SocketAddrV4,
         payload: [u8; 8],
     ) {
-        let path = self.paths[self.sites[i].nat_at + 1][dst];
+        let path = self.paths[(self.sites[i].nat_at + 1) * self.nodes + dst];
         if !self.over_wan(&path, WanDatagram::new(from, to, payload)) {
             self.sites[i].drops.lost += 1;
             trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
@@ -960,11 +1001,11 @@ impl Sim {
             return;
         };
         let d = WanDatagram::new(from, to, payload);
-        if let Some(latency) = self.fixed[0][dst] {
+        if let Some(latency) = self.fixed[dst] {
             self.schedule_wan(self.now_ns.saturating_add(latency), d);
             return;
         }
-        let path = self.paths[0][dst];
+        let path = self.paths[dst];
         if !self.over_wan(&path, d) {
             trace!(self, TraceLevel::Packets, "net  {from} -> {to}: lost");
         }
@@ -987,7 +1028,7 @@ impl Sim {
                 let i = if self.sites[n].host_ip == *internal.ip() {
                     n
                 } else {
-                    match (0..2).find(|&k| {
+                    match (0..self.sites.len()).find(|&k| {
                         self.sites[k].nat_at == n && self.sites[k].host_ip == *internal.ip()
                     }) {
                         Some(k) => k,
@@ -1152,7 +1193,7 @@ impl Sim {
             if dirty & 1 != 0 {
                 self.drain_server();
             }
-            for i in 0..2 {
+            for i in 0..self.sites.len() {
                 if dirty & (2 << i) != 0 {
                     self.drain_client(i);
                 }
@@ -1366,7 +1407,7 @@ impl Sim {
         if self.trace.is_none() {
             return;
         }
-        for i in 0..2 {
+        for i in 0..self.sites.len() {
             let s = &self.sites[i];
             let o = &s.outcome;
             let result = match (o.win_round, o.time_to_win) {

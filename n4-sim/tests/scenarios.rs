@@ -316,7 +316,9 @@ fn ephemeral_source_ports_behind_nat4s_still_line_up() {
 #[test]
 fn duplication_reordering_and_jitter_do_not_confuse_the_v1_punch() {
     let mut s = v1_nat4s(10, 25, 20).with_jitter(20 * MS);
-    let [a, b] = &mut s.sites;
+    let [a, b] = &mut s.sites[..] else {
+        unreachable!("two sites")
+    };
     for l in [&mut s.server_uplink, &mut a.uplink, &mut b.uplink] {
         l.duplicate = 0.2;
         l.reorder = 0.2;
@@ -576,7 +578,7 @@ fn behind_one_hairpinning_nat_no_client_wins_on_its_own_reflection() {
         let s = one_nat(seed, NatKind::Preserving, true).with_strategy(Strategy::Predict);
         let (out, trace) = run_traced(&s, TraceLevel::Events).unwrap();
         assert!(out.won(), "seed {seed}: {trace}");
-        let [a, b] = &out.clients;
+        let (a, b) = (&out.clients[0], &out.clients[1]);
         assert_ne!(a.peer, b.peer, "seed {seed}: {trace}");
         assert!(
             trace.contains("peer behind our own NAT (198.51.100.3)"),
@@ -586,4 +588,41 @@ fn behind_one_hairpinning_nat_no_client_wins_on_its_own_reflection() {
         let (out, trace) = run_traced(&s, TraceLevel::Events).unwrap();
         assert!(!out.clients.iter().any(|c| c.won), "seed {seed}: {trace}");
     }
+}
+
+#[test]
+fn two_pairs_across_the_same_two_nats_both_punch() {
+    // Four hosts: A and B behind their own NATs (room n4n4n4), C behind A's NAT and D behind
+    // B's (room "second"). Each pair's mappings are background load for the other.
+    let second: n4_core::Ident = "second".parse().unwrap();
+    let s = Scenario::new(11)
+        .with_strategy(Strategy::Predict)
+        .with_host_behind(0, second)
+        .with_host_behind(1, second);
+    let (out, trace) = run_traced(&s, TraceLevel::Events).unwrap();
+    assert_eq!(out.clients.len(), 4);
+    assert!(out.won(), "{trace}");
+    // Each client's peer is behind the other NAT: A ↔ B and C ↔ D.
+    let nat_of = |i: usize| {
+        if i % 2 == 0 {
+            "198.51.100.3"
+        } else {
+            "203.0.113.12"
+        }
+    };
+    for (i, c) in out.clients.iter().enumerate() {
+        let peer = c.peer.expect("won").ip().to_string();
+        assert_eq!(peer, nat_of(i + 1), "client {i}: {trace}");
+    }
+    assert!(trace.contains("srv  paired"), "{trace}");
+    assert_eq!(trace.matches("srv  paired").count(), 2, "{trace}");
+    // A ninth site is refused with a clear error.
+    let mut crowd = Scenario::new(1);
+    for _ in 0..7 {
+        crowd = crowd.with_host_behind(0, second);
+    }
+    assert_eq!(
+        Sim::new(&crowd, SimOptions::default()).err(),
+        Some(ScenarioError::Sites { count: 9 })
+    );
 }
