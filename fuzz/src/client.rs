@@ -181,7 +181,7 @@ pub struct Config {
     pub probes: u8,
     /// `probe_interval` in ms (0 allowed).
     pub probe_interval: u8,
-    /// `max_window = this % 10`.
+    /// `max_window = this % 16` (up to 15 slots: a window can outlast a round's 12 attempts).
     pub max_window: u8,
     /// `rng_seed = [this; 32]` (the client's ChaCha20 draws the spray's ports and the
     /// re-aims' pauses from it).
@@ -382,7 +382,7 @@ pub fn client_config(c: Config) -> ClientConfig {
         },
         probes: u16::from(c.probes % 5),
         probe_interval: Duration::from_millis(u64::from(c.probe_interval)),
-        max_window: u16::from(c.max_window % 10),
+        max_window: u16::from(c.max_window % 16),
         // Unbounded here: the model does not predict when a budget runs out (the budget has
         // its own tests in n4-core/tests/hardening.rs).
         punch_budget: u32::MAX,
@@ -406,7 +406,7 @@ enum Says {
 /// own side (`ours`, once known) is our own, reflected back.
 fn says(config: &ClientConfig, bytes: &[u8], ours: Option<Side>) -> Option<Says> {
     let id = config.ident;
-    let theirs = |side: Side| Some(side) != ours;
+    let theirs = |side: Side| side == Side::Unknown || Some(side) != ours;
     match Message::decode(bytes).ok()? {
         Message::Punch(i) if i == id => Some(Says::Punch),
         Message::Ack(i, side) if i == id && theirs(side) => Some(Says::Ack),
@@ -513,6 +513,7 @@ pub fn run(input: &Input) -> Outcome {
         hello_sent: None,
         decoder: FrameDecoder::default(),
         own_public: None,
+        side: None,
         peer_ours: false,
         rehello_pending: false,
         rounds: Vec::new(),
@@ -748,6 +749,8 @@ struct Harness {
     decoder: FrameDecoder,
     /// Per connection: our public address from the last SEEN.
     own_public: Option<SocketAddrV4>,
+    /// Our side of the confirmation, as the connection's last PEERINFO settled it.
+    side: Option<Side>,
     /// Per connection: a HINT, ACK or CONFIRM showed the peer is ours.
     peer_ours: bool,
     /// The server ended our wait; a new connection (same round) comes.
@@ -835,11 +838,9 @@ impl Harness {
 
     /// Our side of the confirmation with the peer this attempt (or the session) names.
     fn our_side(&self) -> Option<Side> {
-        let peer = match self.phase() {
-            Phase::Punching(peer) => Some(peer),
-            _ => self.session_peer,
-        }?;
-        self.leads(peer).map(Side::of)
+        // Settled at PEERINFO (a re-aim's SEEN does not move it), forgotten with the
+        // connection.
+        self.side
     }
 
     /// Whether we lead the confirmation with `peer` (keyless: the lower public address, ours
@@ -865,9 +866,9 @@ impl Harness {
 
     /// A genuine PUNCH from an acceptable source while the peer is known: the v1 WIN, or
     /// (confirming) an ACK on its pair and maybe the v1 fallback's timer.
-    fn on_genuine_punch(&mut self, peer: SocketAddrV4, slot: usize, from: SocketAddr) {
+    fn on_genuine_punch(&mut self, slot: usize, from: SocketAddr) {
         let extended = self.rounds.last().is_some_and(RoundModel::extended);
-        if !(extended && self.leads(peer).is_some()) {
+        if !(extended && self.our_side().is_some()) {
             self.expect_win(slot, from, WinKind::V1, false);
             return;
         }
@@ -888,7 +889,7 @@ impl Harness {
     /// whether one is due.
     fn ack_pair(&mut self, slot: usize, from: SocketAddr) -> bool {
         let ident = self.config.ident;
-        let ours = self.our_side().unwrap_or(Side::Other);
+        let ours = self.our_side().unwrap_or(Side::Unknown);
         let r = self.rounds.last_mut().expect("a round has started");
         if r.acked.len() < MAX_ACKED && !r.acked.contains(&(slot, from)) {
             r.acked.push((slot, from));
@@ -903,10 +904,10 @@ impl Harness {
     }
 
     /// A genuine ACK or CONFIRM from an acceptable source while the peer is known.
-    fn on_genuine_answer(&mut self, peer: SocketAddrV4, slot: usize, from: SocketAddr, s: Says) {
+    fn on_genuine_answer(&mut self, slot: usize, from: SocketAddr, s: Says) {
         self.peer_ours = true;
         self.round().fallback = None;
-        match (self.leads(peer), s) {
+        match (self.our_side().map(|s| s == Side::Leader), s) {
             (Some(true), Says::Ack) => self.expect_win(slot, from, WinKind::Lead, false),
             (Some(false), Says::Confirm) => self.expect_win(slot, from, WinKind::Follow, false),
             // The leader's ACK proves the pair: taken as the hole if its CONFIRMs are all lost.
@@ -968,8 +969,8 @@ impl Harness {
             return;
         }
         match s {
-            Says::Punch => self.on_genuine_punch(peer, slot, from),
-            Says::Ack | Says::Confirm => self.on_genuine_answer(peer, slot, from, s),
+            Says::Punch => self.on_genuine_punch(slot, from),
+            Says::Ack | Says::Confirm => self.on_genuine_answer(slot, from, s),
         }
     }
 
@@ -992,6 +993,13 @@ impl Harness {
             && (r.hint.is_some() || self.session_hinted)
             && !r.hard
             && r.reaims < MAX_REAIMS
+            && self.session_has_room()
+    }
+
+    /// The session can take one more EXCHANGE: a window socket that never talked to the
+    /// server, and room in the round byte.
+    fn session_has_room(&self) -> bool {
+        self.exchanges_made < self.window_slots && self.session_round < u8::MAX
     }
 
     /// The phase's deadline, if due (no WIN came first in this step): a punching attempt ends
@@ -1208,7 +1216,8 @@ impl Harness {
                     Some(Side::Other) => Side::Leader,
                     _ => Side::Other,
                 };
-                let any_side = |i: u8| Side::of(i % 2 == 0);
+                let any_side =
+                    |i: u8| [Side::Unknown, Side::Leader, Side::Other][usize::from(i % 3)];
                 let bytes = match *data {
                     DatagramData::Punch => Message::Punch(id).to_bytes().to_vec(),
                     DatagramData::PunchWith(i) => Message::Punch(ident(i)).to_bytes().to_vec(),
@@ -1501,6 +1510,7 @@ impl Harness {
                 // SEEN before the bytes that lost the round, still belong to the old one.)
                 if std::mem::take(&mut self.rehello_pending) {
                     self.own_public = None;
+                    self.side = None;
                     self.peer_ours = false;
                 }
             }
@@ -1544,6 +1554,10 @@ impl Harness {
                 }
                 if in_session {
                     assert!(self.connected, "a session round without the session");
+                    assert!(
+                        self.session_has_room(),
+                        "a session round with no fresh EXCHANGE socket or round byte left"
+                    );
                     self.session_round = self.session_round.saturating_add(1);
                     self.step_session_rounds.push(self.session_round);
                 } else {
@@ -1556,6 +1570,7 @@ impl Harness {
                     self.extra_open = false;
                     // A new server connection, too.
                     self.own_public = None;
+                    self.side = None;
                     self.peer_ours = false;
                     let fresh = self.rounds.iter().filter(|r| !r.in_session).count() as u32;
                     assert_eq!(
@@ -1958,7 +1973,9 @@ impl Harness {
             });
             return;
         }
-        if r.extended() {
+        let extended = r.extended();
+        self.side = self.leads(peer).map(Side::of);
+        if extended {
             self.session_peer = Some(peer);
         }
         // How long the round waits for the peer.
@@ -2027,7 +2044,7 @@ impl Harness {
                 break;
             }
             if self.acceptable(peer, from) {
-                self.on_genuine_punch(peer, slot, from);
+                self.on_genuine_punch(slot, from);
             }
         }
     }
@@ -2154,7 +2171,7 @@ impl Harness {
         let ident = self.config.ident;
         let punch = Message::Punch(ident).to_bytes();
         let confirm = Message::Confirm(ident, Side::Leader).to_bytes();
-        let ack = Message::Ack(ident, self.our_side().unwrap_or(Side::Other)).to_bytes();
+        let ack = Message::Ack(ident, self.our_side().unwrap_or(Side::Unknown)).to_bytes();
         let server = SocketAddr::from(self.config.server);
         let probe_server = SocketAddr::from(self.config.probe_server());
         if won_before {

@@ -726,7 +726,37 @@ mod client_seeds {
     }
 
     #[test]
+    fn predicted_round_lost_when_its_window_has_no_fresh_socket_then_won_in_a_fresh_round() {
+        // 8 window slots: 8 attempts use them all; the round is lost and the next one opens a
+        // new window on a new connection instead of reusing a socket the server has seen.
+        let mut ops = predict_start();
+        for i in 0..8u16 {
+            ops.extend([
+                Stream(StreamData::Hint(20)),
+                peer_info(40000 + 10 * i),
+                Advance { millis: 300 },
+            ]);
+        }
+        write(
+            "predict-window-spent",
+            Input {
+                config: PREDICT,
+                ops,
+            },
+            |o| {
+                assert_eq!((o.rounds, o.in_session_rounds, o.losses), (2, 0, 1));
+                assert_eq!((o.reaims, o.max_attempt), (7, 8));
+            },
+        );
+    }
+
+    #[test]
     fn predicted_round_lost_after_its_re_aims_then_won_in_session() {
+        // A window of 14 slots outlasts the round's 12 attempts.
+        const WIDE: Config = Config {
+            max_window: 14,
+            ..PREDICT
+        };
         let mut ops = predict_start();
         // 1 + MAX_REAIMS attempts, none punched: then LOSE, and round 2 in the same session.
         for i in 0..=n4_core::MAX_REAIMS as u16 {
@@ -743,19 +773,12 @@ mod client_seeds {
             from_peer(1, 41022, DatagramData::Ack),
             Advance { millis: 1000 },
         ]);
-        write(
-            "predict-session",
-            Input {
-                config: PREDICT,
-                ops,
-            },
-            |o| {
-                assert_eq!((o.rounds, o.in_session_rounds, o.losses), (2, 1, 1));
-                assert_eq!((o.reaims, o.max_attempt), (n4_core::MAX_REAIMS, 12));
-                assert_eq!((o.wins, o.predicted_wins, o.reaimed_wins), (1, 1, 0));
-                assert!(o.finished);
-            },
-        );
+        write("predict-session", Input { config: WIDE, ops }, |o| {
+            assert_eq!((o.rounds, o.in_session_rounds, o.losses), (2, 1, 1));
+            assert_eq!((o.reaims, o.max_attempt), (n4_core::MAX_REAIMS, 12));
+            assert_eq!((o.wins, o.predicted_wins, o.reaimed_wins), (1, 1, 0));
+            assert!(o.finished);
+        });
     }
 
     #[test]

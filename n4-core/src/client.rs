@@ -288,7 +288,8 @@ pub enum Event {
         /// Predicted target, if in range.
         target: Option<SocketAddrV4>,
     },
-    /// A predicted attempt of a pair of ours ended without a punch: aim again in the same
+    /// A predicted attempt of a pair of ours ended without a punch (or with a target out of
+    /// range): aim again in the same
     /// round, from the same window and session (a new EXCHANGE, so both sides re-predict
     /// from where their NATs are now — after a port-block jump, in the new block).
     ReAimed {
@@ -299,9 +300,9 @@ pub enum Event {
     },
     /// PUNCH went out from every slot.
     PunchSent {
-        /// To where.
+        /// To where (the first target, when the aim has several).
         target: SocketAddrV4,
-        /// Datagrams sent.
+        /// Datagrams sent, to every target.
         datagrams: usize,
     },
     /// The peer's PUNCH arrived: the hole is open.
@@ -403,8 +404,8 @@ pub const SPRAY_RATE: u32 = 500;
 /// Rounds tried for a pair that is unlikely to punch before giving up.
 pub const UNLIKELY_ROUNDS: u32 = 3;
 /// Re-aims a round may make ([`Event::ReAimed`]): with 64-port blocks and 200 new flows/s
-/// behind each NAT about one attempt in three meets no block jump on either side, so 7 more
-/// attempts (each ≈ 5·RTT) bring a round to ≈ 95 % (docs/NATS.md).
+/// behind each NAT about one attempt in three meets no block jump on either side, so 11 more
+/// attempts (each ≈ 5·RTT plus a pause) bring a round to ≈ 99 % (docs/NATS.md).
 pub const MAX_REAIMS: u32 = 11;
 const SPRAY_BATCH: u16 = 5;
 const SPRAY_TICK: Duration = Duration::from_millis(10);
@@ -485,7 +486,6 @@ const PROBE_WAIT_MAX: Duration = Duration::from_millis(150);
 const MIN_REFRESH: Duration = Duration::from_millis(50);
 /// RTT assumed before any was measured.
 const DEFAULT_RTT: Duration = Duration::from_millis(100);
-/// Rounds in the offset sweep used against a v1 server.
 /// Acknowledgements to a peer of ours: it wins on the first, the rest cover loss.
 const EXT_ACKS: u16 = 3;
 const EXT_ACK_INTERVAL: Duration = Duration::from_millis(100);
@@ -532,10 +532,13 @@ struct Session {
     peer: Option<SocketAddrV4>,
     /// The peer gave a hint in some round of this session.
     hinted: bool,
-    /// EXCHANGE sockets used so far this round (each a fresh mapping).
+    /// EXCHANGE sockets used so far in this window (each a fresh mapping; across re-aims and
+    /// in-session rounds, until a fresh round opens a new window).
     exchanges_made: usize,
     /// [`Event::PeerBehindOurNat`] was said on this connection.
     same_nat_said: bool,
+    /// Our side of the confirmation, settled at PEERINFO ([`Client::our_side`]).
+    side: Option<Side>,
 }
 
 /// What the client learns about its own NAT from its probes (and its EXCHANGEs' SEENs).
@@ -563,7 +566,7 @@ struct Attempt {
     /// the hole at [`Timer::ConfirmWait`] if the leader's CONFIRMs were all lost.
     confirm_pair: Option<(usize, SocketAddr)>,
     /// The easy side's spray: target IP, datagrams sent (ticks: [`Timer::Spray`]).
-    spray: Option<(std::net::Ipv4Addr, u16)>,
+    spray: Option<(Ipv4Addr, u16)>,
     /// The peer's hint, if it gave one.
     peer_hint: Option<Hint>,
     /// Our own plan (window, hint) from our probes.
@@ -870,7 +873,7 @@ impl Client {
                 self.timers.stop(Timer::V1Fallback);
                 // The leader picks the pair (the first its ACK proves both ways); the other
                 // side takes the leader's CONFIRM. So both settle on the same pair.
-                match (self.leads(peer), says) {
+                match (self.our_side().map(|s| s == Side::Leader), says) {
                     (Some(true), PeerSays::Ack) => self.win_confirmed(slot, from, true),
                     (Some(false), PeerSays::Confirm) => self.win_confirmed(slot, from, false),
                     // The peer proved a pair we never ACKed (its PUNCH could not reach us
@@ -944,6 +947,7 @@ impl Client {
         match self.phase {
             Phase::AwaitPeerInfo if self.attempt.exchange_deferred => {
                 self.attempt.exchange_deferred = false;
+                self.attempt.paused = false;
                 self.send_exchange(now);
             }
             Phase::AwaitPeerInfo => {
@@ -1008,17 +1012,15 @@ impl Client {
         wire.make(PeerSays::Punch, Side::Other)
     }
 
-    /// Whether we lead the confirmation with `peer`: the side whose public address (keyed:
-    /// nonce) is the lower one. `None` when we cannot tell (no SEEN): then we act as v1.
-    /// Our side of the confirmation with the peer this round (or session) names, once known.
+    /// Our side of the confirmation, as the last PEERINFO of this connection settled it (a
+    /// re-aim's SEEN does not move it while datagrams of the last attempt may still come).
+    /// `None` when we cannot tell (no SEEN): then we act as v1.
     fn our_side(&self) -> Option<Side> {
-        let peer = match self.phase {
-            Phase::Punching { peer } => Some(peer),
-            _ => self.session.peer,
-        }?;
-        self.leads(peer).map(Side::of)
+        self.session.side
     }
 
+    /// Whether we lead the confirmation with `peer`: the side whose public address (keyed:
+    /// nonce) is the lower one; `None` when we cannot tell.
     fn leads(&self, peer: SocketAddrV4) -> Option<bool> {
         if let Some(h) = self.session.handshake {
             return Some(h.mine < h.theirs?);
@@ -1032,11 +1034,7 @@ impl Client {
     /// the acknowledgement burst follows). Between clients of ours it is only half: we ACK it
     /// on the same pair, and the WIN waits for proof that our side got through as well.
     fn on_peer_punch(&mut self, now: Instant, slot: usize, from: SocketAddr) {
-        let peer = match self.phase {
-            Phase::Punching { peer } => peer,
-            _ => self.session.peer.expect("checked by the caller"),
-        };
-        let confirming = self.session.token.is_some() && self.leads(peer).is_some();
+        let confirming = self.session.token.is_some() && self.our_side().is_some();
         if !confirming {
             self.win(now, slot, from);
             return;
@@ -1056,7 +1054,7 @@ impl Client {
         if self.attempt.acked.len() < MAX_ACKED && !self.attempt.acked.contains(&(slot, from)) {
             self.attempt.acked.push((slot, from));
             self.budget.1 = self.budget.1.saturating_add(1);
-            let ours = self.our_side().unwrap_or(Side::Other);
+            let ours = self.our_side().unwrap_or(Side::Unknown);
             let payload = self
                 .session
                 .wire
@@ -1240,10 +1238,11 @@ impl Client {
             .set_or_stop(Timer::Probe, (self.config.probe_slots() > 0).then_some(now));
     }
 
-    /// A predicted attempt timed out: aim again in this round if the session is live and the
-    /// round has re-aims left. False: the round is lost.
+    /// A predicted attempt timed out, or its PEERINFO named a target out of range: aim again
+    /// in this round if the session is live and the round has re-aims left. False: the round
+    /// is lost.
     fn re_aim(&mut self, now: Instant) -> bool {
-        if !(self.connected && self.predicted() && !self.attempt.hard && self.reaims < MAX_REAIMS) {
+        if !(self.session_has_room() && !self.attempt.hard && self.reaims < MAX_REAIMS) {
             return false;
         }
         self.reaims += 1;
@@ -1252,8 +1251,8 @@ impl Client {
             round: self.round,
             attempt: self.reaims + 1,
         });
-        // The new EXCHANGE waits a random part of an RTT: an attempt may use up about one
-        // port block, and without the pause every attempt would meet the same block end.
+        // The new EXCHANGE waits a random pause of up to 2·RTT: an attempt may use up about
+        // one port block, and without the pause every attempt would meet the same block end.
         self.session.round = self.session.round.saturating_add(1);
         self.phase = Phase::AwaitPeerInfo;
         self.attempt.exchange_deferred = true;
@@ -1261,6 +1260,16 @@ impl Client {
         let pause = self.rtt() * 2 * (self.rng.next_u32() % 1024) / 1024;
         self.timers.set(Timer::Phase, crate::later(now, pause));
         true
+    }
+
+    /// A live predicted session can take one more EXCHANGE: the window still has a socket
+    /// that never talked to the server (a used one would report an old mapping) and the
+    /// EXCHANGE's round byte has room. Otherwise the next round starts afresh.
+    fn session_has_room(&self) -> bool {
+        self.connected
+            && self.predicted()
+            && self.session.exchanges_made < usize::from(self.config.window_slots())
+            && self.session.round < u8::MAX
     }
 
     /// The next EXCHANGE of a live session (a new round or a re-aim).
@@ -1583,6 +1592,7 @@ impl Client {
             return;
         };
         self.phase = Phase::Punching { peer };
+        self.session.side = self.leads(peer).map(Side::of);
         if self.session.token.is_some() {
             self.session.peer = Some(peer);
         }
@@ -1841,7 +1851,7 @@ impl Client {
             reason,
         });
         // A predicted round lost in a live session is re-run at once on the same connection.
-        if reason == LoseReason::Timeout && self.connected && self.predicted() {
+        if reason == LoseReason::Timeout && self.session_has_room() {
             self.start_round(now, true);
             return;
         }
@@ -1877,8 +1887,9 @@ impl Client {
         self.connect_sent = Some(now);
     }
 
-    /// Forgets what belonged to the server connection (its token, handshake, the peer it
-    /// named), before a new one.
+    /// Forgets what belonged to the server connection (its token, handshake, our side), before
+    /// a new one; the round's peer, hint and used EXCHANGE sockets stay (a re-HELLO is still
+    /// the same round; a fresh round clears them itself).
     fn reset_connection(&mut self) {
         // A re-HELLO stays in the round: its EXCHANGE sockets and the peer it knows stay too.
         let Session {

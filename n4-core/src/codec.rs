@@ -185,6 +185,9 @@ pub enum Message {
 /// NAT turns back to us carries our own side, so it is never taken for the peer's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Side {
+    /// Byte 0: the sender does not say (a build before the side byte, or a sender that does
+    /// not know its side yet). Taken from anyone.
+    Unknown,
     /// The lower public address: it picks the pair and CONFIRMs it.
     Leader,
     /// The higher one.
@@ -203,6 +206,7 @@ impl Side {
 
     fn byte(self) -> u8 {
         match self {
+            Self::Unknown => 0,
             Self::Leader => 1,
             Self::Other => 2,
         }
@@ -689,8 +693,10 @@ impl Message {
             (CMD_PROBE_OTHER, 0) if data == [0; 6] => Self::ProbeOther,
             (CMD_HINT, 0) if data[2..] == [0; 4] => Self::Hint(Hint((&data[..2]).get_i16())),
             (CMD_PROBE | CMD_HINT | CMD_PROBE_OTHER, 0) => return Err(DecodeError::Data),
+            (CMD_ACK, 0) => Self::Ack(ident()?, Side::Unknown),
             (CMD_ACK, 1) => Self::Ack(ident()?, Side::Leader),
             (CMD_ACK, 2) => Self::Ack(ident()?, Side::Other),
+            (CMD_CONFIRM, 0) => Self::Confirm(ident()?, Side::Unknown),
             (CMD_CONFIRM, 1) => Self::Confirm(ident()?, Side::Leader),
             (CMD_CONFIRM, 2) => Self::Confirm(ident()?, Side::Other),
             (CMD_HELLO..=CMD_CONFIRM, r) => return Err(DecodeError::Reserved(r)),
@@ -829,6 +835,11 @@ mod tests {
                 Message::Confirm("ab".parse().unwrap(), Side::Other),
                 [0x0b, 2, b'a', b'b', b' ', b' ', b' ', b' '],
             ),
+            // As builds before the side byte sent them.
+            (
+                Message::Ack("ab".parse().unwrap(), Side::Unknown),
+                [0x0a, 0, b'a', b'b', b' ', b' ', b' ', b' '],
+            ),
         ];
         for (msg, bytes) in cases {
             assert_eq!(&msg.to_bytes(), bytes, "{msg:?}");
@@ -893,6 +904,7 @@ mod tests {
 
     fn any_message() -> impl Strategy<Value = Message> {
         let ident = "[ -~]{0,6}".prop_map(|s| Ident::new(&s).unwrap());
+        let side = prop_oneof![Just(Side::Unknown), Just(Side::Leader), Just(Side::Other)];
         let addr = (any::<u32>(), any::<u16>())
             .prop_map(|(ip, port)| SocketAddrV4::new(Ipv4Addr::from(ip), port));
         prop_oneof![
@@ -908,8 +920,8 @@ mod tests {
             }),
             Just(Message::Probe),
             Just(Message::ProbeOther),
-            (ident.clone(), any::<bool>()).prop_map(|(i, l)| Message::Ack(i, Side::of(l))),
-            (ident.clone(), any::<bool>()).prop_map(|(i, l)| Message::Confirm(i, Side::of(l))),
+            (ident.clone(), side.clone()).prop_map(|(i, s)| Message::Ack(i, s)),
+            (ident.clone(), side.clone()).prop_map(|(i, s)| Message::Confirm(i, s)),
             any::<i16>().prop_map(|h| Message::Hint(Hint(h))),
             addr.clone().prop_map(Message::PeerInfo),
             ident.prop_map(Message::Punch),

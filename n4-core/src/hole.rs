@@ -160,6 +160,11 @@ impl Hole {
         self.keepalive_at.into_iter().chain(self.dead_at()).min()
     }
 
+    /// When the next keepalive is due (for a driver that does not ask [`Hole::is_dead`] yet).
+    pub fn next_keepalive(&self) -> Option<Instant> {
+        self.keepalive_at
+    }
+
     /// The peer keeps the hole, yet nothing came on its path for
     /// [`DEAD_AFTER_KEEPALIVES`] keepalive intervals: the NAT forgot the hole.
     pub fn is_dead(&self, now: Instant) -> bool {

@@ -1,7 +1,10 @@
 //! Sans-IO core of N4, a UDP hole-punching tool for two hosts behind port-incrementing NATs.
 //!
-//! Three pieces, one file each: [`Message`] (the 8-byte codec, v1 plus our extensions),
-//! [`Server`] (the rendezvous server that pairs clients) and [`Client`] (the client that punches).
+//! Three machines, a file each: the codec ([`Message`], v1's 8 bytes plus our extensions, and
+//! [`Frame`]), [`Server`] (the rendezvous server that pairs clients) and [`Client`] (the client
+//! that punches); beside them what the client uses: its aim strategies ([`Strategy`]), the
+//! prediction of its NAT ([`PortPredictor`]), the keyed handshake ([`Key`]), named timers, and
+//! after WIN the [`Hole`] a lasting link keeps.
 //!
 //! # Design decisions
 //! - No IO, no clock, no threads, no global randomness: every input carries `now`, outputs are

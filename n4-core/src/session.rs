@@ -95,7 +95,7 @@ impl Wire {
     /// bad MAC, our own datagram reflected back) is `None`. `ours`: our side, once known (a
     /// plain ACK or CONFIRM from our own side is a reflection).
     pub(crate) fn judge(&self, bytes: &[u8], ours: Option<Side>) -> Option<PeerSays> {
-        let theirs = |side: Side| Some(side) != ours;
+        let theirs = |side: Side| side == Side::Unknown || Some(side) != ours;
         match (*self, Frame::decode(bytes).ok()?) {
             (Self::Plain(ident), Frame::Short(m)) => match m {
                 Message::Punch(i) if i == ident => Some(PeerSays::Punch),

@@ -23,7 +23,8 @@ pub(crate) enum Timer {
 }
 
 impl Timer {
-    const COUNT: usize = 6;
+    /// `Phase` is the last variant.
+    const COUNT: usize = Timer::Phase as usize + 1;
 }
 
 /// At most one deadline per [`Timer`].

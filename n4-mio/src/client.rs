@@ -275,7 +275,14 @@ impl Driver {
         [
             self.client.poll_timeout(),
             self.connect_deadline,
-            self.won.as_ref().and_then(|w| w.hole.poll_timeout()),
+            // The hole's death counts once the acknowledgements are done (`hole_died`).
+            self.won.as_ref().and_then(|w| {
+                if self.finished {
+                    w.hole.poll_timeout()
+                } else {
+                    w.hole.next_keepalive()
+                }
+            }),
             self.deadline.filter(|_| self.won.is_none()),
             self.waiting_log_at,
         ]

@@ -433,7 +433,8 @@ impl Nat {
         let mask = self.mask;
         let want = key(internal, remote) & mask;
         let hit = |i: usize| self.entries[i].expires > now && self.entries[i].internal == internal;
-        // Keys are unique among live entries, so a hit at the guess is the hit.
+        // Keys are unique among a host's live entries, and `hit` checks the host: a hit at
+        // the guess is the hit.
         let guess = self.last_out + 1;
         if self.keys.get(guess).is_some_and(|&k| k & mask == want) && hit(guess) {
             return Some(guess);

@@ -1,6 +1,6 @@
-//! A scenario: the server, two sites (a NAT, a host running an n4-core client, its links) and
-//! the seed. Built in code with [`Scenario::new`] and the `with_*` methods, or loaded from a
-//! TOML/JSON file (see [`crate::ScenarioFile`]).
+//! A scenario: the server, its sites (each a host running an n4-core client behind its own NAT
+//! or another site's, and its links) and the seed. Built in code with [`Scenario::new`] and the
+//! `with_*` methods, or loaded from a TOML/JSON file (see [`crate::ScenarioFile`]).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::str::FromStr;
@@ -40,9 +40,9 @@ pub struct Site {
 /// When a run stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
-    /// As soon as both clients won or gave up (the acknowledgement burst is cut short).
+    /// As soon as every client won or gave up (the acknowledgement burst is cut short).
     Decided,
-    /// When both clients have nothing more to do (after the acknowledgement burst).
+    /// When every client has nothing more to do (after the acknowledgement burst).
     Finished,
 }
 
@@ -130,7 +130,7 @@ impl Scenario {
         self
     }
 
-    /// Both NATs get this configuration.
+    /// Every site's NAT gets this configuration.
     pub fn with_nat(mut self, nat: NatConfig) -> Self {
         for s in &mut self.sites {
             s.nat = nat;
@@ -161,7 +161,7 @@ impl Scenario {
         self
     }
 
-    /// Both NATs see `rate` background flows per second.
+    /// Every site's NAT sees `rate` background flows per second.
     pub fn with_background(mut self, rate: f64) -> Self {
         for s in &mut self.sites {
             s.nat.background_rate = rate;
@@ -169,7 +169,8 @@ impl Scenario {
         self
     }
 
-    /// Both clients get this configuration.
+    /// Every client gets this configuration (identifiers included: call it before
+    /// [`Scenario::with_host_behind`] gives a host its own room).
     pub fn with_client(mut self, client: ClientConfig) -> Self {
         for s in &mut self.sites {
             s.client = client.clone();
@@ -177,7 +178,7 @@ impl Scenario {
         self
     }
 
-    /// Changes both clients' configurations.
+    /// Changes every client's configuration.
     pub fn map_clients(mut self, f: impl Fn(&mut ClientConfig)) -> Self {
         for s in &mut self.sites {
             f(&mut s.client);
@@ -185,7 +186,7 @@ impl Scenario {
         self
     }
 
-    /// Both clients play this strategy.
+    /// Every client plays this strategy.
     pub fn with_strategy(self, strategy: Strategy) -> Self {
         self.map_clients(|c| c.strategy = strategy)
     }

@@ -1,5 +1,5 @@
 //! The simulation: a virtual clock, an event queue, the NATs and links of a [`Scenario`], and
-//! n4-core's [`Server`] and two [`Client`]s driven exactly as a real event loop drives them.
+//! n4-core's [`Server`] and a [`Client`] per site driven exactly as a real event loop drives them.
 //!
 //! Loop: jump the clock to the earliest of (next queued delivery, the machines' timeouts);
 //! deliver everything due in (time, sequence) order, draining every machine after each input
@@ -49,7 +49,7 @@ pub struct SimOptions {
 pub struct MappingRecord {
     /// When the NAT made it.
     pub at: Duration,
-    /// Site index (0 = A, 1 = B).
+    /// Site index (0 = A, 1 = B, …).
     pub site: usize,
     /// The host's endpoint.
     pub internal: SocketAddrV4,
@@ -97,7 +97,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// Both clients won.
+    /// Every client won.
     pub fn won(&self) -> bool {
         self.clients.iter().all(|c| c.won)
     }
@@ -115,7 +115,7 @@ impl Outcome {
         self.clients.iter().map(|c| c.rounds).max().unwrap_or(0)
     }
 
-    /// UDP datagrams sent by both clients.
+    /// UDP datagrams sent by all clients.
     pub fn datagrams(&self) -> u64 {
         self.clients.iter().map(|c| c.datagrams_sent).sum()
     }
@@ -127,7 +127,7 @@ pub enum ScenarioError {
     /// A site's NAT settings are out of range.
     #[error("site {site}: {reason}")]
     Nat {
-        /// `A` or `B`.
+        /// The site's name (`A`, `B`, …).
         site: &'static str,
         /// What is wrong.
         reason: String,
@@ -135,7 +135,7 @@ pub enum ScenarioError {
     /// A client's settings are refused by n4-core.
     #[error("client {site}: {source}")]
     Client {
-        /// `A` or `B`.
+        /// The site's name (`A`, `B`, …).
         site: &'static str,
         /// n4-core's reason.
         source: ConfigError,
@@ -143,7 +143,7 @@ pub enum ScenarioError {
     /// [`crate::Site::behind`] names no site with a NAT of its own.
     #[error("site {site}: behind site {behind}, which is no site with a NAT of its own")]
     Behind {
-        /// `A` or `B`.
+        /// The site's name (`A`, `B`, …).
         site: &'static str,
         /// The index it names.
         behind: usize,
@@ -151,7 +151,7 @@ pub enum ScenarioError {
     /// Two hosts behind one NAT share an IP.
     #[error("site {site}: hosts behind one NAT need different IPs")]
     SameHostIp {
-        /// `A` or `B`.
+        /// The site's name (`A`, `B`, …).
         site: &'static str,
     },
     /// Two of the server and the sites with NATs of their own share a public IP.
@@ -1425,6 +1425,17 @@ impl Sim {
                 TraceLevel::Events,
                 "{name}    {result}; {sent} datagrams sent"
             );
+            if s.nat_at != i {
+                // Its NAT is another site's: that site's line counts the drops.
+                let owner = self.sites[s.nat_at].name;
+                trace!(
+                    self,
+                    TraceLevel::Events,
+                    "{name}    behind nat{owner}: {maps} mappings; {} lost on the way out",
+                    d.lost
+                );
+                continue;
+            }
             trace!(self, TraceLevel::Events,
                 "nat{name} {maps} mappings, {bg} background flows; dropped inbound: {} no mapping, {} filtered; {} lost on the way out",
                 d.no_mapping, d.filtered, d.lost);
