@@ -991,6 +991,21 @@ impl Harness {
             self.ignored += 1;
             return;
         }
+        // A plain EXCHANGE given by arrival order to this seat, whose client then shows it is
+        // ours (a token EXCHANGE), was its same-IP partner's.
+        if ext.is_some() && !pair.sides[side].ext {
+            let plain = pair.sides[side].exchanged;
+            let ip = pair.sides[side].ip;
+            let other = &mut pair.sides[1 - side];
+            if let Some(plain) = plain {
+                if other.ip == ip && other.exchanged.is_none() && !other.ext {
+                    other.exchanged = Some(plain);
+                    other.round = 1;
+                    other.hint = Hint::NONE;
+                }
+            }
+        }
+        let s = &mut pair.sides[side];
         s.ext |= ext.is_some();
         s.round = round;
         s.exchanged = Some(from);

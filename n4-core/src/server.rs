@@ -744,6 +744,21 @@ impl Server {
             return;
         }
         let listed = pair.v1_ips();
+        // Two clients behind one IP with one identifier are told apart by arrival order, so a
+        // v1 EXCHANGE may have been given to the seat of a client of ours. Only ours sends a
+        // token EXCHANGE, and never a plain one after a token READY: when its token EXCHANGE
+        // comes, that earlier plain one was the other seat's.
+        if ext.is_some() && !pair.sides[side].ext {
+            let [a, b] = &mut pair.sides;
+            let (mine, other) = if side == 0 { (a, b) } else { (b, a) };
+            if let Some(plain) = mine.exchanged {
+                if other.ip == mine.ip && other.exchanged.is_none() && !other.ext {
+                    other.exchanged = Some(plain);
+                    other.round = 1;
+                    other.hint = Hint::NONE;
+                }
+            }
+        }
         let s = &mut pair.sides[side];
         s.ext |= ext.is_some();
         s.round = round;

@@ -743,3 +743,55 @@ fn a_keyless_client_never_wins_on_its_own_reflected_datagrams() {
     c.handle_datagram(later, 3, reflected_from, &theirs);
     assert!(std::iter::from_fn(|| c.poll_event()).any(|e| matches!(e, Event::Win { .. })));
 }
+
+/// Two clients behind one IP with one identifier: ours seated first, a v1 client second. The
+/// v1 client's EXCHANGE arrives first and goes by arrival order to our seat; our token
+/// EXCHANGE then shows whose it was, and each is told the other's address. (Before, our seat
+/// kept both and the v1 client was closed without a PEERINFO.)
+#[test]
+fn a_v1_exchange_given_to_our_seat_moves_to_the_v1_seat_when_our_token_exchange_comes() {
+    let t0 = Instant::now();
+    let mut s = Server::new(ServerConfig::default());
+    let ip = [127, 0, 0, 1];
+    let (ours, v1) = (ConnId(1), ConnId(2));
+    s.handle_connection_opened(t0, ours, SocketAddr::from((ip, 40001)));
+    s.handle_connection_opened(t0, v1, SocketAddr::from((ip, 40002)));
+    let hello = Message::Hello(Ident::default()).to_bytes();
+    s.handle_stream_data(t0, ours, &hello);
+    s.handle_stream_data(t0, v1, &hello);
+    let mut token = None;
+    while let Some(out) = s.poll_output() {
+        if let ServerOutput::Send {
+            conn,
+            message: Frame::Short(Message::Ready(Some(t))),
+        } = out
+        {
+            if conn == ours {
+                token = Some(t);
+            }
+        }
+    }
+    let token = token.expect("READY with a token");
+    let v1_udp = SocketAddrV4::new(ip.into(), 5000);
+    let ours_udp = SocketAddrV4::new(ip.into(), 6000);
+    let plain = Message::Exchange(Ident::default()).to_bytes();
+    s.handle_datagram(t0, Local::Main, v1_udp.into(), &plain);
+    let ext = Message::ExchangeToken {
+        token,
+        round: 1,
+        hint: Hint(20),
+    };
+    s.handle_datagram(t0, Local::Main, ours_udp.into(), &ext.to_bytes());
+    let mut told = Vec::new();
+    while let Some(out) = s.poll_output() {
+        if let ServerOutput::Send {
+            conn,
+            message: Frame::Short(Message::PeerInfo(p)),
+        } = out
+        {
+            told.push((conn, p));
+        }
+    }
+    told.sort_by_key(|(c, _)| c.0);
+    assert_eq!(told, vec![(ours, v1_udp), (v1, ours_udp)]);
+}
