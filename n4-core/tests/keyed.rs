@@ -63,15 +63,7 @@ fn keyed_clients_pair_while_squatters_with_the_identifier_are_never_seated_with_
         assert!(saw(&w, h, &Event::PeerAuthenticated));
     }
     // One pair of addresses, agreed: each side's local port and peer are the other's.
-    let ((slot_a, peer_a), (slot_b, peer_b)) = (w.won(a).unwrap(), w.won(b).unwrap());
-    assert_eq!(
-        peer_a,
-        SocketAddr::from(([203, 0, 113, 12], w.hosts[b].window[slot_b]))
-    );
-    assert_eq!(
-        peer_b,
-        SocketAddr::from(([198, 51, 100, 3], w.hosts[a].window[slot_a]))
-    );
+    w.assert_one_pair(a, b);
     // The squatters heard nothing: not seated with them, no address.
     for conn in [plain, guess] {
         assert_eq!(w.raw[&conn].received, Vec::<u8>::new());

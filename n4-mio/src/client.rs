@@ -381,15 +381,7 @@ impl Driver {
         self.window_first = ports.first().copied();
         let mut last_error = None;
         for (slot, &port) in ports.iter().enumerate() {
-            let bound = sockets::bind_slot(port).and_then(|mut socket| {
-                self.poll.registry().register(
-                    &mut socket,
-                    Token(WINDOW_BASE + slot),
-                    Interest::READABLE,
-                )?;
-                Ok(socket)
-            });
-            match bound {
+            match self.bind_slot(slot, port) {
                 Ok(socket) => self.window.push(Some(socket)),
                 Err(e) => {
                     warn!("Cannot bind UDP port {port}: {e}; slot skipped");
@@ -417,21 +409,24 @@ impl Driver {
     fn open_slots(&mut self, count: u16) {
         let mut failed = 0;
         for _ in 0..count {
-            let slot = self.window.len();
-            let bound = sockets::bind_slot(0).and_then(|mut socket| {
-                self.poll.registry().register(
-                    &mut socket,
-                    Token(WINDOW_BASE + slot),
-                    Interest::READABLE,
-                )?;
-                Ok(socket)
-            });
+            let bound = self.bind_slot(self.window.len(), 0);
             if bound.is_err() {
                 failed += 1;
             }
             self.window.push(bound.ok());
         }
         debug!("{count} more slots for the birthday strategy ({failed} could not be bound)");
+    }
+
+    /// Slot `slot`'s socket on `port` (0: ephemeral), registered with the poll.
+    fn bind_slot(&self, slot: usize, port: u16) -> io::Result<UdpSocket> {
+        let mut socket = sockets::bind_slot(port)?;
+        self.poll.registry().register(
+            &mut socket,
+            Token(WINDOW_BASE + slot),
+            Interest::READABLE,
+        )?;
+        Ok(socket)
     }
 
     fn close_window(&mut self) {

@@ -162,12 +162,7 @@ fn a_private_server_refuses_a_wrong_key_and_a_missing_one_with_one_line() {
     ] {
         let mut p = client(name, port, 0, &extra);
         assert_eq!(p.wait_exit(T).code(), Some(3), "{name}:\n{}", p.log());
-        let errors: Vec<String> = p
-            .log()
-            .lines()
-            .filter(|l| l.contains("ERROR"))
-            .map(String::from)
-            .collect();
+        let errors = p.errors();
         assert_eq!(errors.len(), 1, "{name}: {errors:?}");
         assert!(
             errors[0].contains("refused us") && errors[0].contains("key"),
@@ -328,12 +323,7 @@ fn a_keyed_client_at_a_v1_server_stops_with_one_line() {
     let key = key_file("v1server", "correct horse battery staple");
     let mut p = client("c", port, 0, &["--key-file", key.to_str().unwrap()]);
     assert_eq!(p.wait_exit(T).code(), Some(3), "{}", p.log());
-    let errors: Vec<String> = p
-        .log()
-        .lines()
-        .filter(|l| l.contains("ERROR"))
-        .map(String::from)
-        .collect();
+    let errors = p.errors();
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
         errors[0].contains("does not speak n4's extension"),

@@ -161,6 +161,18 @@ impl World {
         })
     }
 
+    /// Asserts that `a` and `b` won on one pair of addresses — each one's peer is the other's
+    /// address and winning local port — and returns their winning slots.
+    pub fn assert_one_pair(&self, a: usize, b: usize) -> (usize, usize) {
+        let ((slot_a, peer_a), (slot_b, peer_b)) = (self.won(a).unwrap(), self.won(b).unwrap());
+        let at = |h: usize, slot: usize| {
+            SocketAddr::from((self.hosts[h].ip, self.hosts[h].window[slot]))
+        };
+        assert_eq!(peer_a, at(b, slot_b));
+        assert_eq!(peer_b, at(a, slot_a));
+        (slot_a, slot_b)
+    }
+
     pub fn peer_info(&self, host: usize) -> Vec<SocketAddrV4> {
         self.hosts[host]
             .events

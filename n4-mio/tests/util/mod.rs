@@ -86,6 +86,15 @@ impl Proc {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// The log's `ERROR` lines.
+    pub fn errors(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("ERROR"))
+            .map(String::from)
+            .collect()
+    }
+
     pub fn stdout(&self) -> Vec<String> {
         self.stdout.lock().unwrap().clone()
     }
