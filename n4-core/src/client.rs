@@ -555,6 +555,15 @@ struct Probing {
     preserving: Option<bool>,
 }
 
+/// Why an attempt's EXCHANGE waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExchangeWait {
+    /// READY came before two probe answers: for them (briefly; the second answer ends it).
+    Probes,
+    /// A re-aim's random pause: only its end does.
+    ReAimPause,
+}
+
 /// The client's state for one attempt of a round: from the EXCHANGE to WIN or timeout.
 #[derive(Debug, Default)]
 struct Attempt {
@@ -579,11 +588,8 @@ struct Attempt {
     refreshes: u32,
     /// This attempt plays a hard-NAT plan (those have rounds of their own; no re-aim).
     hard: bool,
-    /// The EXCHANGE waits: for two probe answers (READY came first; briefly), or for the end
-    /// of a re-aim's pause ([`Attempt::paused`]).
-    exchange_deferred: bool,
-    /// A re-aim's EXCHANGE waits for its pause to end, whatever the probes say.
-    paused: bool,
+    /// The EXCHANGE waits ([`Timer::Phase`] ends the wait).
+    exchange_wait: Option<ExchangeWait>,
     /// After READY: PEERINFO must arrive by then (checked when [`Timer::Phase`] fires).
     peer_info_deadline: Option<Instant>,
     /// The second punch pass of a predicted attempt, due at [`Timer::Pass`].
@@ -945,9 +951,8 @@ impl Client {
             return;
         }
         match self.phase {
-            Phase::AwaitPeerInfo if self.attempt.exchange_deferred => {
-                self.attempt.exchange_deferred = false;
-                self.attempt.paused = false;
+            Phase::AwaitPeerInfo if self.attempt.exchange_wait.is_some() => {
+                self.attempt.exchange_wait = None;
                 self.send_exchange(now);
             }
             Phase::AwaitPeerInfo => {
@@ -1255,8 +1260,7 @@ impl Client {
         // one port block, and without the pause every attempt would meet the same block end.
         self.session.round = self.session.round.saturating_add(1);
         self.phase = Phase::AwaitPeerInfo;
-        self.attempt.exchange_deferred = true;
-        self.attempt.paused = true;
+        self.attempt.exchange_wait = Some(ExchangeWait::ReAimPause);
         let pause = self.rtt() * 2 * (self.rng.next_u32() % 1024) / 1024;
         self.timers.set(Timer::Phase, crate::later(now, pause));
         true
@@ -1354,12 +1358,11 @@ impl Client {
                 .observe_rtt(now.saturating_duration_since(sent));
         }
         // Only while the round still waits for it: a PEERINFO (or the end) may come first.
-        if self.attempt.exchange_deferred
-            && !self.attempt.paused
+        if self.attempt.exchange_wait == Some(ExchangeWait::Probes)
             && self.phase == Phase::AwaitPeerInfo
             && self.probing.predictor.len() >= 2
         {
-            self.attempt.exchange_deferred = false;
+            self.attempt.exchange_wait = None;
             self.send_exchange(now);
         }
     }
@@ -1390,7 +1393,7 @@ impl Client {
                 {
                     // READY came before our probes' answers (a partner already waiting, a
                     // short RTT): without them we could give no hint. Wait for them a little.
-                    self.attempt.exchange_deferred = true;
+                    self.attempt.exchange_wait = Some(ExchangeWait::Probes);
                     self.timers.set(
                         Timer::Phase,
                         crate::later(now, self.rtt().clamp(PROBE_WAIT_MIN, PROBE_WAIT_MAX)),
